@@ -1,0 +1,151 @@
+"""The GPU (or CPU) actor: loads one model once, turns token batches into Parquet part files.
+
+Following Ray's batch-inference pattern, the constructor loads and `embed` computes. The driver runs
+the class as a Ray actor with `max_concurrency = cuda_streams`: each concurrent call takes its own
+pair of CUDA streams (copy, compute) from a pool, so one batch's host-to-device copy, another's
+forward pass and a third's Parquet write overlap. Embeddings go straight from the actor to the
+output directory; only a few numbers travel back to the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from virnucpro.attention import Packing
+from virnucpro.batching import TokenBatch
+from virnucpro.models import ModelSource, load_model
+from virnucpro.output import write_part
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BatchError(RuntimeError):
+    """A batch that cannot be computed: not worth retrying elsewhere (bad input, out of memory)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device cuda but this worker ({socket.gethostname()}) sees no CUDA GPU")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on Ampere or newer, fp16 on older GPUs, fp32 on CPU."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def recommend_toks_per_batch(batch_tokens: int, peak_bytes: int, weight_bytes: int, total_bytes: int) -> int:
+    """A token budget that should fit, from what this batch used: activations scale with tokens."""
+    per_token = max(peak_bytes - weight_bytes, 1) / max(batch_tokens, 1)
+    usable = 0.8 * (total_bytes - weight_bytes)
+    return max(256, int(usable / per_token) // 256 * 256)
+
+
+@dataclass
+class PartResult:
+    batch_id: int
+    file: str
+    rows: int
+    tokens: int
+    seconds: float
+    actor: str
+
+
+class Embedder:
+    """Loads a model on this worker's device; `embed` computes pooled embeddings and writes a part."""
+
+    def __init__(self, source: ModelSource, out_dir: str, device: str = "auto", dtype: str = "auto",
+                 cuda_streams: int = 2, pin_memory: bool = True, attention_backend: str = "auto",
+                 log_level: int = logging.INFO):
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.source = source
+        self.out_dir = out_dir
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.model = load_model(source, self.device, self.dtype, attention_backend)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.pin_memory = pin_memory and self.device.type == "cuda"
+        self.streams: queue.Queue = queue.Queue()
+        for _ in range(max(1, cuda_streams) if self.device.type == "cuda" else 1):
+            pair = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)) if self.device.type == "cuda" else None
+            self.streams.put(pair)
+        if self.device.type == "cuda":
+            log.debug("actor %s: %d CUDA stream pair(s) (copy, compute) on %s", self.name,
+                      self.streams.qsize(), torch.cuda.get_device_name(self.device))
+
+    def info(self) -> dict:
+        """What this actor runs: shown by the driver once all actors are up."""
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"actor": self.name, "device": str(self.device), "gpu": gpu,
+                "dtype": str(self.dtype).removeprefix("torch."), "attention": self.model.backend.describe(),
+                "streams": self.streams.qsize(), "dim": self.model.dim}
+
+    def embed(self, batch: TokenBatch) -> PartResult:
+        start = time.perf_counter()
+        streams = self.streams.get()
+        try:
+            pooled = self._forward(batch, streams)
+        except torch.cuda.OutOfMemoryError:
+            raise BatchError(self._oom_report(batch)) from None
+        finally:
+            self.streams.put(streams)
+        file, rows = write_part(self.out_dir, batch.batch_id, batch.ids, batch.index, batch.length,
+                                batch.truncated, pooled, self.source.name)
+        return PartResult(batch.batch_id, file, rows, batch.num_tokens, time.perf_counter() - start, self.name)
+
+    @torch.inference_mode()
+    def _forward(self, batch: TokenBatch, streams) -> np.ndarray:
+        # one copy out of the (read-only) object-store buffers, straight into page-locked memory
+        tokens = torch.empty(batch.tokens.shape, dtype=torch.int32, pin_memory=self.pin_memory)
+        lengths = torch.empty(batch.seq_tokens.shape, dtype=torch.int32, pin_memory=self.pin_memory)
+        tokens.numpy()[:], lengths.numpy()[:] = batch.tokens, batch.seq_tokens
+        max_len = int(batch.seq_tokens.max())
+        if streams is None:  # CPU
+            packing = Packing.from_lengths(lengths, max_len)
+            return self.model.embed(tokens.long(), packing).numpy()
+        copy, compute = streams
+        with torch.cuda.stream(copy):
+            tokens_d = tokens.to(self.device, non_blocking=True)
+            lengths_d = lengths.to(self.device, non_blocking=True)
+        compute.wait_stream(copy)
+        with torch.cuda.stream(compute):
+            tokens_d.record_stream(compute)
+            lengths_d.record_stream(compute)
+            packing = Packing.from_lengths(lengths_d, max_len)
+            pooled = self.model.embed(tokens_d.long(), packing)
+            host = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=self.pin_memory)
+            host.copy_(pooled, non_blocking=True)
+        compute.synchronize()
+        return host.numpy()
+
+    def _oom_report(self, batch: TokenBatch) -> str:
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        torch.cuda.empty_cache()
+        rec = recommend_toks_per_batch(batch.num_tokens, peak, self.weight_bytes, total)
+        gib = 1 << 30
+        return (f"CUDA out of memory on {self.name} ({torch.cuda.get_device_name(self.device)}, "
+                f"{total / gib:.1f} GiB) in {batch.describe()}: peak {peak / gib:.1f} GiB allocated, "
+                f"model weights {self.weight_bytes / gib:.1f} GiB. Try --toks-per-batch {rec}"
+                + ("" if os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").find("expandable") >= 0
+                   else " and --expandable-segments"))

@@ -1,0 +1,110 @@
+"""`virnucpro` command line: embed, preprocess, predict (DESIGN.md's command-line contract)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("virnucpro")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compute")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="where actors run (auto: GPUs when the Ray cluster has any)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bfloat16 on Ampere or newer GPUs, float16 on older ones, float32 on CPU")
+    g.add_argument("--num-actors", type=int, default=None,
+                   help="model replicas (default: one per visible GPU, or one on CPU)")
+    g.add_argument("--gpus-per-actor", type=float, default=1.0,
+                   help="GPU share of each actor; 0.5 puts two actors of a small model on one GPU")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS if set, else start a local Ray)")
+    g.add_argument("--toks-per-batch", type=int, default=None,
+                   help="token budget of a packed batch (default 65536 on GPU, 4096 on CPU)")
+    g.add_argument("--truncation-seq-length", type=int, default=1022,
+                   help="longest sequence embedded, in residues (ESM-2) or tokens (DNABERT-S); longer "
+                        "ones are truncated and flagged in the 'truncated' column")
+    g.add_argument("--dataloader-workers", type=int, default=None,
+                   help="threads that read and tokenise batches ahead of the actors "
+                        "(default min(cpu_count // num_gpus, 8))")
+    g.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="page-locked host buffers for asynchronous host-to-GPU copies")
+    g.add_argument("--expandable-segments", action="store_true",
+                   help="set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the actors before CUDA "
+                        "starts: less fragmentation with varying batch shapes; helps most on GPUs with "
+                        "little memory headroom (16-40 GB cards, or large models on any card)")
+    g.add_argument("--cuda-streams", type=int, default=2,
+                   help="concurrent batches per GPU actor, each on its own copy and compute streams")
+    g.add_argument("--attention", choices=["auto", "sdpa"], default="auto",
+                   help="auto: FlashAttention / FlexAttention where the GPU supports it; sdpa: force "
+                        "the PyTorch SDPA fallback")
+    g.add_argument("--resume", action="store_true", help="finish a previous run in OUT_DIR")
+    g.add_argument("--overwrite", action="store_true", help="replace a previous run in OUT_DIR")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress line on the terminal")
+    g.add_argument("--verbose", "-v", action="store_true", help="debug logging (streams, batches)")
+
+
+def _run_kwargs(args: argparse.Namespace) -> dict:
+    keys = ["device", "dtype", "num_actors", "gpus_per_actor", "address", "toks_per_batch",
+            "truncation_seq_length", "dataloader_workers", "pin_memory", "expandable_segments",
+            "cuda_streams", "attention", "resume", "overwrite", "progress", "verbose"]
+    return {k: getattr(args, k) for k in keys}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="virnucpro", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("embed", help="embed every sequence of a FASTA file into Parquet")
+    p.add_argument("input", type=Path, help="FASTA file, plain or gzip")
+    p.add_argument("-o", "--out-dir", type=Path, required=True)
+    p.add_argument("--model", required=True,
+                   help="fair-esm checkpoint name or .pt path (ESM-2); HF id or directory (DNABERT-S)")
+    _add_run_options(p)
+
+    p = sub.add_parser("preprocess", help="VirNucPro chunking and six-frame translation")
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--out-dir", type=Path, required=True)
+    p.add_argument("--chunk-size", type=int, choices=[300, 500], required=True)
+    p.add_argument("--chunking", choices=["compat", "even"], default="compat",
+                   help="compat: upstream VirNucPro's split, quirks included; even: overlap spread evenly")
+    p.add_argument("--workers", type=int, default=None, help="processes for translation")
+    p.add_argument("--verbose", "-v", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from virnucpro.models import CheckpointError
+    from virnucpro.sequences import SequenceError
+
+    try:
+        if args.command == "embed":
+            from .driver import embed
+            result = embed(args.input, args.out_dir, args.model, **_run_kwargs(args))
+            print(result.summary())
+        elif args.command == "preprocess":
+            from virnucpro.preprocess import preprocess_fasta
+            res = preprocess_fasta(args.input, args.out_dir, args.chunk_size, args.chunking, args.workers)
+            print(res)
+    except (SequenceError, CheckpointError, RuntimeError, OSError) as e:
+        # one line a user can act on, never a traceback; --verbose keeps the traceback for bug reports
+        if args.verbose:
+            log.exception("failed")
+        print(f"virnucpro: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("virnucpro: interrupted; rerun with --resume to finish", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

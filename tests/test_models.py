@@ -1,0 +1,201 @@
+"""Our ESM-2 and DNABERT-S against their references, on random weights in the real formats (float32, CPU)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import fair_esm_pooled, fair_esm_reference, random_dna, random_proteins
+from tests.reference_dnabert import reference_dnabert_embed
+from virnucpro.attention import Packing
+from virnucpro.models import CheckpointError, load_model, load_tokenizer, resolve_model
+from virnucpro.models.dnabert_s import DNABERTSTokenizer, load_dnabert_s
+from virnucpro.models.esm2 import ALPHABET, MASK, ESM2Tokenizer, load_esm2
+from virnucpro.tiny import write_dnabert_s_dir, write_esm2_checkpoint
+
+TOL = 1e-5
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Relative L2 error per row."""
+    return (a.double() - b.double()).norm(dim=-1) / b.double().norm(dim=-1)
+
+
+def ours_pooled(model, tokenizer, seqs: list[str]) -> torch.Tensor:
+    tokens, lengths, _ = tokenizer.encode(seqs)
+    packing = Packing.from_lengths(torch.from_numpy(lengths))
+    with torch.no_grad():
+        return model.embed(torch.from_numpy(tokens).long(), packing)
+
+
+def test_alphabet_is_fair_esm():
+    import esm
+
+    assert ALPHABET == esm.data.Alphabet.from_architecture("ESM-1b").all_toks
+
+
+@pytest.mark.parametrize("layers,dim,heads", [(2, 64, 4), (3, 120, 20), (2, 2560, 40)])
+def test_esm2_matches_fair_esm(tmp_path, layers, dim, heads):
+    path = write_esm2_checkpoint(tmp_path / "esm2_test.pt", layers, dim, heads, seed=11)
+    ours = load_esm2(path)
+    ref = fair_esm_reference(layers, dim, heads, seed=11)
+    seqs = random_proteins(7, 1, 90, seed=layers) + ["MKV" + "XBZUO" * 3]  # mixed lengths, rare tokens
+    err = rel_err(ours_pooled(ours, ESM2Tokenizer(), seqs), fair_esm_pooled(ref, seqs))
+    assert err.max() < TOL, err
+
+
+def test_esm2_packing_does_not_change_results(esm_tiny):
+    model, tok = load_esm2(esm_tiny), ESM2Tokenizer()
+    seqs = random_proteins(9, 1, 200, seed=1)
+    packed = ours_pooled(model, tok, seqs)
+    alone = torch.cat([ours_pooled(model, tok, [s]) for s in seqs])
+    assert rel_err(packed, alone).max() < TOL
+
+
+def test_esm2_token_dropout_scaling_with_mask_tokens(esm_tiny):
+    """fair-esm rescales embeddings by the observed <mask> ratio of each sequence; so must we."""
+    import esm
+
+    model, ref = load_esm2(esm_tiny), fair_esm_reference(2, 64, 4, seed=3)
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    seqs = ["ACD<mask>EFGH<mask>K", "MKVL", "<mask>W<mask><mask>"]
+    _, _, toks = alphabet.get_batch_converter()([(str(i), s) for i, s in enumerate(seqs)])
+    with torch.no_grad():
+        want = ref(toks, repr_layers=[2])["representations"][2]
+    rows = [t[t != alphabet.padding_idx] for t in toks]
+    packing = Packing.from_lengths(torch.tensor([len(r) for r in rows]))
+    assert int((torch.cat(rows) == MASK).sum()) == 5
+    with torch.no_grad():
+        got = model(torch.cat(rows), packing)
+    want = torch.cat([want[i, : len(r)] for i, r in enumerate(rows)])
+    assert rel_err(got, want).max() < TOL
+
+
+def test_esm2_truncation(esm_tiny):
+    tok = ESM2Tokenizer(truncation_seq_length=50)
+    tokens, lengths, truncated = tok.encode(["A" * 80, "C" * 50])
+    assert lengths.tolist() == [52, 52] and truncated.tolist() == [True, False]
+    model, ref = load_esm2(esm_tiny), fair_esm_reference(2, 64, 4, seed=3)
+    long = random_proteins(1, 80, 80, seed=4)[0]
+    got = ours_pooled(model, tok, [long])
+    assert rel_err(got, fair_esm_pooled(ref, [long[:50]])).max() < TOL
+
+
+def test_esm2_j_is_read_as_x():
+    tokens, _, _ = ESM2Tokenizer().encode(["AJX"])
+    assert tokens[2] == tokens[3] == ALPHABET.index("X")
+
+
+def test_esm2_fewer_layers(esm_tiny):
+    """repr_layer < last: only those layers run and no final layer norm, as fair-esm's repr_layers."""
+    model = load_esm2(esm_tiny, repr_layer=1)
+    assert len(model.layers) == 1 and model.emb_layer_norm_after is None
+    ref = fair_esm_reference(2, 64, 4, seed=3)
+    seqs = random_proteins(4, 5, 40, seed=9)
+    assert rel_err(ours_pooled(model, ESM2Tokenizer(), seqs), fair_esm_pooled(ref, seqs, layer=1)).max() < TOL
+
+
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_dnabert_s_matches_reference(tmp_path, safetensors):
+    path = write_dnabert_s_dir(tmp_path / "dnabert", hidden=48, layers=3, heads=12, intermediate=96,
+                               seed=7, safetensors=safetensors)
+    model, tok = load_dnabert_s(path), DNABERTSTokenizer(path)
+    seqs = random_dna(8, 1, 600, seed=2) + random_dna(2, 50, 120, seed=3, alphabet="ACGTNRY")
+    err = rel_err(ours_pooled(model, tok, seqs), reference_dnabert_embed(path, seqs))
+    assert err.max() < TOL, err
+
+
+def test_dnabert_s_packing_does_not_change_results(dnabert_tiny):
+    model, tok = load_dnabert_s(dnabert_tiny), DNABERTSTokenizer(dnabert_tiny)
+    seqs = random_dna(10, 3, 500, seed=8)
+    packed = ours_pooled(model, tok, seqs)
+    alone = torch.cat([ours_pooled(model, tok, [s]) for s in seqs])
+    assert rel_err(packed, alone).max() < TOL
+
+
+def test_dnabert_s_bert_prefix_and_ignored_heads(tmp_path, dnabert_tiny):
+    """DNABERT-2 files carry a `bert.` prefix and an MLM head; both load."""
+    import shutil
+
+    d = tmp_path / "prefixed"
+    shutil.copytree(dnabert_tiny, d)
+    state = torch.load(d / "pytorch_model.bin", weights_only=True)
+    state = {"bert." + k: v for k, v in state.items()} | {"cls.predictions.bias": torch.zeros(3)}
+    torch.save(state, d / "pytorch_model.bin")
+    seqs = random_dna(3, 20, 80, seed=1)
+    a = ours_pooled(load_dnabert_s(d), DNABERTSTokenizer(d), seqs)
+    b = ours_pooled(load_dnabert_s(dnabert_tiny), DNABERTSTokenizer(dnabert_tiny), seqs)
+    assert torch.equal(a, b)
+
+
+def test_dnabert_tokenizer_template_truncation_and_pickle(dnabert_tiny):
+    tok = DNABERTSTokenizer(dnabert_tiny, truncation_seq_length=5)
+    tokens, lengths, truncated = tok.encode(["ACGT" * 50, "A"])
+    assert truncated.tolist() == [True, False]
+    assert lengths[0] == 7 and tokens[0] == tok.cls_id and tokens[6] == tok.sep_id
+    again = pickle.loads(pickle.dumps(tok))
+    assert np.array_equal(again.encode(["ACGTNNAC"])[0], tok.encode(["ACGTNNAC"])[0])
+
+
+def test_resolve_model_detects_family(esm_tiny, dnabert_tiny, tmp_path, monkeypatch):
+    assert resolve_model(esm_tiny).family == "esm2"
+    assert resolve_model(dnabert_tiny).family == "dnabert_s"
+    # named checkpoints come from the torch hub cache, HF ids from the HF cache; nothing downloads
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "esm2_t6_8M_UR50D.pt").write_bytes(esm_tiny.read_bytes())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert resolve_model("esm2_t6_8M_UR50D").path == hub / "esm2_t6_8M_UR50D.pt"
+    snap = tmp_path / "hf" / "hub" / "models--zhihan1996--DNABERT-S" / "snapshots" / "abc"
+    snap.parent.parent.joinpath("refs").mkdir(parents=True)
+    snap.parent.parent.joinpath("refs", "main").write_text("abc")
+    import shutil
+    shutil.copytree(dnabert_tiny, snap)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert resolve_model("zhihan1996/DNABERT-S").path == snap
+    with pytest.raises(CheckpointError, match="not in the torch hub cache"):
+        resolve_model("esm2_t36_3B_UR50D")
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        resolve_model("someone/else")
+
+
+def test_bad_checkpoints_are_refused(tmp_path, esm_tiny):
+    wrong_shape = tmp_path / "esm2_bad.pt"
+    data = torch.load(esm_tiny, weights_only=False)
+    data["model"]["encoder.sentence_encoder.layers.0.fc1.weight"] = torch.zeros(3, 3)
+    torch.save(data, wrong_shape)
+    with pytest.raises(CheckpointError, match="fc1.weight has shape"):
+        load_esm2(wrong_shape)
+    not_esm = tmp_path / "other.pt"
+    torch.save({"model": {"foo": torch.zeros(1)}}, not_esm)
+    with pytest.raises(CheckpointError, match="not an ESM-2 checkpoint"):
+        load_esm2(not_esm)
+    with pytest.raises(CheckpointError, match="no such"):
+        load_esm2(tmp_path / "missing.pt")
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/virnucpro-pwned",))
+
+
+def test_checkpoint_loader_never_unpickles_code(tmp_path):
+    path = tmp_path / "esm2_evil.pt"
+    torch.save({"model": {"embed_tokens.weight": torch.zeros(33, 8)}, "cfg": _Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_esm2(path)
+    import os
+    assert not os.path.exists("/tmp/virnucpro-pwned")
+
+
+def test_load_model_and_tokenizer_by_source(esm_tiny, dnabert_tiny):
+    for spec in (esm_tiny, dnabert_tiny):
+        src = resolve_model(spec)
+        model = load_model(src, "cpu", torch.float32)
+        tok = load_tokenizer(src)
+        out = ours_pooled(model, tok, ["ACGTACGT", "MKV"] if src.family == "dnabert_s" else ["MKV", "ACDE"])
+        assert out.shape == (2, model.dim) and torch.isfinite(out).all()

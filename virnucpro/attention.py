@@ -1,0 +1,197 @@
+"""Attention over packed sequences, and the choice of kernel.
+
+Both models run on *packed* token streams: a batch of B sequences is one tensor of T = sum(L_i)
+tokens, with `cu_seqlens` = [0, L_0, L_0 + L_1, ..., T] marking where each sequence starts (the THD
+layout of FlashAttention and BioNeMo). Linear layers, norms and MLPs then do no work on padding.
+Only attention needs to know the boundaries; this module gives it three ways to do that:
+
+  * `flash`: `torch.nn.attention.varlen.varlen_attn`, FlashAttention over the packed stream (CUDA,
+    fp16/bf16, no bias). Used by ESM-2.
+  * `flex`: `torch.nn.attention.flex_attention` with a document mask and an ALiBi score_mod, compiled
+    to a Triton kernel (CUDA). Used by DNABERT-S, whose ALiBi bias FlashAttention cannot take.
+  * `sdpa`: scatter the stream into a padded [B, H, L, hd] tensor, run
+    `scaled_dot_product_attention` with a key-padding mask (plus the ALiBi bias when given), gather
+    back. Exact, works everywhere; the CPU path and the reference for the other two.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Packing:
+    """Where the sequences of a packed batch start and end, and each token's place in them."""
+
+    cu_seqlens: torch.Tensor  # int32 [B + 1]
+    max_seqlen: int
+    seq_index: torch.Tensor  # int64 [T]: which sequence a token belongs to
+    position: torch.Tensor  # int64 [T]: the token's position within its sequence
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor, max_seqlen: int | None = None) -> "Packing":
+        """Build from per-sequence token counts (any integer tensor on the target device)."""
+        lengths = lengths.long()
+        cu = F.pad(torch.cumsum(lengths, 0), (1, 0))
+        seq_index = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+        position = torch.arange(seq_index.numel(), device=lengths.device) - cu[seq_index]
+        if max_seqlen is None:
+            max_seqlen = int(lengths.max())
+        return cls(cu.to(torch.int32), max_seqlen, seq_index, position)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [B, max_seqlen, ...], zeros where there is no token."""
+        out = x.new_zeros((self.num_sequences, self.max_seqlen) + tuple(x.shape[1:]))
+        out[self.seq_index, self.position] = x
+        return out
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, max_seqlen, ...] -> [T, ...]."""
+        return x[self.seq_index, self.position]
+
+    def key_padding_mask(self) -> torch.Tensor:
+        """bool [B, max_seqlen], True at real tokens."""
+        ar = torch.arange(self.max_seqlen, device=self.cu_seqlens.device)
+        return ar[None, :] < self.lengths[:, None]
+
+    def mean(self, x: torch.Tensor, skip_first: int = 0, skip_last: int = 0) -> torch.Tensor:
+        """Per-sequence mean of x [T, D] in float32, leaving out tokens at either end ([B, D])."""
+        keep = (self.position >= skip_first) & (self.position < self.lengths[self.seq_index] - skip_last)
+        x = x.float() * keep[:, None]
+        sums = x.new_zeros(self.num_sequences, x.shape[1]).index_add_(0, self.seq_index, x)
+        counts = (self.lengths - skip_first - skip_last).clamp_min(1)
+        return sums / counts[:, None]
+
+
+# --- ALiBi ------------------------------------------------------------------------------------------
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi head slopes (Press et al.); for a head count that is not a power of two, the slopes of the
+    nearest lower power of two followed by every other slope of the next power of two."""
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_two(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
+
+
+# --- backends ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "flash", "flex" or "sdpa"
+    reason: str  # why this one: printed once at model load
+
+    def describe(self) -> str:
+        if self.name == "flash":
+            return f"FlashAttention-2: enabled ({self.reason})"
+        if self.name == "flex":
+            return f"FlexAttention: enabled ({self.reason})"
+        return f"FlashAttention-2: disabled, using PyTorch SDPA fallback ({self.reason})"
+
+
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, requested: str = "auto") -> Backend:
+    """Pick the fastest attention kernel that supports this device, dtype and bias."""
+    if requested == "sdpa":
+        return Backend("sdpa", "requested")
+    if device.type != "cuda":
+        return Backend("sdpa", f"device is {device.type}, packed flash kernels need CUDA")
+    if dtype not in (torch.float16, torch.bfloat16):
+        return Backend("sdpa", f"dtype {str(dtype).removeprefix('torch.')} is not fp16/bf16")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return Backend("sdpa", f"GPU compute capability {major}.{minor} < 8.0 (Ampere)")
+    gpu = torch.cuda.get_device_name(device)
+    if alibi:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        except ImportError:
+            return Backend("sdpa", f"torch {torch.__version__} has no flex_attention for the ALiBi bias")
+        return Backend("flex", f"packed ALiBi attention, {gpu}, {str(dtype).removeprefix('torch.')}")
+    if _varlen_attn() is None:
+        return Backend("sdpa", f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    return Backend("flash", f"varlen_attn over packed sequences, {gpu}, {str(dtype).removeprefix('torch.')}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, backend: Backend,
+              scale: float, alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """Non-causal attention within each packed sequence.
+
+    q, k, v: [T, H, hd]; alibi: float32 [H] slopes, adding -slope * |i - j| to the scores. Returns
+    [T, H, hd].
+    """
+    if backend.name == "flash":
+        cu, m = packing.cu_seqlens, packing.max_seqlen
+        return _varlen_attn()(q, k, v, cu, cu, m, m, scale=scale)
+    if backend.name == "flex":
+        return _flex_attention(q, k, v, packing, scale, alibi)
+    return _sdpa_attention(q, k, v, packing, scale, alibi)
+
+
+def _sdpa_attention(q, k, v, packing: Packing, scale: float, alibi: torch.Tensor | None) -> torch.Tensor:
+    # [T, H, hd] -> [B, H, L, hd]
+    qp, kp, vp = (packing.pad(t).transpose(1, 2) for t in (q, k, v))
+    keep = packing.key_padding_mask()  # [B, L]
+    if alibi is None:
+        mask = keep[:, None, None, :]  # bool: True = attend
+    else:
+        L = packing.max_seqlen
+        ar = torch.arange(L, device=q.device)
+        distance = (ar[None, :] - ar[:, None]).abs().to(torch.float32)  # [L, L]
+        bias = -alibi.float()[:, None, None] * distance  # [H, L, L]
+        mask = bias[None].masked_fill(~keep[:, None, None, :], float("-inf")).to(q.dtype)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
+    return packing.unpad(out.transpose(1, 2))
+
+
+@lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex_attention(q, k, v, packing: Packing, scale: float, alibi: torch.Tensor | None) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seq_index, position = packing.seq_index, packing.position
+    T = q.shape[0]
+
+    def same_sequence(b, h, q_idx, kv_idx):
+        return seq_index[q_idx] == seq_index[kv_idx]
+
+    def alibi_bias(score, b, h, q_idx, kv_idx):
+        return score - alibi[h] * (position[q_idx] - position[kv_idx]).abs()
+
+    block_mask = create_block_mask(same_sequence, None, None, T, T, device=q.device)
+    # flex_attention wants [B, H, T, hd]; the whole packed stream is one "batch" row
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = _compiled_flex()(qh, kh, vh, score_mod=alibi_bias if alibi is not None else None,
+                           block_mask=block_mask, scale=scale)
+    return out.squeeze(0).transpose(0, 1)

@@ -1,0 +1,120 @@
+"""Finding a model, telling its family, and loading its tokenizer (driver side) or weights (actor side).
+
+A MODEL argument is one of:
+  * a fair-esm checkpoint name (`esm2_t36_3B_UR50D`), looked up in the torch hub cache
+    (`$TORCH_HOME/hub/checkpoints/NAME.pt`, TORCH_HOME defaulting to ~/.cache/torch);
+  * a path to a fair-esm `.pt` file;
+  * a Hugging Face id (`zhihan1996/DNABERT-S`), looked up in the HF cache (HF_HUB_CACHE, or
+    HF_HOME/hub, or ~/.cache/huggingface/hub); nothing is downloaded;
+  * a local directory with `config.json`, weights and `tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..sequences import DNA, PROTEIN
+from .dnabert_s import DNABERTS, DNABERTSTokenizer, load_dnabert_s
+from .esm2 import ESM2, ESM2Tokenizer, CheckpointError, load_esm2
+
+ESM2_FAMILY = "esm2"
+DNABERT_S_FAMILY = "dnabert_s"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    family: str  # "esm2" or "dnabert_s"
+    path: Path  # the .pt file or the model directory
+    name: str  # what the user asked for, recorded in the output
+
+    @property
+    def sequence_kind(self) -> str:
+        return PROTEIN if self.family == ESM2_FAMILY else DNA
+
+
+def _torch_hub_dir() -> Path:
+    home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch")
+    return Path(home) / "hub" / "checkpoints"
+
+
+def _hf_snapshot(repo_id: str) -> Path | None:
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if snap.is_dir():
+            return snap
+    snaps = sorted((repo / "snapshots").glob("*"))
+    return snaps[-1] if snaps else None
+
+
+def _family_of_dir(path: Path) -> str:
+    config = path / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{path}: a model directory needs config.json, weights and tokenizer.json")
+    raw = json.loads(config.read_text())
+    model_type = str(raw.get("model_type", "")).lower()
+    if model_type == "esm" or "EsmModel" in str(raw.get("architectures")):
+        raise CheckpointError(f"{path}: a Hugging Face ESM directory; give the fair-esm .pt checkpoint instead")
+    if model_type not in ("bert", "") or "hidden_size" not in raw:
+        raise CheckpointError(f"{path}: config.json describes a '{model_type}' model, not DNABERT-S")
+    return DNABERT_S_FAMILY
+
+
+def resolve_model(spec: str | Path) -> ModelSource:
+    """Turn a MODEL argument into a local file or directory and a family (see module docstring)."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix != ".pt":
+            raise CheckpointError(f"{path}: expected a fair-esm .pt file or a DNABERT-S directory")
+        return ModelSource(ESM2_FAMILY, path, text)
+    if path.is_dir():
+        return ModelSource(_family_of_dir(path), path, text)
+    if text.startswith("esm") and "/" not in text:
+        hub = _torch_hub_dir() / f"{text.removesuffix('.pt')}.pt"
+        if hub.is_file():
+            return ModelSource(ESM2_FAMILY, hub, text)
+        raise CheckpointError(f"model '{text}': not in the torch hub cache ({hub}); nothing is downloaded - "
+                              f"fetch it there first or give a path")
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        snap = _hf_snapshot(text)
+        if snap is not None:
+            return ModelSource(_family_of_dir(snap), snap, text)
+        raise CheckpointError(f"model '{text}': not in the Hugging Face cache; nothing is downloaded - "
+                              f"fetch it first (huggingface-cli download {text}) or give a directory")
+    raise CheckpointError(f"model '{text}': no such file or directory, and not a known checkpoint name")
+
+
+def load_tokenizer(source: ModelSource, truncation_seq_length: int | None = 1022):
+    """The tokenizer alone: cheap, picklable, used by the driver's data-loading workers."""
+    if source.family == ESM2_FAMILY:
+        return ESM2Tokenizer(truncation_seq_length)
+    return DNABERTSTokenizer(source.path, truncation_seq_length)
+
+
+def load_model(source: ModelSource, device: torch.device | str, dtype: torch.dtype,
+               attention_backend: str = "auto") -> ESM2 | DNABERTS:
+    if source.family == ESM2_FAMILY:
+        return load_esm2(source.path, device, dtype, attention_backend=attention_backend)
+    return load_dnabert_s(source.path, device, dtype, attention_backend=attention_backend)
+
+
+def model_dim(source: ModelSource) -> int:
+    """Embedding width without loading the weights onto a device."""
+    if source.family == ESM2_FAMILY:
+        from .esm2 import read_checkpoint
+        return read_checkpoint(source.path)[0].embed_dim
+    return json.loads((source.path / "config.json").read_text())["hidden_size"]
+
+
+__all__ = ["ModelSource", "resolve_model", "load_tokenizer", "load_model", "model_dim", "CheckpointError",
+           "ESM2", "DNABERTS", "ESM2_FAMILY", "DNABERT_S_FAMILY"]

@@ -1,0 +1,244 @@
+"""DNABERT-S (Zhou et al. 2024), a DNABERT-2 / MosaicBERT encoder, for embedding packed DNA sequences.
+
+A native implementation that loads the published files (`config.json`, `pytorch_model.bin` or
+`model.safetensors`, `tokenizer.json`) without `trust_remote_code`, whose Triton kernel no longer
+runs on current Triton and whose PyTorch fallback fails in half precision.
+
+Architecture: word + token-type embeddings and LayerNorm (no position embeddings); post-LN layers of
+ALiBi self-attention (fused Wqkv) and a gated-GELU MLP. Module names follow the checkpoint's keys so
+the state dict loads as is. Sequences are packed; attention is FlexAttention on CUDA (ALiBi bias plus
+a same-sequence mask) and padded SDPA elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import Backend, Packing, alibi_slopes, attention, select_backend
+from .esm2 import CheckpointError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class DNABERTSConfig:
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = 4096
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+
+    @classmethod
+    def from_json(cls, path: Path) -> "DNABERTSConfig":
+        raw = json.loads(path.read_text())
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+class DNABERTSTokenizer:
+    """The model's own BPE `tokenizer.json` (HF tokenizers), template `[CLS] $A [SEP]`, no padding."""
+
+    def __init__(self, model_dir: str | Path, truncation_seq_length: int | None = 1022):
+        from tokenizers import Tokenizer
+
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{model_dir}: no tokenizer.json")
+        self._tok = Tokenizer.from_file(str(path))
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.truncation_seq_length = truncation_seq_length  # in tokens between [CLS] and [SEP]
+        probe = self._tok.encode("ACGT").ids
+        self.cls_id, self.sep_id = self._tok.token_to_id("[CLS]"), self._tok.token_to_id("[SEP]")
+        if probe[0] != self.cls_id or probe[-1] != self.sep_id:
+            raise CheckpointError(f"{path}: tokenizer does not add [CLS] ... [SEP] (no template processor)")
+
+    def num_tokens(self, length: int) -> int:
+        """An estimate for planning (BPE merges about 4-5 bases a token); exact counts come later."""
+        est = length // 4 + 1
+        trunc = self.truncation_seq_length
+        return (est if trunc is None else min(est, trunc)) + 2
+
+    def __getstate__(self):  # tokenizers objects pickle as their JSON
+        return {"json": self._tok.to_str(), "trunc": self.truncation_seq_length,
+                "cls": self.cls_id, "sep": self.sep_id}
+
+    def __setstate__(self, state):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_str(state["json"])
+        self.truncation_seq_length, self.cls_id, self.sep_id = state["trunc"], state["cls"], state["sep"]
+
+    def encode(self, sequences: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Packed token ids int32 [T], tokens per sequence int32 [B], truncated bool [B]."""
+        encodings = self._tok.encode_batch(sequences, add_special_tokens=True)
+        trunc = self.truncation_seq_length
+        pieces, lengths, truncated = [], [], []
+        for enc in encodings:
+            ids = np.asarray(enc.ids, dtype=np.int32)
+            cut = trunc is not None and len(ids) - 2 > trunc
+            if cut:
+                ids = np.concatenate((ids[: trunc + 1], [self.sep_id])).astype(np.int32)
+            pieces.append(ids)
+            lengths.append(len(ids))
+            truncated.append(cut)
+        return np.concatenate(pieces), np.asarray(lengths, np.int32), np.asarray(truncated, bool)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, c: DNABERTSConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # every token has token type 0
+        return self.LayerNorm(self.word_embeddings(tokens) + self.token_type_embeddings.weight[0])
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, c: DNABERTSConfig):
+        super().__init__()
+        self.num_heads = c.num_attention_heads
+        self.head_dim = c.hidden_size // c.num_attention_heads
+        self.Wqkv = nn.Linear(c.hidden_size, 3 * c.hidden_size)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, c: DNABERTSConfig):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, c: DNABERTSConfig):
+        super().__init__()
+        self.self = BertSelfAttention(c)
+        self.output = BertSelfOutput(c)
+
+    def forward(self, x: torch.Tensor, packing: Packing, backend: Backend, slopes: torch.Tensor) -> torch.Tensor:
+        T, C = x.shape
+        s = self.self
+        q, k, v = s.Wqkv(x).view(T, 3, s.num_heads, s.head_dim).unbind(1)  # [T, H, hd] each
+        y = attention(q, k, v, packing, backend, scale=s.head_dim ** -0.5, alibi=slopes)
+        return self.output.LayerNorm(x + self.output.dense(y.reshape(T, C)))  # post-LN
+
+
+class BertGatedLinearUnitMLP(nn.Module):
+    def __init__(self, c: DNABERTSConfig):
+        super().__init__()
+        self.intermediate_size = c.intermediate_size
+        self.gated_layers = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.wo = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gated, linear = self.gated_layers(x).split(self.intermediate_size, dim=-1)
+        return self.layernorm(x + self.wo(F.gelu(gated) * linear))  # post-LN
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c: DNABERTSConfig):
+        super().__init__()
+        self.attention = BertAttention(c)
+        self.mlp = BertGatedLinearUnitMLP(c)
+
+    def forward(self, x: torch.Tensor, packing: Packing, backend: Backend, slopes: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attention(x, packing, backend, slopes))
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, c: DNABERTSConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
+
+
+class DNABERTS(nn.Module):
+    family = "dnabert_s"
+
+    def __init__(self, config: DNABERTSConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        # float32 whatever the model dtype, and not a buffer so that .to(dtype) leaves it alone
+        self.alibi_slopes = torch.tensor(alibi_slopes(config.num_attention_heads), dtype=torch.float32,
+                                         device="cpu")
+        self.backend = Backend("sdpa", "not selected yet")
+
+    @property
+    def dim(self) -> int:
+        return self.config.hidden_size
+
+    def forward(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """tokens: int [T] packed ids -> last layer hidden states [T, D]."""
+        x = self.embeddings(tokens)
+        slopes = self.alibi_slopes.to(tokens.device)
+        for layer in self.encoder.layer:
+            x = layer(x, packing, self.backend, slopes)
+        return x
+
+    def embed(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """Mean over all tokens of each sequence, [CLS] and [SEP] included (as DNABERT-S), float32 [B, D]."""
+        return packing.mean(self(tokens, packing))
+
+
+def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILES:
+        path = model_dir / name
+        if path.is_file():
+            break
+    else:
+        raise CheckpointError(f"{model_dir}: no {' or '.join(WEIGHT_FILES)}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: not a readable weights file ({e})") from None
+    # DNABERT-S has no "bert." prefix, DNABERT-2 does; the MLM head and pooler are not used.
+    state = {k.removeprefix("bert."): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith(("pooler.", "cls."))}
+
+
+def load_dnabert_s(model_dir: str | Path, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, attention_backend: str = "auto") -> DNABERTS:
+    """Load a DNABERT-S directory into our module, on `device` in `dtype`, in eval mode."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"{model_dir}: no config.json (not a DNABERT-S model directory)")
+    config = DNABERTSConfig.from_json(model_dir / "config.json")
+    state = read_weights(model_dir)
+    with torch.device("meta"):
+        model = DNABERTS(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{model_dir}: parameters do not match DNABERT-S (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise CheckpointError(f"{model_dir}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    model.load_state_dict(state, assign=True)
+    model = model.to(device=device, dtype=dtype)
+    model.alibi_slopes = model.alibi_slopes.to(device)
+    model.backend = select_backend(torch.device(device), dtype, alibi=True, requested=attention_backend)
+    log.info("DNABERT-S %d layers x %d dim from %s on %s/%s: %s", config.num_hidden_layers,
+             config.hidden_size, model_dir, device, str(dtype).removeprefix("torch."), model.backend.describe())
+    return model.eval().requires_grad_(False)

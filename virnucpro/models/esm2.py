@@ -1,0 +1,270 @@
+"""ESM-2 (Lin et al. 2023) for embedding: the function of fair-esm's `ESM2`, over packed sequences.
+
+Differences from fair-esm, none of which change the result:
+  * sequences are packed into one token stream (no padding), attention is varlen FlashAttention on
+    CUDA and padded SDPA elsewhere (see `virnucpro.attention`);
+  * q, k and v are one fused projection (one GEMM instead of three);
+  * rotary tables are computed once a batch in float32 from each token's position, whatever the model dtype (bf16
+    cannot represent positions above 256 exactly);
+  * no LM head, no contact head, no attention weights; only the layers up to the requested one run.
+
+Checkpoints are fair-esm `.pt` files: {"model": state dict, "cfg": {"model": Namespace(...)}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import Backend, Packing, attention, select_backend
+
+log = logging.getLogger(__name__)
+
+# fair-esm's "ESM-1b" alphabet, used by every ESM-2 checkpoint: 4 specials, 25 residues, '.', '-',
+# one filler to a multiple of 8, then <mask>.
+ALPHABET = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-", "<null_1>", "<mask>"]
+CLS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 32
+
+# (layers, embed dim, heads) of the published checkpoints, for checkpoints without a readable cfg
+KNOWN_SHAPES = {
+    "esm2_t6_8M_UR50D": (6, 320, 20),
+    "esm2_t12_35M_UR50D": (12, 480, 20),
+    "esm2_t30_150M_UR50D": (30, 640, 20),
+    "esm2_t33_650M_UR50D": (33, 1280, 20),
+    "esm2_t36_3B_UR50D": (36, 2560, 40),
+    "esm2_t48_15B_UR50D": (48, 5120, 40),
+}
+
+
+@dataclass(frozen=True)
+class ESM2Config:
+    num_layers: int
+    embed_dim: int
+    attention_heads: int
+    token_dropout: bool = True
+    vocab_size: int = len(ALPHABET)
+
+
+class ESM2Tokenizer:
+    """Residues -> ESM-2 token ids, as fair-esm's BatchConverter: <cls> seq[:truncation] <eos>."""
+
+    def __init__(self, truncation_seq_length: int | None = 1022):
+        self.truncation_seq_length = truncation_seq_length
+        # J (Leu/Ile), the one letter missing from the vocabulary (fair-esm raises KeyError on it),
+        # is read as X, the unknown residue ESM-2 saw in training; validation lets no other byte in.
+        lut = np.full(256, ALPHABET.index("X"), dtype=np.int32)
+        for i, tok in enumerate(ALPHABET):
+            if len(tok) == 1:
+                lut[ord(tok)] = i
+        self._lut = lut
+
+    def num_tokens(self, length: int) -> int:
+        trunc = self.truncation_seq_length
+        return (length if trunc is None else min(length, trunc)) + 2
+
+    def encode(self, sequences: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Packed token ids int32 [T], tokens per sequence int32 [B], truncated bool [B]."""
+        trunc = self.truncation_seq_length
+        pieces, lengths, truncated = [], [], []
+        for seq in sequences:
+            raw = np.frombuffer(seq.encode("ascii"), dtype=np.uint8)
+            truncated.append(trunc is not None and len(raw) > trunc)
+            if trunc is not None:
+                raw = raw[:trunc]
+            pieces.append(np.concatenate(([CLS], self._lut[raw], [EOS])).astype(np.int32))
+            lengths.append(len(raw) + 2)
+        return np.concatenate(pieces), np.asarray(lengths, np.int32), np.asarray(truncated, bool)
+
+
+def rotary_tables(position: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, 1, head_dim/2] in float32 for rotary embeddings (RoFormer), computed once a batch."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=position.device,
+                                             dtype=torch.float32) / head_dim))
+    freqs = position.float()[:, None] * inv_freq[None, :]
+    return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, H, hd] in float32, as fair-esm's (x * cos) + (rotate_half(x) * sin)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class MultiheadAttention(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim)  # q_proj, k_proj, v_proj fused
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor, packing: Packing, backend: Backend, rotary) -> torch.Tensor:
+        T, C = x.shape
+        q, k, v = self.qkv_proj(x).view(T, 3, self.num_heads, self.head_dim).unbind(1)  # [T, H, hd] each
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        y = attention(q, k, v, packing, backend, scale=self.head_dim ** -0.5)
+        return self.out_proj(y.reshape(T, C))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LayerNorm transformer layer with exact (erf) GELU."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, num_heads: int):
+        super().__init__()
+        self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
+        self.self_attn = MultiheadAttention(embed_dim, num_heads)
+        self.final_layer_norm = nn.LayerNorm(embed_dim)
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor, packing: Packing, backend: Backend, rotary) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), packing, backend, rotary)
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class ESM2(nn.Module):
+    family = "esm2"
+
+    def __init__(self, config: ESM2Config, num_layers_to_run: int | None = None):
+        super().__init__()
+        self.config = config
+        d = config.embed_dim
+        n = config.num_layers if num_layers_to_run is None else num_layers_to_run
+        if not 1 <= n <= config.num_layers:
+            raise ValueError(f"repr layer {n} is outside 1..{config.num_layers}")
+        self.embed_tokens = nn.Embedding(config.vocab_size, d, padding_idx=PAD)
+        self.layers = nn.ModuleList(TransformerLayer(d, 4 * d, config.attention_heads) for _ in range(n))
+        # applied only when the requested representation is the last layer's, as in fair-esm
+        self.emb_layer_norm_after = nn.LayerNorm(d) if n == config.num_layers else None
+        self.backend = Backend("sdpa", "not selected yet")
+
+    @property
+    def dim(self) -> int:
+        return self.config.embed_dim
+
+    def forward(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """tokens: int [T] packed ids -> last requested layer's hidden states [T, D]."""
+        x = self.embed_tokens(tokens)
+        if self.config.token_dropout:
+            # ESM-2 was trained with masked tokens zeroed and the rest scaled by (1 - 0.12) / (1 -
+            # observed mask ratio); the scaling stays on at inference.
+            is_mask = tokens == MASK
+            x = x.masked_fill(is_mask[:, None], 0.0)
+            masked = torch.zeros(packing.num_sequences, device=x.device).index_add_(
+                0, packing.seq_index, is_mask.float())
+            ratio = masked / packing.lengths
+            x = x * ((1 - 0.15 * 0.8) / (1 - ratio))[packing.seq_index, None].to(x.dtype)
+        rotary = rotary_tables(packing.position, self.config.embed_dim // self.config.attention_heads)
+        for layer in self.layers:
+            x = layer(x, packing, self.backend, rotary)
+        if self.emb_layer_norm_after is not None:
+            x = self.emb_layer_norm_after(x)
+        return x
+
+    def embed(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """Mean over residue positions (no <cls>, no <eos>), float32 [B, D]."""
+        return packing.mean(self(tokens, packing), skip_first=1, skip_last=1)
+
+
+# --- checkpoint loading ------------------------------------------------------------------------------
+
+_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
+_IGNORED = re.compile(r"^(lm_head\.|contact_head\.|.*rot_emb\.inv_freq$|.*self_attn\.bias_[kv]$)")
+
+
+class CheckpointError(ValueError):
+    """A model file that is missing, of another family, or of unexpected shapes."""
+
+
+def read_checkpoint(path: str | Path) -> tuple[ESM2Config, dict[str, torch.Tensor]]:
+    """Read a fair-esm ESM-2 `.pt` checkpoint without unpickling anything but tensors and its cfg."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such ESM-2 checkpoint file")
+    # fair-esm stores its config as an argparse.Namespace: allow exactly that class, nothing else.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (pre-zip) files cannot be memory-mapped
+                raise CheckpointError(f"{path}: not a readable fair-esm checkpoint ({e})") from None
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+            raise CheckpointError(f"{path}: not a readable fair-esm checkpoint ({e})") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise CheckpointError(f"{path}: not a fair-esm checkpoint (no 'model' state dict)")
+    state = {_PREFIX.sub("", k): v for k, v in data["model"].items()}
+    if "embed_tokens.weight" not in state or not any(k.startswith("layers.") for k in state):
+        raise CheckpointError(f"{path}: not an ESM-2 checkpoint (no embed_tokens / layers parameters)")
+    return _config(path, data, state), state
+
+
+def _config(path: Path, data: dict, state: dict[str, torch.Tensor]) -> ESM2Config:
+    num_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
+    embed_dim = state["embed_tokens.weight"].shape[1]
+    cfg = data.get("cfg", {}).get("model") if isinstance(data.get("cfg"), dict) else None
+    cfg = vars(cfg) if isinstance(cfg, argparse.Namespace) else (cfg or {})
+    heads = cfg.get("encoder_attention_heads") or KNOWN_SHAPES.get(path.stem, (0, 0, 0))[2]
+    if not heads:
+        raise CheckpointError(f"{path}: checkpoint cfg does not say the number of attention heads")
+    if cfg.get("encoder_layers", num_layers) != num_layers or cfg.get("encoder_embed_dim", embed_dim) != embed_dim:
+        raise CheckpointError(f"{path}: cfg ({cfg.get('encoder_layers')} layers, dim "
+                              f"{cfg.get('encoder_embed_dim')}) disagrees with the weights "
+                              f"({num_layers} layers, dim {embed_dim})")
+    return ESM2Config(num_layers, embed_dim, int(heads), bool(cfg.get("token_dropout", True)))
+
+
+def _fused_state(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """fair-esm parameter names -> ours (q/k/v fused, heads dropped, layers past n dropped)."""
+    out = {}
+    for k, v in state.items():
+        if _IGNORED.match(k):
+            continue
+        m = re.match(r"layers\.(\d+)\.", k)
+        if m and int(m.group(1)) >= n_layers:
+            continue
+        if re.search(r"self_attn\.[qkv]_proj\.", k):
+            continue
+        out[k] = v
+    for i in range(n_layers):
+        for kind in ("weight", "bias"):
+            parts = [state.get(f"layers.{i}.self_attn.{p}_proj.{kind}") for p in "qkv"]
+            if any(p is None for p in parts):
+                raise CheckpointError(f"checkpoint lacks layers.{i}.self_attn q/k/v_proj.{kind}")
+            out[f"layers.{i}.self_attn.qkv_proj.{kind}"] = torch.cat(parts, 0)
+    return out
+
+
+def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              repr_layer: int | None = None, attention_backend: str = "auto") -> ESM2:
+    """Load a fair-esm ESM-2 checkpoint into our module, on `device` in `dtype`, in eval mode."""
+    config, state = read_checkpoint(path)
+    n = config.num_layers if repr_layer is None or repr_layer < 0 else repr_layer
+    with torch.device("meta"):
+        model = ESM2(config, n)
+    ours = _fused_state(state, n)
+    if model.emb_layer_norm_after is None:
+        ours = {k: v for k, v in ours.items() if not k.startswith("emb_layer_norm_after.")}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ours))
+    unexpected = sorted(set(ours) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: parameters do not match ESM-2 (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    for k, v in expected.items():
+        if ours[k].shape != v.shape:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(ours[k].shape)}, expected {tuple(v.shape)}")
+    model.load_state_dict(ours, assign=True)
+    model = model.to(device=device, dtype=dtype)
+    model.backend = select_backend(torch.device(device), dtype, alibi=False, requested=attention_backend)
+    log.info("ESM-2 %d layers x %d dim from %s on %s/%s: %s", n, config.embed_dim, Path(path).name,
+             device, str(dtype).removeprefix("torch."), model.backend.describe())
+    return model.eval().requires_grad_(False)
