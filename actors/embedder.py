@@ -34,10 +34,13 @@ class BatchError(RuntimeError):
 
 
 def resolve_device(device: str) -> torch.device:
+    """The worker's device; for CUDA the GPU Ray assigned (it sets CUDA_VISIBLE_DEVICES), with its index."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device cuda but this worker ({socket.gethostname()}) sees no CUDA GPU")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device cuda but this worker ({socket.gethostname()}) sees no CUDA GPU")
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -35,6 +35,9 @@ class Packing:
     max_seqlen: int
     seq_index: torch.Tensor  # int64 [T]: which sequence a token belongs to
     position: torch.Tensor  # int64 [T]: the token's position within its sequence
+    # what an attention backend derives from the packing once a batch and reuses in every layer
+    # (a padded bias, a flex block mask)
+    cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_sequences(self) -> int:
@@ -158,17 +161,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packin
 def _sdpa_attention(q, k, v, packing: Packing, scale: float, alibi: torch.Tensor | None) -> torch.Tensor:
     # [T, H, hd] -> [B, H, L, hd]
     qp, kp, vp = (packing.pad(t).transpose(1, 2) for t in (q, k, v))
-    keep = packing.key_padding_mask()  # [B, L]
-    if alibi is None:
-        mask = keep[:, None, None, :]  # bool: True = attend
-    else:
-        L = packing.max_seqlen
-        ar = torch.arange(L, device=q.device)
-        distance = (ar[None, :] - ar[:, None]).abs().to(torch.float32)  # [L, L]
-        bias = -alibi.float()[:, None, None] * distance  # [H, L, L]
-        mask = bias[None].masked_fill(~keep[:, None, None, :], float("-inf")).to(q.dtype)
+    mask = packing.cache.get("sdpa_mask")
+    if mask is None:
+        mask = packing.cache["sdpa_mask"] = _sdpa_mask(packing, alibi, q.dtype)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
     return packing.unpad(out.transpose(1, 2))
+
+
+def _sdpa_mask(packing: Packing, alibi: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Key-padding mask [B, 1, 1, L] (bool), or with ALiBi an additive bias [B, H, L, L]."""
+    keep = packing.key_padding_mask()  # [B, L]
+    if alibi is None:
+        return keep[:, None, None, :]  # True = attend
+    L = packing.max_seqlen
+    ar = torch.arange(L, device=keep.device)
+    distance = (ar[None, :] - ar[:, None]).abs().to(torch.float32)  # [L, L]
+    bias = -alibi.float()[:, None, None] * distance  # [H, L, L]
+    return bias[None].masked_fill(~keep[:, None, None, :], float("-inf")).to(dtype)
 
 
 @lru_cache(maxsize=None)
@@ -189,7 +198,10 @@ def _flex_attention(q, k, v, packing: Packing, scale: float, alibi: torch.Tensor
     def alibi_bias(score, b, h, q_idx, kv_idx):
         return score - alibi[h] * (position[q_idx] - position[kv_idx]).abs()
 
-    block_mask = create_block_mask(same_sequence, None, None, T, T, device=q.device)
+    block_mask = packing.cache.get("flex_block_mask")
+    if block_mask is None:
+        block_mask = packing.cache["flex_block_mask"] = create_block_mask(
+            same_sequence, None, None, T, T, device=q.device, _compile=True)
     # flex_attention wants [B, H, T, hd]; the whole packed stream is one "batch" row
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     out = _compiled_flex()(qh, kh, vh, score_mod=alibi_bias if alibi is not None else None,

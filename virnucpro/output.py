@@ -2,7 +2,7 @@
 
 OUT_DIR/
   part-000000.parquet ...   one file per planned batch, written by the actor that computed it
-  manifest.json             the run's identity (model, input, plan), finished parts, and `complete`
+  _manifest.json            the run's identity (model, input, plan), finished parts, and `complete`
 
 A part is written to a temporary name and renamed into place, so a part file either is whole or does
 not exist; a batch that is computed twice (a retry after an actor died) replaces its own file, so
@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"  # "_" prefix: pyarrow datasets skip it, so read_table(OUT_DIR) works
 FORMAT_VERSION = 1
 
 

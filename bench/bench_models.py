@@ -1,0 +1,281 @@
+"""Model throughput on one GPU: our packed path against the references, same process, same sequences.
+
+    python bench/bench_models.py --out bench/results/models-<gpu>.json [--quick]
+
+Runs, in order: the bf16 matmul ceiling (8192^3, CUDA events), then for each workload our packed
+bf16 path and each reference on the same length-sorted sequences with random weights of the real
+shapes. Prints a table (tokens/s, sequences/s, MFU against the measured ceiling, peak memory, ratio
+to each reference) and writes it as JSON with the GPU named.
+
+FLOPs counted per sequence of L tokens: linear layers 2 * P_linear * L, attention 4 * L^2 * d per layer
+(QK^T and AV), i.e. the useful work; padding done by a reference is not counted in its favour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from virnucpro.attention import Packing  # noqa: E402
+from virnucpro.models.dnabert_s import DNABERTS, DNABERTSConfig  # noqa: E402
+from virnucpro.models.esm2 import ESM2, ESM2Config  # noqa: E402
+from virnucpro.attention import select_backend  # noqa: E402
+
+ESM_SHAPES = {"esm2_3B": (36, 2560, 40), "esm2_650M": (33, 1280, 20)}
+
+
+# --- workloads --------------------------------------------------------------------------------------
+
+def virnucpro_lengths(n: int, rng) -> np.ndarray:
+    """Proteins of VirNucPro's 500 bp chunks: 70% full 166 aa, the rest 30-165."""
+    full = rng.random(n) < 0.7
+    return np.where(full, 166, rng.integers(30, 166, n))
+
+
+def proteome_lengths(n: int, rng) -> np.ndarray:
+    """A proteome's protein lengths: log-normal with median ~300, capped at 1022."""
+    return np.clip(rng.lognormal(np.log(300), 0.6, n).astype(int), 30, 1022)
+
+
+def dna_token_lengths(n: int, rng) -> np.ndarray:
+    return rng.integers(95, 126, n)
+
+
+def token_batches(lengths: np.ndarray, budget: int, specials: int) -> list[np.ndarray]:
+    """Length-sorted (longest first) token-budget batches of per-sequence token counts."""
+    toks = np.sort(lengths + specials)[::-1]
+    batches, cur, total = [], [], 0
+    for t in toks:
+        if total + t > budget and cur:
+            batches.append(np.array(cur))
+            cur, total = [], 0
+        cur.append(t)
+        total += t
+    batches.append(np.array(cur))
+    return batches
+
+
+# --- timing -----------------------------------------------------------------------------------------
+
+def cuda_time(fn, warmup: int = 2, repeat: int = 3) -> float:
+    """Median seconds of fn() over `repeat` runs after `warmup`, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return float(np.median(times))
+
+
+def matmul_ceiling() -> float:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t = cuda_time(lambda: [a @ b for _ in range(10)], warmup=2, repeat=5) / 10
+    return 2 * n ** 3 / t
+
+
+def esm_flops(lengths_tokens: np.ndarray, layers: int, d: int) -> float:
+    L = lengths_tokens.astype(np.float64)
+    return float((2 * 12 * d * d * layers * L + 4 * L * L * d * layers).sum())
+
+
+def dnabert_flops(lengths_tokens: np.ndarray, c: DNABERTSConfig) -> float:
+    d, i, n = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    per_token_linear = 2 * (3 * d * d + d * d + 2 * d * i + i * d) * n
+    L = lengths_tokens.astype(np.float64)
+    return float((per_token_linear * L + 4 * L * L * d * n).sum())
+
+
+def random_init_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Realistic-scale random weights (std 0.02, norms ~1) so activations look like a trained model's."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "weight" in name:
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32) * 0.02)
+
+
+def run_ours(model, batches: list[np.ndarray], vocab: int) -> float:
+    """Seconds for one pass over all batches through model.embed (packed), tokens pre-staged on the GPU."""
+    staged = []
+    for b in batches:
+        lengths = torch.from_numpy(b).cuda()
+        tokens = torch.randint(4, vocab - 1, (int(b.sum()),), device="cuda")
+        staged.append((tokens, Packing.from_lengths(lengths, int(b.max()))))
+
+    def one_pass():
+        with torch.inference_mode():
+            for tokens, packing in staged:
+                model.embed(tokens, packing)
+    return cuda_time(one_pass)
+
+
+def run_padded(forward, batches: list[np.ndarray], vocab: int, pad_id: int) -> float:
+    """Seconds for one pass of a padded reference: each batch padded to its longest sequence."""
+    staged = []
+    for b in batches:
+        L = int(b.max())
+        tokens = torch.full((len(b), L), pad_id, device="cuda", dtype=torch.long)
+        mask = torch.zeros((len(b), L), device="cuda", dtype=torch.long)
+        for i, n in enumerate(b.tolist()):
+            tokens[i, :n] = torch.randint(4, vocab - 1, (n,), device="cuda")
+            mask[i, :n] = 1
+        staged.append((tokens, mask))
+
+    def one_pass():
+        with torch.inference_mode():
+            for tokens, mask in staged:
+                forward(tokens, mask)
+    return cuda_time(one_pass, warmup=1, repeat=2)
+
+
+def row(name: str, seconds: float, lengths_tokens: np.ndarray, flops: float, ceiling: float) -> dict:
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    torch.cuda.reset_peak_memory_stats()
+    return {"implementation": name, "seconds": seconds, "tokens_per_s": float(lengths_tokens.sum()) / seconds,
+            "sequences_per_s": len(lengths_tokens) / seconds, "mfu": flops / seconds / ceiling,
+            "peak_gib": peak}
+
+
+# --- benchmarks -------------------------------------------------------------------------------------
+
+def bench_esm(name: str, workload: str, lengths: np.ndarray, ceiling: float, budget: int,
+              references: bool) -> list[dict]:
+    layers, d, heads = ESM_SHAPES[name]
+    tokens_per_seq = lengths + 2
+    flops = esm_flops(tokens_per_seq, layers, d)
+    rows = []
+    with torch.device("cuda"):
+        model = ESM2(ESM2Config(layers, d, heads)).to(torch.bfloat16)
+    random_init_(model)
+    model.eval().requires_grad_(False)
+    model.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=False)
+    t = run_ours(model, token_batches(lengths, budget, 2), 33)
+    rows.append(row(f"ours bf16 packed {model.backend.name} (toks {budget})", t, tokens_per_seq, flops, ceiling))
+    del model
+    torch.cuda.empty_cache()
+    if not references:
+        return rows
+    try:
+        import esm
+        with torch.device("cuda"):
+            ref = esm.model.esm2.ESM2(layers, d, heads, esm.data.Alphabet.from_architecture("ESM-1b")).half()
+        ref.eval().requires_grad_(False)
+
+        def fair(tokens, mask):
+            ref(tokens, repr_layers=[layers])
+        t = run_padded(fair, token_batches(lengths, 32768, 2), 33, 1)
+        rows.append(row("fair-esm fp16 padded (toks 32768)", t, tokens_per_seq, flops, ceiling))
+        del ref
+        torch.cuda.empty_cache()
+    except ImportError as e:
+        print(f"skip fair-esm: {e}")
+    try:
+        from transformers import EsmConfig, EsmModel
+        cfg = EsmConfig(vocab_size=33, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=4 * d, position_embedding_type="rotary", token_dropout=True,
+                        mask_token_id=32, pad_token_id=1, emb_layer_norm_before=False,
+                        max_position_embeddings=1026, attn_implementation="sdpa")
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            hf = EsmModel(cfg, add_pooling_layer=False)
+        torch.set_default_dtype(torch.float32)
+        hf.eval().requires_grad_(False)
+
+        def hf_forward(tokens, mask):
+            hf(input_ids=tokens, attention_mask=mask)
+        t = run_padded(hf_forward, token_batches(lengths, budget, 2), 33, 1)
+        rows.append(row(f"transformers EsmModel bf16 sdpa padded (toks {budget})", t, tokens_per_seq, flops, ceiling))
+        del hf
+        torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+        torch.set_default_dtype(torch.float32)
+        print(f"skip transformers: {type(e).__name__}: {e}")
+    return rows
+
+
+def bench_dnabert(lengths_tokens: np.ndarray, ceiling: float, budget: int) -> list[dict]:
+    c = DNABERTSConfig()
+    flops = dnabert_flops(lengths_tokens, c)
+    rows = []
+    for dtype, attn, toks in ((torch.bfloat16, "auto", budget), (torch.bfloat16, "sdpa", budget),
+                              (torch.float32, "sdpa", 128 * 127)):
+        with torch.device("cuda"):
+            model = DNABERTS(c).to(dtype)
+        random_init_(model)
+        model.alibi_slopes = model.alibi_slopes.cuda()
+        model.eval().requires_grad_(False)
+        model.backend = select_backend(torch.device("cuda"), dtype, alibi=True, requested=attn)
+        if dtype == torch.float32:
+            torch.backends.cuda.matmul.allow_tf32 = False  # the upstream code runs plain fp32
+        t = run_ours(model, token_batches(lengths_tokens - 2, toks, 2), c.vocab_size)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        label = (f"ours {str(dtype).removeprefix('torch.')} packed {model.backend.name} (toks {toks})"
+                 if dtype != torch.float32 else "fp32 batched padded-attention (~128 seqs, reference-like)")
+        rows.append(row(label, t, lengths_tokens, flops, ceiling))
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--quick", action="store_true", help="fewer sequences, 650M only")
+    ap.add_argument("--budget", type=int, default=65536)
+    ap.add_argument("--no-references", action="store_true")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    n = 1000 if args.quick else 3000
+    ceiling = matmul_ceiling()
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}: bf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s", flush=True)
+    results = {"gpu": gpu, "torch": torch.__version__, "host": platform.node(),
+               "ceiling_tflops": ceiling / 1e12, "date": time.strftime("%Y-%m-%d"), "workloads": {}}
+    plan = [("esm2_650M", "virnucpro", virnucpro_lengths(n, rng)),
+            ("esm2_650M", "proteome", proteome_lengths(n // 2, rng))]
+    if not args.quick:
+        plan = [("esm2_3B", "virnucpro", virnucpro_lengths(n, rng)),
+                ("esm2_3B", "proteome", proteome_lengths(n // 2, rng))] + plan
+    for name, workload, lengths in plan:
+        key = f"{name}/{workload}"
+        results["workloads"][key] = bench_esm(name, workload, lengths, ceiling, args.budget, not args.no_references)
+        _print(key, results["workloads"][key])
+    key = "dnabert_s/95-125 tokens"
+    results["workloads"][key] = bench_dnabert(dna_token_lengths(4 * n, rng), ceiling, args.budget)
+    _print(key, results["workloads"][key])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+def _print(key: str, rows: list[dict]) -> None:
+    ours = rows[0]["tokens_per_s"]
+    print(f"\n{key}")
+    print(f"  {'implementation':<62} {'tok/s':>9} {'seq/s':>8} {'MFU':>6} {'peak GiB':>8} {'ours/x':>6}")
+    for r in rows:
+        print(f"  {r['implementation']:<62} {r['tokens_per_s'] / 1e3:8.1f}K {r['sequences_per_s']:8.0f} "
+              f"{100 * r['mfu']:5.1f}% {r['peak_gib']:8.1f} {ours / r['tokens_per_s']:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

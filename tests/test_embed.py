@@ -1,0 +1,135 @@
+"""End to end through Ray actors on CPU: FASTA in, Parquet out, every record exactly once."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from cluster.driver import EmbedError, embed
+from tests.conftest import fair_esm_pooled, fair_esm_reference, random_dna, random_proteins, write_fasta
+from tests.reference_dnabert import reference_dnabert_embed
+from virnucpro.output import MANIFEST, read_embeddings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max())
+
+
+def embeddings(table: pa.Table) -> np.ndarray:
+    return np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+
+
+def test_cli_embed_two_cpu_actors(tmp_path, esm_tiny):
+    seqs = random_proteins(120, 1, 300, seed=11)
+    ids = write_fasta(tmp_path / "x.fasta", seqs)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "embed", str(tmp_path / "x.fasta"), "-o", str(out),
+                           "--model", str(esm_tiny), "--device", "cpu", "--num-actors", "2",
+                           "--toks-per-batch", "2048"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "120 sequences" in proc.stdout
+    table = pq.read_table(out)
+    for column in ("id", "length", "embedding", "truncated", "model", "index"):
+        assert column in table.column_names
+    assert table.schema.field("length").type == pa.int32()
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)  # every record exactly once
+    table = table.sort_by("index")
+    assert table.column("length").to_pylist() == [len(s) for s in seqs]
+    want = fair_esm_pooled(fair_esm_reference(2, 64, 4, seed=3), seqs).numpy()
+    assert rel_err(embeddings(table), want) < 1e-5
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["complete"] and manifest["num_sequences"] == 120
+    assert len(list(out.glob("part-*.parquet"))) == manifest["num_batches"] > 2
+
+
+def test_dnabert_gzip_input_matches_reference(tmp_path, dnabert_tiny, local_ray):
+    seqs = random_dna(40, 20, 700, seed=4) + ["acgtnnryacgt"]
+    write_fasta(tmp_path / "d.fa", seqs)
+    with open(tmp_path / "d.fa", "rb") as f, gzip.open(tmp_path / "d.fa.gz", "wb") as g:
+        g.write(f.read())
+    result = embed(tmp_path / "d.fa.gz", tmp_path / "out", dnabert_tiny, device="cpu", num_actors=2,
+                   toks_per_batch=300, progress=False)
+    assert result.num_sequences == 41 and result.num_batches > 5
+    table = read_embeddings(tmp_path / "out")
+    assert table.column("model").to_pylist()[0] == str(dnabert_tiny)
+    want = reference_dnabert_embed(dnabert_tiny, [s.upper() for s in seqs]).numpy()
+    assert rel_err(embeddings(table), want) < 1e-5
+    assert not (tmp_path / "out" / ".work").exists()  # scratch copy of the gzip input is gone
+
+
+def test_truncation_is_recorded(tmp_path, esm_tiny, local_ray):
+    seqs = ["M" * 30, "A" * 10]
+    write_fasta(tmp_path / "t.faa", seqs)
+    embed(tmp_path / "t.faa", tmp_path / "out", esm_tiny, device="cpu", truncation_seq_length=20, progress=False)
+    table = read_embeddings(tmp_path / "out")
+    assert table.column("truncated").to_pylist() == [True, False]
+    assert table.column("length").to_pylist() == [30, 10]
+
+
+def test_existing_output_resume_and_overwrite(tmp_path, esm_tiny, local_ray):
+    seqs = random_proteins(60, 10, 200, seed=5)
+    write_fasta(tmp_path / "r.faa", seqs)
+    out = tmp_path / "out"
+    opts = dict(device="cpu", toks_per_batch=1024, progress=False)
+    first = embed(tmp_path / "r.faa", out, esm_tiny, **opts)
+    before = read_embeddings(out)
+    with pytest.raises(EmbedError, match="previous run.*--resume.*--overwrite"):
+        embed(tmp_path / "r.faa", out, esm_tiny, **opts)
+    # simulate a run killed midway: two parts lost, manifest not complete
+    parts = sorted(out.glob("part-*.parquet"))
+    for p in parts[1:3]:
+        p.unlink()
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["complete"] = False
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    resumed = embed(tmp_path / "r.faa", out, esm_tiny, resume=True, **opts)
+    assert resumed.batches_computed == 2 and first.batches_computed == first.num_batches
+    after = read_embeddings(out)
+    assert after.column("id").to_pylist() == before.column("id").to_pylist()
+    assert np.array_equal(embeddings(after), embeddings(before))
+    with pytest.raises(EmbedError, match="different run"):
+        embed(tmp_path / "r.faa", out, esm_tiny, resume=True, **{**opts, "toks_per_batch": 512})
+    again = embed(tmp_path / "r.faa", out, esm_tiny, overwrite=True, **{**opts, "toks_per_batch": 512})
+    assert again.batches_computed == again.num_batches and read_embeddings(out).num_rows == 60
+
+
+def test_unwritable_output_and_bad_input_are_clear_errors(tmp_path, esm_tiny, local_ray):
+    write_fasta(tmp_path / "ok.faa", ["MKV"])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EmbedError, match="not writable"):
+        embed(tmp_path / "ok.faa", tmp_path / "afile" / "out", esm_tiny, device="cpu")
+    (tmp_path / "bad.faa").write_text(">p1\nMKV\n>p2\nMK1V\n")
+    from virnucpro.sequences import SequenceError
+    with pytest.raises(SequenceError, match="record 'p2': character '1'"):
+        embed(tmp_path / "bad.faa", tmp_path / "out2", esm_tiny, device="cpu")
+
+
+def test_model_of_wrong_family_for_input_is_reported(tmp_path, dnabert_tiny, local_ray):
+    """Proteins given to DNABERT-S fail validation with a message naming the record, not deep in a model."""
+    from virnucpro.sequences import SequenceError
+
+    (tmp_path / "p.faa").write_text(">p1\nMKVLQE\n")
+    with pytest.raises(SequenceError, match="record 'p1'.*not a valid DNA letter"):
+        embed(tmp_path / "p.faa", tmp_path / "out", dnabert_tiny, device="cpu")

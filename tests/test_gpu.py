@@ -1,0 +1,107 @@
+"""GPU checks (marked `gpu`, skipped without CUDA): the bf16 packed paths against float32 references,
+that the fast kernels are really the ones running, and the out-of-memory report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import virnucpro.attention as attention_mod
+from tests.conftest import fair_esm_pooled, fair_esm_reference, random_dna, random_proteins, write_fasta
+from tests.reference_dnabert import reference_dnabert_embed
+from virnucpro.attention import Packing
+from virnucpro.models.dnabert_s import DNABERTSTokenizer, load_dnabert_s
+from virnucpro.models.esm2 import ESM2Tokenizer, load_esm2
+from virnucpro.tiny import write_dnabert_s_dir, write_esm2_checkpoint
+
+pytestmark = pytest.mark.gpu
+MIN_COSINE = 0.9995
+
+
+def pooled_on_gpu(model, tokenizer, seqs):
+    tokens, lengths, _ = tokenizer.encode(seqs)
+    packing = Packing.from_lengths(torch.from_numpy(lengths).cuda())
+    with torch.inference_mode():
+        return model.embed(torch.from_numpy(tokens).long().cuda(), packing).cpu()
+
+
+class CallCounter:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("layers,dim,heads", [(6, 320, 20), (2, 2560, 40)])
+def test_esm2_bf16_flash_matches_fp32_fair_esm(tmp_path, monkeypatch, layers, dim, heads):
+    path = write_esm2_checkpoint(tmp_path / "esm2_gpu.pt", layers, dim, heads, seed=21)
+    model = load_esm2(path, "cuda", torch.bfloat16)
+    assert model.backend.name == "flash", model.backend.describe()
+    counter = CallCounter(attention_mod._varlen_attn())
+    monkeypatch.setattr(attention_mod, "_varlen_attn", lambda: counter)
+    # VirNucPro-like lengths, plus long ones (rotary positions > 256 must stay exact)
+    seqs = random_proteins(40, 30, 166, seed=1) + random_proteins(4, 600, 1022, seed=2)
+    got = pooled_on_gpu(model, ESM2Tokenizer(), seqs)
+    assert counter.calls == layers  # one varlen flash call per layer: the flash path really ran
+    want = fair_esm_pooled(fair_esm_reference(layers, dim, heads, seed=21), seqs)
+    cos = F.cosine_similarity(got.double(), want.double(), dim=-1)
+    print(f"ESM-2 {layers}x{dim}: bf16 flash vs fp32 fair-esm cosine min {cos.min():.6f} mean {cos.mean():.6f}")
+    assert cos.min() >= MIN_COSINE
+
+
+def test_dnabert_s_bf16_flex_matches_fp32_reference(tmp_path, monkeypatch):
+    path = write_dnabert_s_dir(tmp_path / "dnabert", hidden=768, layers=4, heads=12, intermediate=3072,
+                               vocab_size=512, seed=4)
+    model = load_dnabert_s(path, "cuda", torch.bfloat16)
+    assert model.backend.name == "flex", model.backend.describe()
+    counter = CallCounter(attention_mod._flex_attention)
+    monkeypatch.setattr(attention_mod, "_flex_attention", counter)
+    seqs = random_dna(48, 300, 520, seed=3)
+    got = pooled_on_gpu(model, DNABERTSTokenizer(path), seqs)
+    assert counter.calls == 4
+    want = reference_dnabert_embed(path, seqs)
+    cos = F.cosine_similarity(got.double(), want.double(), dim=-1)
+    print(f"DNABERT-S: bf16 flex vs fp32 reference cosine min {cos.min():.6f} mean {cos.mean():.6f}")
+    assert cos.min() >= MIN_COSINE
+
+
+def test_embed_through_ray_on_gpu(tmp_path):
+    import pyarrow.parquet as pq
+
+    from cluster.driver import embed
+
+    path = write_esm2_checkpoint(tmp_path / "esm2_e2e.pt", 4, 320, 20, seed=8)
+    seqs = random_proteins(300, 20, 400, seed=5)
+    ids = write_fasta(tmp_path / "in.faa", seqs)
+    result = embed(tmp_path / "in.faa", tmp_path / "out", path, device="cuda", toks_per_batch=8192,
+                   progress=False)
+    assert "FlashAttention-2: enabled" in result.actors[0]["attention"]
+    table = pq.read_table(tmp_path / "out").sort_by("index")
+    assert table.column("id").to_pylist() == ids
+    got = torch.from_numpy(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)))
+    want = fair_esm_pooled(fair_esm_reference(4, 320, 20, seed=8), seqs)
+    assert F.cosine_similarity(got.double(), want.double(), dim=-1).min() >= MIN_COSINE
+
+
+def test_out_of_memory_is_reported_with_a_recommendation(tmp_path):
+    from actors.embedder import BatchError, Embedder
+    from virnucpro.batching import make_batch
+    from virnucpro.models import resolve_model
+    from virnucpro.sequences import FastaIndex
+
+    path = write_esm2_checkpoint(tmp_path / "esm2_oom.pt", 2, 2560, 40, seed=1)
+    write_fasta(tmp_path / "in.faa", random_proteins(64, 1000, 1022, seed=1))
+    index = FastaIndex.build(tmp_path / "in.faa", "protein", tmp_path)
+    actor = Embedder(resolve_model(path), str(tmp_path), "cuda", "bfloat16")
+    batch = make_batch(index, np.arange(len(index)), ESM2Tokenizer(), 0)
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(free - (actor.weight_bytes // 2 + (1 << 30)), dtype=torch.uint8, device="cuda")
+    try:
+        with pytest.raises(BatchError, match=r"CUDA out of memory .*peak .* GiB.*Try --toks-per-batch \d+"):
+            actor.embed(batch)
+    finally:
+        del hog
