@@ -67,20 +67,21 @@ class EmbedOptions:
 class EmbedResult:
     out_dir: Path
     num_sequences: int
-    num_tokens: int
     num_batches: int
-    batches_computed: int
-    seconds: float
+    batches_computed: int  # fewer than num_batches when a run was resumed
+    tokens_computed: int
+    compute_seconds: float  # from the first batch dealt to the last part written
+    seconds: float  # the whole call: indexing, Ray and actor start-up included
     actors: list[dict] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
-        return self.num_tokens / self.seconds if self.seconds > 0 else 0.0
+        return self.tokens_computed / self.compute_seconds if self.compute_seconds > 0 else 0.0
 
     def summary(self) -> str:
-        return (f"{self.num_sequences} sequences, {self.num_tokens} tokens in {self.seconds:.1f} s "
-                f"({self.tokens_per_second / 1e3:.1f} K tokens/s, {self.num_sequences / self.seconds:.0f} "
-                f"sequences/s) on {len(self.actors)} actor(s) -> {self.out_dir}")
+        return (f"{self.num_sequences} sequences ({self.batches_computed} of {self.num_batches} batches "
+                f"computed, {self.tokens_computed} tokens) in {self.seconds:.1f} s; embedding "
+                f"{self.tokens_per_second / 1e3:.1f} K tokens/s on {len(self.actors)} actor(s) -> {self.out_dir}")
 
 
 def default_dataloader_workers(num_gpus: int) -> int:
@@ -122,12 +123,16 @@ def run_embed(input: Path, out_dir: Path, model: str, opts: EmbedOptions) -> Emb
         done_tokens = sum(int(num_tokens[plan[b]].sum()) for b in done)
         progress = _Progress(int(num_tokens.sum()), len(index), done_tokens, manifest.rows_done, opts.progress)
         dispatcher = _Dispatcher(actors, index, tokenizer, plan, workers, opts.cuda_streams if device == "cuda" else 1)
+        tokens_computed = 0
+        compute_start = time.perf_counter()
         for result in dispatcher.run(todo):
             manifest.parts[result.file] = result.rows
+            tokens_computed += result.tokens
             progress.advance(result.tokens, result.rows)
             if progress.due_for_save():
                 manifest.save(out_dir)
         progress.close()
+        compute_seconds = time.perf_counter() - compute_start
     finally:
         if started_ray:
             ray.shutdown()
@@ -139,7 +144,7 @@ def run_embed(input: Path, out_dir: Path, model: str, opts: EmbedOptions) -> Emb
     manifest.complete, manifest.finished = True, time.time()
     manifest.save(out_dir)
     shutil.rmtree(out_dir / ".work", ignore_errors=True)
-    result = EmbedResult(out_dir, len(index), int(num_tokens.sum()), len(plan), len(todo),
+    result = EmbedResult(out_dir, len(index), len(plan), len(todo), tokens_computed, compute_seconds,
                          time.perf_counter() - start, infos)
     log.info("done: %s", result.summary())
     return result

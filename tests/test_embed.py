@@ -48,7 +48,7 @@ def test_cli_embed_two_cpu_actors(tmp_path, esm_tiny):
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "RAY_ADDRESS": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "120 sequences" in proc.stdout
+    assert "120 sequences" in proc.stdout and "K tokens/s" in proc.stdout
     table = pq.read_table(out)
     for column in ("id", "length", "embedding", "truncated", "model", "index"):
         assert column in table.column_names
