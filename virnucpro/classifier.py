@@ -1,0 +1,303 @@
+"""VirNucPro's classifier: the MLP over [DNABERT-S 768 | ESM-2 2560] features, its safe loader,
+batched inference, and the two result files in upstream's exact formats.
+
+Upstream (github.com/Li-Jing-1997/VirNucPro, `train.py` / `prediction.py`) ships `300_model.pth` and
+`500_model.pth` written by `torch.save(model)`: a whole pickled module whose class lived in
+`__main__`. Unpickling such a file normally imports and calls whatever globals it names, so
+`load_classifier` uses a restricted unpickler that resolves only an explicit allow-list.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import codecs
+import csv
+import os
+import pickle
+import types
+import warnings
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INPUT_DIM = 3328  # 768 DNABERT-S + 2560 ESM-2 (esm2_t36_3B_UR50D)
+HIDDEN_DIM = 512
+NUM_CLASSES = 2  # 0 = others, 1 = virus
+LABELS = ("others", "virus")
+
+
+class ClassifierLoadError(ValueError):
+    """A classifier file that cannot be loaded safely or does not hold a VirNucPro MLP."""
+
+
+class MLPClassifier(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU -> Dropout(0.5) -> Linear, as upstream's `MLPClassifier`.
+
+    Attribute names (hence state_dict keys `hidden_layer.*`, `bn1.*`, `output_layer.*`) and the
+    constructor's argument names are upstream's, so its weights load unchanged.
+    """
+
+    def __init__(self, input_dim: int = INPUT_DIM, hidden_dim: int = HIDDEN_DIM,
+                 num_class: int = NUM_CLASSES):
+        super().__init__()
+        self.hidden_layer = nn.Linear(input_dim, hidden_dim)
+        self.bn1 = nn.BatchNorm1d(hidden_dim)
+        self.output_layer = nn.Linear(hidden_dim, num_class)
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.hidden_layer(x)))
+        return self.output_layer(self.dropout(x))
+
+
+# -----------------------------------------------------------------------------
+# restricted loading
+
+class _PickledClassifier(nn.Module):
+    """Stand-in for upstream's pickled `__main__.MLPClassifier`.
+
+    Unpickling builds it with `__new__` and `Module.__setstate__` (no code of ours or theirs runs);
+    we only read its tensors and load them into a fresh `MLPClassifier`, so nothing that came out
+    of the file is handed back to the caller as live code.
+    """
+
+
+# Where upstream's class may be recorded: scripts run as `python train.py` pickle it as
+# `__main__`; imported, as the script's module name. Our own class is accepted too.
+_CLASSIFIER_NAMES = [(m, "MLPClassifier") for m in ("__main__", "train", "prediction", __name__)]
+
+
+def _numpy_scalar_globals() -> dict[tuple[str, str], Any]:
+    # training checkpoints often carry numpy scalars (an epoch's accuracy, ...): numpy's scalar
+    # rebuild function and dtype only build plain values. numpy 1 pickles name numpy.core,
+    # numpy 2 numpy._core; both map to whichever this numpy has.
+    multiarray = getattr(np, "_core", None) or np.core
+    scalar = multiarray.multiarray.scalar
+    # protocol 2 pickles a scalar's raw bytes as _codecs.encode(text, "latin1")
+    return {("numpy.core.multiarray", "scalar"): scalar, ("numpy._core.multiarray", "scalar"): scalar,
+            ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """Every global a torch.save'd MLPClassifier or state dict needs, and nothing else.
+
+    Storage classes (`torch.FloatStorage`, `torch.LongStorage`, ...) do not come through here:
+    torch.load's own find_class wrapper maps any name containing "Storage" to a dtype marker.
+    """
+    objs: list[Any] = [
+        OrderedDict, set, frozenset,  # module hook dicts, `_non_persistent_buffers_set`
+        torch.Size,
+        torch._utils._rebuild_tensor, torch._utils._rebuild_tensor_v2,
+        torch._utils._rebuild_parameter,
+        nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout, nn.Sequential,
+    ]
+    # present in newer torch only; looked up by name so that torch 2.4 imports this file too
+    for name in ("_rebuild_tensor_v3", "_rebuild_parameter_with_state"):
+        if hasattr(torch._utils, name):
+            objs.append(getattr(torch._utils, name))
+    allowed = {(o.__module__, o.__qualname__): o for o in objs}
+    allowed.update({key: _PickledClassifier for key in _CLASSIFIER_NAMES})
+    allowed.update(_numpy_scalar_globals())
+    return allowed
+
+
+_ALLOWED = _allowed_globals()
+
+
+def _normalise(module: str, name: str) -> tuple[str, str]:
+    # protocol-2 pickles (torch.save's default) name Python 2 modules, e.g. `__builtin__ set`
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves globals from `_ALLOWED` only; never imports anything."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _ALLOWED.get(_normalise(module, name))
+        if obj is None:
+            raise ClassifierLoadError(
+                f"refusing to unpickle global {module}.{name}: a VirNucPro classifier file holds "
+                "only torch tensors, torch.nn layers, numpy scalars and the MLPClassifier class")
+        return obj
+
+
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+# Passed to torch.load as `pickle_module`. Why not weights_only=True with safe_globals? Mapping a
+# pickled `__main__.MLPClassifier` onto another class needs the (obj, "module.name") form of
+# safe_globals, which torch 2.4 lacks, and the weights-only unpickler's rules change between
+# releases. torch.load has long taken a `pickle_module` and subclassed its Unpickler, adding only
+# storage handling (checked in 2.13's source), so this works the same on torch 2.4 .. 2.13. It
+# needs weights_only=False, which is safe here: our find_class is the only way a global resolves.
+# (TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes torch refuse a custom pickle_module; that surfaces as a
+# ClassifierLoadError.)
+_RESTRICTED_PICKLE = types.SimpleNamespace(
+    __name__="virnucpro.classifier._restricted_pickle",
+    Unpickler=_RestrictedUnpickler,
+    load=_restricted_load,
+)
+
+
+def _is_torchscript(path: str | os.PathLike) -> bool:
+    # torch.load hands TorchScript archives to torch.jit.load, bypassing our unpickler
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") for n in z.namelist())
+
+
+def _load_object(path: str | os.PathLike) -> Any:
+    if str(path).endswith(".safetensors"):
+        raise ClassifierLoadError(f"{path}: safetensors classifier files are not supported")
+    if _is_torchscript(path):
+        raise ClassifierLoadError(f"{path}: TorchScript archives are not accepted")
+    try:
+        with warnings.catch_warnings():
+            # legacy-format files carry the class's source; ours differs from upstream's by design
+            warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
+            return torch.load(path, map_location="cpu", pickle_module=_RESTRICTED_PICKLE,
+                              weights_only=False)
+    except ClassifierLoadError as e:
+        raise ClassifierLoadError(f"{path}: {e}") from None
+    except (OSError, EOFError) as e:
+        raise ClassifierLoadError(f"{path}: cannot read classifier file: {e}") from e
+    except Exception as e:  # corrupt pickle, a forced weights-only load, ...
+        raise ClassifierLoadError(f"{path}: cannot load classifier file: {e}") from e
+
+
+def _module_tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """state_dict of an unpickled module, read from its attribute dicts.
+
+    module.state_dict() would run the state-dict hooks stored in the pickle; walking `_parameters`,
+    `_buffers` and `_modules` directly runs nothing from the file.
+    """
+    attrs = vars(module)
+    out: dict[str, torch.Tensor] = {}
+    for group in ("_parameters", "_buffers"):
+        for name, t in dict(attrs.get(group) or {}).items():
+            if isinstance(t, torch.Tensor):
+                out[prefix + name] = t
+    for name, child in dict(attrs.get("_modules") or {}).items():
+        if isinstance(child, nn.Module):
+            out.update(_module_tensors(child, f"{prefix}{name}."))
+    return out
+
+
+def _state_dict_of(obj: Any, path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        return _module_tensors(obj)
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return obj
+    raise ClassifierLoadError(
+        f"{path}: expected a pickled MLPClassifier, a state dict, or a dict with a 'state_dict' / "
+        f"'model_state_dict' entry; found {type(obj).__name__}")
+
+
+def load_classifier(path: str | os.PathLike) -> MLPClassifier:
+    """Load upstream's `300_model.pth` / `500_model.pth` (or a state dict) as an MLPClassifier in eval mode.
+
+    Layer sizes are read from the weights. Raises ClassifierLoadError for a file holding any other
+    global, any other structure, or weights that do not fit the MLP.
+    """
+    state = dict(_state_dict_of(_load_object(path), path))
+    if state and all(k.startswith("module.") for k in state):  # saved from nn.DataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    try:
+        hidden, input_dim = state["hidden_layer.weight"].shape
+        num_class = state["output_layer.weight"].shape[0]
+        model = MLPClassifier(input_dim, hidden, num_class)
+        model.load_state_dict(state, strict=True)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ClassifierLoadError(f"{path}: weights do not fit VirNucPro's MLPClassifier: {e}") from e
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# inference
+
+@torch.inference_mode()
+def predict_proba(model: nn.Module, features: np.ndarray | torch.Tensor,
+                  batch_size: int = 65536) -> np.ndarray:
+    """Softmax class probabilities, float32 [N, 2]: column 0 = others, column 1 = virus.
+
+    Puts the model in eval mode (BatchNorm running statistics, no dropout), as upstream's predict
+    does. Features go to the model's device in batches of `batch_size` rows.
+    """
+    x = torch.as_tensor(features)
+    if x.ndim != 2:
+        raise ValueError(f"features must be 2-D [N, dim], got shape {tuple(x.shape)}")
+    model.eval()
+    param = next(model.parameters())
+    chunks = [F.softmax(model(x[i:i + batch_size].to(param.device, param.dtype)), dim=1)
+              .float().cpu() for i in range(0, x.shape[0], batch_size)]
+    if not chunks:
+        return np.empty((0, NUM_CLASSES), dtype=np.float32)
+    return torch.cat(chunks).numpy()
+
+
+# -----------------------------------------------------------------------------
+# result files
+
+def _float32_columns(probs: np.ndarray | torch.Tensor, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
+    p = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+    if p.ndim != 2 or p.shape[1] != NUM_CLASSES or p.shape[0] != n_ids:
+        raise ValueError(f"probs must be [{n_ids}, {NUM_CLASSES}], got shape {p.shape}")
+    p = p.astype(np.float32, copy=False)  # upstream's softmax output is float32
+    return p[:, 0], p[:, 1]
+
+
+def write_prediction_results(path: str | os.PathLike, ids: Sequence[str],
+                             probs: np.ndarray | torch.Tensor) -> None:
+    """`prediction_results.txt`: `Sequence_ID, Prediction, score1, score2`, tab-separated.
+
+    Scores are written as str() of numpy float32 (shortest round-trip digits, e.g. `0.1`, `1e-05`),
+    as upstream's `'\\t'.join(map(str, probability))` does. Prediction is `virus` only if
+    score2 > score1: upstream takes torch.max's index, which is the first (others) on a tie.
+    """
+    others, virus = _float32_columns(probs, len(ids))
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write("Sequence_ID\tPrediction\tscore1\tscore2\n")
+        for seq_id, p0, p1 in zip(ids, others, virus):
+            f.write(f"{seq_id}\t{LABELS[int(p1 > p0)]}\t{str(p0)}\t{str(p1)}\n")
+
+
+def highest_scores(ids: Sequence[str], probs: np.ndarray | torch.Tensor) -> list[tuple[str, bool]]:
+    """Per chunk (frame id minus its 2-character suffix): max score2 >= max score1, sorted by id.
+
+    Upstream re-reads prediction_results.txt with pandas and groups by the chunk id; groupby sorts
+    its keys, so rows come in lexicographic order, not input order. Comparing float32 values here
+    orders exactly as comparing the float64 values pandas parses back from their shortest repr.
+    """
+    others, virus = _float32_columns(probs, len(ids))
+    best: dict[str, list[float]] = {}
+    for seq_id, p0, p1 in zip(ids, others, virus):
+        m = best.setdefault(seq_id[:-2], [p0, p1])
+        m[0], m[1] = max(m[0], p0), max(m[1], p1)
+    return [(chunk, bool(m[1] >= m[0])) for chunk, m in sorted(best.items())]
+
+
+def write_highest_scores(path: str | os.PathLike, ids: Sequence[str],
+                         probs: np.ndarray | torch.Tensor) -> None:
+    """`prediction_results_highestscore.csv`: tab-separated `Modified_ID, Is_Virus` (True/False).
+
+    Written as pandas' `to_csv(sep='\\t', index=False)` does: csv quoting only where a field needs it.
+    """
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+        w.writerow(["Modified_ID", "Is_Virus"])
+        w.writerows(highest_scores(ids, probs))

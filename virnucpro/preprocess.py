@@ -1,0 +1,493 @@
+"""VirNucPro preprocessing: chunking, six-frame translation and frame selection.
+
+This reproduces upstream VirNucPro's prediction-time preprocessing (`split_fasta_chunk`,
+`translate_dna`, `identify_seq` in github.com/Li-Jing-1997/VirNucPro), quirks included, so that the
+trained classifier sees the inputs it was trained for:
+
+* chunking ("compat" mode): a record of length L becomes n = ceil(L / size) chunks. The overlap
+  R = n*size - L is divided by n (not n - 1): the first gaps get floor(R/n) + 1, so the last chunk is
+  often shorter than `size` (L=700, size=500 -> [0:500], [349:700]). Records with L <= size become
+  one chunk, still renamed `{id}_chunk_1`. Chunks keep the input's letter case.
+* translation: the chunk is upper-cased; frames 0..2 of the forward strand and of the reverse
+  complement; standard code; a codon holding any letter other than A/C/G/T is dropped (not X).
+  The complement swaps only A/C/G/T: ambiguity codes stay as they are (R stays R, not Y).
+* frame selection: every frame whose protein has no stop is kept, ids `{chunk}F1..F3` and
+  `{chunk}R1..R3`, paired with the slice `strand[f-1 : f + 3*len(protein)]` (1-based frame f) of
+  the upper-cased strand: one base longer than the codons where the chunk allows, and shorter than
+  the frame where codons were dropped. Frames with an empty protein are not written.
+
+Unlike upstream there is no per-codon Python loop: a batch of records is translated at every
+position of both strands at once (base codes by bytes.translate, codon index 25*c1+5*c2+c3 in
+numpy, amino acids by bytes.translate again), frames with a stop are ruled out for all chunks at
+once from per-frame stop prefix counts, and each kept frame is a strided bytes slice. Records stream
+through in batches, optionally over a process pool, in input order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+import numpy as np
+from Bio.Data import CodonTable, IUPACData
+
+CHUNKING_MODES = ("compat", "even")
+FASTA_WRAP = 60  # Bio.SeqIO's "fasta" writer wraps at 60; upstream writes chunks through it
+CHUNKS_FASTA = "chunks.fasta"
+NUCLEOTIDE_FASTA = "nucleotide.fasta"
+PROTEIN_FASTA = "protein.faa"
+_BATCH_BASES = 1_000_000  # bases per unit of work: amortises numpy calls and process-pool IPC
+_READ_BLOCK = 1 << 22  # bytes per read of the input
+
+
+# -----------------------------------------------------------------------------
+# lookup tables (bytes.translate tables: C-speed per-byte maps), built from Biopython's data
+
+_BASES = "ACGT"
+_OTHER = 4  # base code for anything that is not A/C/G/T after upper-casing
+_DROP = 0  # amino-acid byte for a codon that upstream drops (any non-ACGT base)
+_STOP = ord("*")
+
+
+def _complement_pairs() -> dict[str, str]:
+    # Upstream complements A/C/G/T only (str.maketrans('ACGTacgt', 'TGCAtgca')); IUPAC codes such as
+    # R or Y stay unchanged, unlike Bio.Seq.reverse_complement. Only the pairs come from Bio.
+    return {b: IUPACData.ambiguous_dna_complement[b] for b in _BASES}
+
+
+def _build_base_code() -> bytes:
+    codes = [_OTHER] * 256
+    for i, base in enumerate(_BASES):
+        codes[ord(base)] = i
+    return bytes(codes)
+
+
+def _build_codon_tables() -> tuple[bytes, bytes]:
+    """Codon index 25*c1 + 5*c2 + c3 (base codes 0..4) -> amino-acid byte, for the codon and for
+    its reverse complement; any code 4 gives _DROP."""
+    table = CodonTable.unambiguous_dna_by_id[1]  # the standard code
+    pairs = _complement_pairs()
+    fwd, rev = [_DROP] * 256, [_DROP] * 256
+    for i, b1 in enumerate(_BASES):
+        for j, b2 in enumerate(_BASES):
+            for k, b3 in enumerate(_BASES):
+                for lut, codon in ((fwd, b1 + b2 + b3), (rev, pairs[b3] + pairs[b2] + pairs[b1])):
+                    aa = "*" if codon in table.stop_codons else table.forward_table[codon]
+                    lut[25 * i + 5 * j + k] = ord(aa)
+    return bytes(fwd), bytes(rev)
+
+
+_BASE_CODE = _build_base_code()
+_CODON_FWD, _CODON_REV = _build_codon_tables()
+_COMPLEMENT = bytes.maketrans(_BASES.encode(), "".join(_complement_pairs().values()).encode())
+_STR_COMPLEMENT = str.maketrans(_complement_pairs())
+
+
+# -----------------------------------------------------------------------------
+# chunking
+
+def chunk_bounds(length: int, size: int, mode: str = "compat") -> list[tuple[int, int]]:
+    """Half-open [start, end) bounds of the chunks of a sequence of `length` bases.
+
+    mode "compat" is upstream's split (the last chunk often shorter than `size`); mode "even" puts
+    n = ceil(length/size) chunks of exactly `size` bases (one shorter chunk if length < size) with the
+    overlap spread over the n-1 gaps, first chunk at 0 and last ending at `length`.
+    An empty sequence has no chunks (upstream divides by zero on it).
+    """
+    if mode not in CHUNKING_MODES:
+        raise ValueError(f"chunking mode must be one of {CHUNKING_MODES}, got {mode!r}")
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    if length <= 0:
+        return []
+    n = -(-length // size)
+    if n == 1:
+        return [(0, length)]
+    if mode == "even":
+        span = length - size
+        return [(k * span // (n - 1), k * span // (n - 1) + size) for k in range(n)]
+    # compat: gap k (between chunk k and k+1) is base+1 for the first `wide` gaps, base after that.
+    # Upstream's list holds `wide` = R - base*(n-1) entries of base+1, which can exceed the n-1 gaps
+    # (then every gap is base+1 and the last chunk comes out short).
+    overlap = n * size - length
+    base = overlap // n
+    wide = overlap - base * (n - 1)
+    bounds, shift = [], 0
+    for k in range(n):
+        start = k * size - shift
+        bounds.append((start, min(start + size, length)))
+        shift += base + 1 if k < wide else base
+    return bounds
+
+
+def split_chunks(record_id: str, seq: str, size: int, mode: str = "compat") -> list[tuple[str, str]]:
+    """Chunks of one record as (chunk_id, chunk_seq), ids `{record_id}_chunk_{k}` from k = 1.
+
+    The chunk keeps the input's letter case. A record no longer than `size` is one chunk, still
+    renamed `_chunk_1` (as upstream does).
+    """
+    return [(f"{record_id}_chunk_{k}", seq[s:e])
+            for k, (s, e) in enumerate(chunk_bounds(len(seq), size, mode), start=1)]
+
+
+# -----------------------------------------------------------------------------
+# translation
+
+def _ascii_upper(seq: str, record_id: str = "") -> bytes:
+    try:
+        return seq.encode("ascii").upper()  # ASCII only, so the same as upstream's str.upper()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"record {record_id!r}: sequence has a non-ASCII character") from e
+
+
+def _strand_aa(upper: bytes) -> tuple[bytes, bytes]:
+    """Amino acid (or _DROP) of the codon at every position of the forward strand and of the
+    reverse complement: len(upper) - 2 bytes each.
+
+    The reverse complement's codon at p is the reverse complement of the forward codon at
+    T-3-p, so one codon index array serves both strands.
+    """
+    c = np.frombuffer(upper.translate(_BASE_CODE), dtype=np.uint8)
+    if len(c) < 3:
+        return b"", b""
+    index = (c[:-2] * 25 + c[1:-1] * 5 + c[2:]).tobytes()  # uint8 is enough: at most 124
+    return index.translate(_CODON_FWD), index.translate(_CODON_REV)[::-1]
+
+
+def _frame_codons(aa: bytes, start: int, length: int, frame: int) -> bytes:
+    """Codon bytes of frame `frame` (0..2) of the window aa-positions [start, start+length)."""
+    n = max(0, (length - frame) // 3)  # upstream: codons at i = frame, frame+3, ... with i+3 <= length
+    first = start + frame
+    return aa[first:first + 3 * n:3]
+
+
+def translate_six_frames(seq: str) -> list[str]:
+    """Proteins of forward frames 0..2 then reverse-complement frames 0..2, as upstream translates.
+
+    Upper-cases first; a codon with any non-ACGT letter is dropped; stops are `*`.
+    """
+    fwd, rev = _strand_aa(_ascii_upper(seq))
+    return [_frame_codons(aa, 0, len(seq), f).replace(b"\0", b"").decode("ascii")
+            for aa in (fwd, rev) for f in range(3)]
+
+
+def reverse_complement(seq: str) -> str:
+    """Reverse complement as upstream computes it: only A/C/G/T (upper case) are complemented."""
+    return seq.translate(_STR_COMPLEMENT)[::-1]
+
+
+def _frame_counts(aa: bytes, value: int, first: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """How many of the codons first, first+3, ..., first+3(n-1) of `aa` are `value`, per window.
+
+    Per phase, a prefix count over that phase's codons (contiguous, so cumsum is fast); a window's
+    count is the difference at its two ends, for all windows at once. uint16 counts wrap, but the
+    difference is still exact while windows hold fewer than 2**16 codons (else int64 is used).
+    """
+    dtype = np.uint16 if int(n.max(initial=0)) < 1 << 16 else np.int64
+    counts, offset = [], [0]
+    for phase in range(3):
+        hit = np.frombuffer(aa[phase::3], dtype=np.uint8) == value
+        counts += [np.zeros(1, dtype), np.cumsum(hit, dtype=dtype)]
+        offset.append(offset[-1] + len(hit) + 1)
+    prefix = np.concatenate(counts)
+    lo = np.asarray(offset[:3])[first % 3] + first // 3
+    # windows with n = 0 may sit past their phase's end: both ends then read one clipped slot
+    hi = np.minimum(np.where(n > 0, lo + n, lo), len(prefix) - 1)
+    lo = np.minimum(lo, len(prefix) - 1)
+    return (prefix[hi] - prefix[lo]).astype(np.int64)
+
+
+# -----------------------------------------------------------------------------
+# frame selection
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One kept reading frame of one chunk: the unit that gets embedded and classified."""
+
+    id: str  # `{chunk_id}F1..F3` or `{chunk_id}R1..R3`
+    chunk_id: str  # `{contig_id}_chunk_{k}`
+    contig_id: str
+    dna: str  # upper-case nucleotide slice paired with the protein (upstream's slice rule)
+    protein: str
+
+
+_FRAME_NAMES = ("F1", "F2", "F3", "R1", "R2", "R3")  # upstream's order of the six frames
+_FrameTuple = tuple[str, str, str, str, str]  # Frame's fields; tuples are cheaper in bulk
+
+
+def _window_frames(upper: bytes, bounds: np.ndarray, chunk_ids: list[str],
+                   contig_ids: list[str]) -> list[_FrameTuple]:
+    """Kept frames of the windows `bounds` [K, 2] of `upper`: upstream `identify_seq`, prediction mode.
+
+    `upper` may be many records concatenated: no frame reads a codon past its window's end, so
+    windows never see their neighbours. Both strands are translated once for the whole buffer; a
+    window's frame is a strided slice of that, and frames holding a stop are ruled out for all
+    windows at once, so Python only touches the (few) stop-free frames.
+    """
+    if len(bounds) == 0:
+        return []
+    strands = (upper.decode("ascii"), upper.translate(_COMPLEMENT)[::-1].decode("ascii"))
+    aa = _strand_aa(upper)
+    s, e = bounds[:, 0], bounds[:, 1]
+    frame = np.arange(3)
+    n = np.maximum(0, ((e - s)[:, None] - frame) // 3)  # codons in each frame: [K, 3]
+    starts = (s, len(upper) - e)  # a window's reverse complement is rev[T-e : T-s]
+    first = [st[:, None] + frame for st in starts]  # first codon position: [K, 3] per strand
+    stops = np.concatenate([_frame_counts(a, _STOP, f, n) for a, f in zip(aa, first)], axis=1)
+    drops = np.concatenate([_frame_counts(a, _DROP, f, n) if b"\0" in a else np.zeros_like(n)
+                            for a, f in zip(aa, first)], axis=1)
+    n6 = np.concatenate([n, n], axis=1)
+    length = n6 - drops  # protein length of each of the six frames: [K, 6]
+    rows, cols = np.nonzero((stops == 0) & (length > 0))  # window-major, then F1..R3
+    lo = np.concatenate(first, axis=1)[rows, cols]
+    ends = np.stack([e, len(upper) - s], axis=1)[rows, cols // 3]
+    hi = np.minimum(ends, lo + 1 + 3 * length[rows, cols])  # one base past the codons (upstream)
+    kept = []
+    for k, j, start, stop, codons, dropped in zip(
+            rows.tolist(), cols.tolist(), lo.tolist(), hi.tolist(),
+            n6[rows, cols].tolist(), (drops[rows, cols] > 0).tolist()):
+        strand = j // 3
+        prot = aa[strand][start:start + 3 * codons:3]
+        if dropped:
+            prot = prot.replace(b"\0", b"")  # codons with a non-ACGT base are dropped
+        kept.append((chunk_ids[k] + _FRAME_NAMES[j], chunk_ids[k], contig_ids[k],
+                     strands[strand][start:stop], prot.decode("ascii")))
+    return kept
+
+
+def _batch_frames(records: list[tuple[str, str]], size: int, mode: str
+                  ) -> tuple[list[str], list[str], list[_FrameTuple]]:
+    """Chunk ids, chunk sequences (input case) and kept frames of a batch of records, in order.
+
+    The batch is processed as one buffer so that numpy's per-call cost is paid per batch, not per
+    record: short reads cost little more per base than long contigs.
+    """
+    ids: list[str] = []
+    seqs: list[str] = []
+    contig_ids: list[str] = []
+    bounds: list[tuple[int, int]] = []
+    offset = 0
+    for record_id, seq in records:
+        cb = chunk_bounds(len(seq), size, mode)
+        ids += [f"{record_id}_chunk_{k}" for k in range(1, len(cb) + 1)]
+        seqs += [seq[s:e] for s, e in cb]
+        contig_ids += [record_id] * len(cb)
+        bounds += [(offset + s, offset + e) for s, e in cb]
+        offset += len(seq)
+    upper = b"".join(_ascii_upper(seq, record_id) for record_id, seq in records)
+    window = np.array(bounds, dtype=np.int64).reshape(-1, 2)
+    return ids, seqs, _window_frames(upper, window, ids, contig_ids)
+
+
+def select_frames(chunk_id: str, chunk_seq: str, contig_id: str = "") -> list[Frame]:
+    """Upstream `identify_seq` (prediction mode) on one chunk: its frames without a stop."""
+    window = np.array([[0, len(chunk_seq)]] if chunk_seq else [], dtype=np.int64).reshape(-1, 2)
+    upper = _ascii_upper(chunk_seq, chunk_id)
+    return [Frame(*t) for t in _window_frames(upper, window, [chunk_id], [contig_id])]
+
+
+def iter_frames(records: Iterable[tuple[str, str]], chunk_size: int,
+                chunking: str = "compat") -> Iterator[Frame]:
+    """Kept frames of (record_id, sequence) records, in upstream's order (record, chunk, F1..R3)."""
+    chunk_bounds(1, chunk_size, chunking)  # validate now, not at the first record
+    for batch in _batched(records, _BATCH_BASES // 4):
+        for t in _batch_frames(batch, chunk_size, chunking)[2]:
+            yield Frame(*t)
+
+
+# -----------------------------------------------------------------------------
+# FASTA input
+
+def _open_binary(path: str | os.PathLike) -> BinaryIO:
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _raw_records(handle: BinaryIO, block_size: int) -> Iterator[tuple[bytes, list[bytes]]]:
+    """(header line after '>', sequence pieces with line ends) per record, read in blocks.
+
+    Python touches each record and block, not each line. A header starts at a line start only, so
+    a block that ends mid-line is remembered (`mid_line`) and a '>' continuing it is sequence.
+    """
+    title: bytes | None = None
+    parts: list[bytes] = []
+    pending = b""  # a header line cut by the block end
+    mid_line = False
+    while True:
+        raw = handle.read(block_size)
+        block, pending = pending + raw, b""
+        if not block:
+            break
+        pos = 0
+        if mid_line:
+            nl = block.find(b"\n")
+            pos = len(block) if nl < 0 else nl + 1
+            _add_sequence(title, parts, block[:pos])
+            mid_line = nl < 0
+        while pos < len(block):  # pos is at a line start
+            if block.startswith(b">", pos):
+                eol = block.find(b"\n", pos)
+                if eol < 0 and raw:  # header continues in the next block
+                    pending = block[pos:]
+                    break
+                eol = len(block) if eol < 0 else eol
+                if title is not None:
+                    yield title, parts
+                title, parts, pos = block[pos + 1:eol], [], eol + 1
+                continue
+            nxt = block.find(b"\n>", pos)
+            end = len(block) if nxt < 0 else nxt + 1
+            _add_sequence(title, parts, block[pos:end])
+            mid_line = nxt < 0 and not block.endswith(b"\n")
+            pos = end
+    if title is not None:
+        yield title, parts
+
+
+def _add_sequence(title: bytes | None, parts: list[bytes], data: bytes) -> None:
+    if title is not None:
+        parts.append(data)
+    elif data.strip():
+        raise ValueError(f"text before the first FASTA header: {data[:60]!r}")
+
+
+def iter_fasta(path: str | os.PathLike, block_size: int = _READ_BLOCK) -> Iterator[tuple[str, str]]:
+    """Stream (id, sequence) from a plain or gzip FASTA file, one record at a time.
+
+    Parsed as Bio.SeqIO's "fasta" format does (Biopython 1.88): the id is the first word of the
+    header; spaces, tabs and line ends inside the sequence are removed; text other than blank lines
+    before the first '>' is an error. Headers are UTF-8; sequences must be ASCII.
+    """
+    with _open_binary(path) as handle:
+        try:
+            for title, parts in _raw_records(handle, block_size):
+                words = title.decode("utf-8").split(None, 1)
+                record_id = words[0] if words else ""
+                seq = b"".join(parts).translate(None, b" \t\r\n")
+                try:
+                    yield record_id, seq.decode("ascii")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"record {record_id!r}: sequence has a non-ASCII byte") from e
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+# -----------------------------------------------------------------------------
+# FASTA output, batched and optionally parallel
+
+@lru_cache(maxsize=64)
+def _line_slices(length: int) -> tuple[slice, ...]:
+    return tuple(slice(i, i + FASTA_WRAP) for i in range(0, length, FASTA_WRAP))
+
+
+def _wrapped(record_id: str, seq: str) -> str:
+    """A record as Bio.SeqIO writes "fasta": header, then the sequence in lines of 60."""
+    return f">{record_id}\n" + "\n".join(map(seq.__getitem__, _line_slices(len(seq)))) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchText:
+    chunks: bytes
+    nucleotide: bytes
+    protein: bytes
+    contigs: int
+    n_chunks: int
+    frames: int
+
+
+def _format_batch(batch: list[tuple[str, str]], size: int, mode: str) -> _BatchText:
+    """The three output files' bytes for a batch of records (in a worker process when parallel)."""
+    ids, seqs, frames = _batch_frames(batch, size, mode)
+    return _BatchText(
+        "".join(map(_wrapped, ids, seqs)).encode(),
+        # upstream writes frames one line per sequence, no wrapping
+        "".join([f">{fid}\n{dna}\n" for fid, _, _, dna, _ in frames]).encode(),
+        "".join([f">{fid}\n{prot}\n" for fid, _, _, _, prot in frames]).encode(),
+        len(batch), len(ids), len(frames))
+
+
+def _batched(records: Iterable[tuple[str, str]], max_bases: int) -> Iterator[list[tuple[str, str]]]:
+    batch, bases = [], 0
+    for rec in records:
+        batch.append(rec)
+        bases += len(rec[1])
+        if bases >= max_bases:
+            yield batch
+            batch, bases = [], 0
+    if batch:
+        yield batch
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _ordered_pool_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Iterator[_R]:
+    """fn over items in a process pool, results in input order, at most 2*workers in flight.
+
+    Bounded so that a slow writer does not make the whole input pile up in memory (Pool.imap reads
+    its input eagerly). forkserver/spawn rather than fork: the caller may be a threaded Ray driver.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessResult:
+    """Counts and output paths of `preprocess_fasta`."""
+
+    contigs: int
+    chunks: int
+    frames: int
+    chunks_path: Path
+    nucleotide_path: Path
+    protein_path: Path
+
+
+def preprocess_fasta(input_path: str | os.PathLike, out_dir: str | os.PathLike, chunk_size: int,
+                     chunking: str = "compat", workers: int | None = None) -> PreprocessResult:
+    """Chunk, translate and select frames of a FASTA file, as upstream's prediction script does.
+
+    Writes in `out_dir`: `chunks.fasta` (wrapped at 60 like Bio.SeqIO, input case),
+    `nucleotide.fasta` and `protein.faa` (one line per sequence, the kept frames, same ids and order).
+    The input (plain or gzip) is streamed in batches, so memory does not grow with the file.
+    workers: None or 1 runs in this process; n > 1 uses n worker processes (forkserver, or spawn
+    where there is none), output order unchanged. As with any spawned pool, a calling script must
+    be importable: guard its entry point with `if __name__ == "__main__":`.
+    """
+    chunk_bounds(1, chunk_size, chunking)  # validate arguments before creating anything
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = (out / CHUNKS_FASTA, out / NUCLEOTIDE_FASTA, out / PROTEIN_FASTA)
+    batches = _batched(iter_fasta(input_path), _BATCH_BASES)
+    fn = partial(_format_batch, size=chunk_size, mode=chunking)
+    results = map(fn, batches) if not workers or workers <= 1 else _ordered_pool_map(fn, batches, workers)
+    contigs = chunks = frames = 0
+    with ExitStack() as stack:
+        f_chunk, f_nuc, f_prot = (stack.enter_context(open(p, "wb")) for p in paths)
+        for text in results:
+            f_chunk.write(text.chunks)
+            f_nuc.write(text.nucleotide)
+            f_prot.write(text.protein)
+            contigs += text.contigs
+            chunks += text.n_chunks
+            frames += text.frames
+    return PreprocessResult(contigs, chunks, frames, *paths)
