@@ -75,7 +75,7 @@ class Embedder:
 
     def __init__(self, source: ModelSource, out_dir: str, device: str = "auto", dtype: str = "auto",
                  cuda_streams: int = 2, pin_memory: bool = True, attention_backend: str = "auto",
-                 log_level: int = logging.INFO):
+                 compile: bool | None = None, log_level: int = logging.INFO):
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.source = source
         self.out_dir = out_dir
@@ -86,6 +86,9 @@ class Embedder:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
         self.model = load_model(source, self.device, self.dtype, attention_backend)
+        self.compiled = self.device.type == "cuda" if compile is None else compile
+        if self.compiled:
+            self._compile_and_warm_up()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.pin_memory = pin_memory and self.device.type == "cuda"
         self.streams: queue.Queue = queue.Queue()
@@ -96,11 +99,24 @@ class Embedder:
             log.debug("actor %s: %d CUDA stream pair(s) (copy, compute) on %s", self.name,
                       self.streams.qsize(), torch.cuda.get_device_name(self.device))
 
+    def _compile_and_warm_up(self) -> None:
+        """Compile the layers now, in this one thread, for the shapes batches will have (several
+        sequences, or one alone), so no batch waits for a compile and no two threads compile at once."""
+        start = time.perf_counter()
+        self.model.compile_layers()
+        for lengths in ([9, 6, 4], [7]):
+            lengths_d = torch.tensor(lengths, device=self.device)
+            tokens = torch.randint(5, 20, (sum(lengths),), device=self.device)
+            with torch.inference_mode():
+                self.model.embed(tokens, Packing.from_lengths(lengths_d, max(lengths)))
+        log.info("actor %s: layers compiled in %.0f s", self.name, time.perf_counter() - start)
+
     def info(self) -> dict:
         """What this actor runs: shown by the driver once all actors are up."""
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"actor": self.name, "device": str(self.device), "gpu": gpu,
                 "dtype": str(self.dtype).removeprefix("torch."), "attention": self.model.backend.describe(),
+                "compiled": self.compiled,
                 "streams": self.streams.qsize(), "dim": self.model.dim}
 
     def embed(self, batch: TokenBatch) -> PartResult:

@@ -39,9 +39,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "little memory headroom (16-40 GB cards, or large models on any card)")
     g.add_argument("--cuda-streams", type=int, default=2,
                    help="concurrent batches per GPU actor, each on its own copy and compute streams")
-    g.add_argument("--attention", choices=["auto", "sdpa"], default="auto",
-                   help="auto: FlashAttention / FlexAttention where the GPU supports it; sdpa: force "
-                        "the PyTorch SDPA fallback")
+    g.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
+                   help="auto: FlashAttention where the GPU supports it (ESM-2), SDPA with the ALiBi "
+                        "bias for DNABERT-S; sdpa: force the PyTorch SDPA fallback; flex: FlexAttention "
+                        "for DNABERT-S")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model layers (default: on for CUDA, off on CPU)")
     g.add_argument("--resume", action="store_true", help="finish a previous run in OUT_DIR")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in OUT_DIR")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -52,7 +55,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _run_kwargs(args: argparse.Namespace) -> dict:
     keys = ["device", "dtype", "num_actors", "gpus_per_actor", "address", "toks_per_batch",
             "truncation_seq_length", "dataloader_workers", "pin_memory", "expandable_segments",
-            "cuda_streams", "attention", "resume", "overwrite", "progress", "verbose"]
+            "cuda_streams", "attention", "compile", "resume", "overwrite", "progress", "verbose"]
     return {k: getattr(args, k) for k in keys}
 
 

@@ -56,7 +56,8 @@ class EmbedOptions:
     pin_memory: bool = True
     expandable_segments: bool = False
     cuda_streams: int = 2
-    attention: str = "auto"  # auto or sdpa (force the fallback)
+    attention: str = "auto"  # auto, sdpa (force the fallback) or flex (DNABERT-S on CUDA)
+    compile: bool | None = None  # torch.compile the layers; default: on CUDA
     resume: bool = False
     overwrite: bool = False
     progress: bool | None = None  # default: when stderr is a terminal
@@ -257,7 +258,7 @@ def _start_actors(source: ModelSource, out_dir: Path, opts: EmbedOptions, device
     )
     level = logging.DEBUG if opts.verbose else logging.INFO
     actors = [cls.remote(source, str(out_dir.resolve()), device, opts.dtype, streams, opts.pin_memory,
-                         opts.attention, level) for _ in range(num_actors)]
+                         opts.attention, opts.compile, level) for _ in range(num_actors)]
     try:
         infos = ray.get([a.info.remote() for a in actors])
     except (RayTaskError, RayActorError) as e:
@@ -265,7 +266,8 @@ def _start_actors(source: ModelSource, out_dir: Path, opts: EmbedOptions, device
             ray.kill(a)
         raise EmbedError(f"an actor could not load model '{source.name}': {_cause(e)}") from None
     first = infos[0]
-    log.info("%d actor(s) on %s, %s, %s", len(infos), first["gpu"], first["dtype"], first["attention"])
+    log.info("%d actor(s) on %s, %s%s, %s", len(infos), first["gpu"], first["dtype"],
+             ", compiled" if first["compiled"] else "", first["attention"])
     return actors, infos
 
 

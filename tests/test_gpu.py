@@ -36,36 +36,49 @@ class CallCounter:
         return self.fn(*args, **kwargs)
 
 
-@pytest.mark.parametrize("layers,dim,heads", [(6, 320, 20), (2, 2560, 40)])
-def test_esm2_bf16_flash_matches_fp32_fair_esm(tmp_path, monkeypatch, layers, dim, heads):
+@pytest.mark.parametrize("layers,dim,heads,compiled", [(6, 320, 20, False), (2, 2560, 40, False),
+                                                      (6, 320, 20, True)])
+def test_esm2_bf16_flash_matches_fp32_fair_esm(tmp_path, monkeypatch, layers, dim, heads, compiled):
     path = write_esm2_checkpoint(tmp_path / "esm2_gpu.pt", layers, dim, heads, seed=21)
     model = load_esm2(path, "cuda", torch.bfloat16)
     assert model.backend.name == "flash", model.backend.describe()
     counter = CallCounter(attention_mod._varlen_attn())
-    monkeypatch.setattr(attention_mod, "_varlen_attn", lambda: counter)
+    if compiled:
+        model.compile_layers()
+    else:
+        monkeypatch.setattr(attention_mod, "_varlen_attn", lambda: counter)
     # VirNucPro-like lengths, plus long ones (rotary positions > 256 must stay exact)
     seqs = random_proteins(40, 30, 166, seed=1) + random_proteins(4, 600, 1022, seed=2)
-    got = pooled_on_gpu(model, ESM2Tokenizer(), seqs)
-    assert counter.calls == layers  # one varlen flash call per layer: the flash path really ran
+    pooled_on_gpu(model, ESM2Tokenizer(), seqs[:3])  # compile outside the profile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = pooled_on_gpu(model, ESM2Tokenizer(), seqs)
+    kernels = {e.name for e in prof.events()}
+    assert any("flash" in k.lower() for k in kernels), sorted(kernels)[:20]  # FlashAttention ran
+    assert compiled or counter.calls == layers  # one varlen flash call per layer: the flash path ran
     want = fair_esm_pooled(fair_esm_reference(layers, dim, heads, seed=21), seqs)
     cos = F.cosine_similarity(got.double(), want.double(), dim=-1)
-    print(f"ESM-2 {layers}x{dim}: bf16 flash vs fp32 fair-esm cosine min {cos.min():.6f} mean {cos.mean():.6f}")
+    print(f"ESM-2 {layers}x{dim}{' compiled' if compiled else ''}: bf16 flash vs fp32 fair-esm cosine min {cos.min():.6f} mean {cos.mean():.6f}")
     assert cos.min() >= MIN_COSINE
 
 
-def test_dnabert_s_bf16_flex_matches_fp32_reference(tmp_path, monkeypatch):
+@pytest.mark.parametrize("attention,compiled", [("auto", True), ("flex", False)])
+def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention, compiled):
     path = write_dnabert_s_dir(tmp_path / "dnabert", hidden=768, layers=4, heads=12, intermediate=3072,
                                vocab_size=512, seed=4)
-    model = load_dnabert_s(path, "cuda", torch.bfloat16)
-    assert model.backend.name == "flex", model.backend.describe()
-    counter = CallCounter(attention_mod._flex_attention)
-    monkeypatch.setattr(attention_mod, "_flex_attention", counter)
+    model = load_dnabert_s(path, "cuda", torch.bfloat16, attention_backend=attention)
+    name = "flex" if attention == "flex" else "sdpa"
+    assert model.backend.name == name, model.backend.describe()
+    if compiled:
+        model.compile_layers()
+    counter = CallCounter(getattr(attention_mod, f"_{name}_attention"))
+    monkeypatch.setattr(attention_mod, f"_{name}_attention", counter)
     seqs = random_dna(48, 300, 520, seed=3)
     got = pooled_on_gpu(model, DNABERTSTokenizer(path), seqs)
-    assert counter.calls == 4
+    assert compiled or counter.calls == 4
     want = reference_dnabert_embed(path, seqs)
     cos = F.cosine_similarity(got.double(), want.double(), dim=-1)
-    print(f"DNABERT-S: bf16 flex vs fp32 reference cosine min {cos.min():.6f} mean {cos.mean():.6f}")
+    print(f"DNABERT-S: bf16 {name}{' compiled' if compiled else ''} vs fp32 reference cosine min "
+          f"{cos.min():.6f} mean {cos.mean():.6f}")
     assert cos.min() >= MIN_COSINE
 
 

@@ -191,6 +191,11 @@ class DNABERTS(nn.Module):
             x = layer(x, packing, self.backend, slopes)
         return x
 
+    def compile_layers(self) -> None:
+        """torch.compile each layer for dynamic token counts (fuses the post-LN, GELU gate, residuals)."""
+        for layer in self.encoder.layer:
+            layer.compile(dynamic=True)
+
     def embed(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Mean over all tokens of each sequence, [CLS] and [SEP] included (as DNABERT-S), float32 [B, D]."""
         return packing.mean(self(tokens, packing))

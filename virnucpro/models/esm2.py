@@ -169,6 +169,12 @@ class ESM2(nn.Module):
             x = self.emb_layer_norm_after(x)
         return x
 
+    def compile_layers(self) -> None:
+        """torch.compile each layer for dynamic token counts: fuses norms, rotary, GELU and residual
+        adds around the GEMMs and the flash kernel (+20-35% tokens/s on H200, bench/results)."""
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+
     def embed(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Mean over residue positions (no <cls>, no <eos>), float32 [B, D]."""
         return packing.mean(self(tokens, packing), skip_first=1, skip_last=1)
