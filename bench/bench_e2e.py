@@ -1,0 +1,128 @@
+"""End to end on one GPU: FASTA -> Ray actor -> Parquet, against the bare model on the same batches.
+
+    python bench/bench_e2e.py --out bench/results/e2e-<gpu>.json [--model esm2_3B|esm2_650M|dnabert_s]
+
+Writes a random-weight checkpoint of the real shape in the real format (fair-esm `.pt` in bf16, or a
+DNABERT-S directory), a seeded FASTA (VirNucPro's protein lengths, or 300-520 bp DNA), then:
+  1. bare model: our loaded model, compiled, on the planned batches pre-staged on the GPU (CUDA events);
+  2. end to end: `cluster.embed(...)` through a local Ray with one GPU actor; its rate counts from the
+     first batch dealt to the last Parquet part written (actor start-up and compilation excluded,
+     reported separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_models import cuda_time  # noqa: E402
+from virnucpro.attention import Packing  # noqa: E402
+from virnucpro.batching import plan_batches  # noqa: E402
+from virnucpro.models import load_model, load_tokenizer, resolve_model  # noqa: E402
+from virnucpro.sequences import FastaIndex  # noqa: E402
+from virnucpro.tiny import esm2_state_dict, write_dnabert_s_dir  # noqa: E402
+
+SHAPES = {"esm2_3B": (36, 2560, 40), "esm2_650M": (33, 1280, 20)}
+
+
+def write_inputs(model: str, n: int, work: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    fasta = work / "input.fasta"
+    if model.startswith("esm2"):
+        layers, d, heads = SHAPES[model]
+        lengths = np.where(rng.random(n) < 0.7, 166, rng.integers(30, 166, n))
+        letters = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
+        import argparse as ap
+        state = {k: v.to(torch.bfloat16) for k, v in esm2_state_dict(layers, d, seed=0).items()}
+        cfg = ap.Namespace(encoder_layers=layers, encoder_embed_dim=d, encoder_attention_heads=heads,
+                           token_dropout=True)
+        ckpt = work / f"esm2_{model}.pt"
+        torch.save({"model": state, "cfg": {"model": cfg}}, ckpt)
+    else:
+        lengths = rng.integers(300, 521, n)
+        letters = np.frombuffer(b"ACGT", np.uint8)
+        ckpt = write_dnabert_s_dir(work / "dnabert_s", hidden=768, layers=12, heads=12, intermediate=3072,
+                                   vocab_size=4096, safetensors=True)
+    with open(fasta, "wb") as f:
+        for i, n_ in enumerate(lengths.tolist()):
+            f.write(b">s%d\n" % i + rng.choice(letters, n_).tobytes() + b"\n")
+    return fasta, ckpt
+
+
+def bare_model(ckpt: Path, fasta: Path, toks: int, work: Path) -> dict:
+    source = resolve_model(ckpt)
+    tokenizer = load_tokenizer(source)
+    index = FastaIndex.build(fasta, source.sequence_kind, work)
+    records = index.read(np.arange(len(index)))
+    tokens_all, seq_tokens, _ = tokenizer.encode([r.sequence for r in records])
+    plan = plan_batches(seq_tokens.astype(np.int64), toks)
+    starts = np.concatenate(([0], np.cumsum(seq_tokens)))
+    staged = []
+    for b in plan:
+        toks_b = np.concatenate([tokens_all[starts[i]:starts[i + 1]] for i in b])
+        lens = torch.from_numpy(seq_tokens[b]).cuda()
+        staged.append((torch.from_numpy(toks_b).long().cuda(), Packing.from_lengths(lens, int(seq_tokens[b].max()))))
+    model = load_model(source, "cuda", torch.bfloat16)
+    model.compile_layers()
+
+    def one_pass():
+        with torch.inference_mode():
+            for t, p in staged:
+                model.embed(t, p)
+    seconds = cuda_time(one_pass, warmup=2, repeat=3)
+    out = {"tokens": int(seq_tokens.sum()), "sequences": len(index), "seconds": seconds,
+           "tokens_per_s": int(seq_tokens.sum()) / seconds, "batches": len(plan)}
+    del model, staged
+    torch.cuda.empty_cache()
+    return out
+
+
+def end_to_end(ckpt: Path, fasta: Path, toks: int, work: Path) -> dict:
+    from cluster.driver import embed
+
+    start = time.perf_counter()
+    result = embed(fasta, work / "out", ckpt, device="cuda", toks_per_batch=toks, progress=False, overwrite=True)
+    wall = time.perf_counter() - start
+    return {"tokens": result.tokens_computed, "sequences": result.num_sequences,
+            "seconds": result.compute_seconds, "tokens_per_s": result.tokens_per_second,
+            "wall_seconds_including_startup": wall, "batches": result.num_batches, "actor": result.actors[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default="esm2_3B", choices=[*SHAPES, "dnabert_s"])
+    ap.add_argument("-n", type=int, default=20000)
+    ap.add_argument("--toks-per-batch", type=int, default=65536)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        fasta, ckpt = write_inputs(args.model, args.n, work)
+        print(f"inputs written in {time.perf_counter() - t0:.0f} s", flush=True)
+        e2e = end_to_end(ckpt, fasta, args.toks_per_batch, work)
+        print(f"end to end: {e2e['tokens_per_s'] / 1e3:.1f} K tokens/s", flush=True)
+        bare = bare_model(ckpt, fasta, args.toks_per_batch, work)
+    ratio = e2e["tokens_per_s"] / bare["tokens_per_s"]
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
+              "model": args.model, "toks_per_batch": args.toks_per_batch, "bare_model": bare,
+              "end_to_end": e2e, "ratio": ratio, "date": time.strftime("%Y-%m-%d")}
+    print(f"{args.model}: bare {bare['tokens_per_s'] / 1e3:.1f} K tokens/s, end to end "
+          f"{e2e['tokens_per_s'] / 1e3:.1f} K tokens/s ({100 * ratio:.1f}%), wall incl. start-up "
+          f"{e2e['wall_seconds_including_startup']:.0f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
