@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,9 @@ class EmbedOptions:
     overwrite: bool = False
     progress: bool | None = None  # default: when stderr is a terminal
     verbose: bool = False
+    # Python API only: extra Ray actor options for actor i, merged over the defaults (e.g. a
+    # placement-group bundle, so that two embed jobs share GPUs as `cluster.predict` arranges)
+    actor_options: Callable[[int], dict] | None = None
 
 
 @dataclass
@@ -248,7 +252,7 @@ def _start_actors(source: ModelSource, out_dir: Path, opts: EmbedOptions, device
     if device == "cpu":
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_actors)
         env["OMP_NUM_THREADS"] = str(cpus)  # torch's intra-op threads in each CPU actor
-    cls = ray.remote(Embedder).options(
+    options = dict(
         num_gpus=opts.gpus_per_actor if device == "cuda" else 0,
         num_cpus=1,
         max_concurrency=streams,
@@ -256,9 +260,12 @@ def _start_actors(source: ModelSource, out_dir: Path, opts: EmbedOptions, device
         scheduling_strategy="SPREAD",
         runtime_env={"env_vars": env} if env else None,
     )
+    cls = ray.remote(Embedder)
+    extra = opts.actor_options or (lambda i: {})
     level = logging.DEBUG if opts.verbose else logging.INFO
-    actors = [cls.remote(source, str(out_dir.resolve()), device, opts.dtype, streams, opts.pin_memory,
-                         opts.attention, opts.compile, level) for _ in range(num_actors)]
+    actors = [cls.options(**{**options, **extra(i)}).remote(
+        source, str(out_dir.resolve()), device, opts.dtype, streams, opts.pin_memory, opts.attention,
+        opts.compile, level) for i in range(num_actors)]
     try:
         infos = ray.get([a.info.remote() for a in actors])
     except (RayTaskError, RayActorError) as e:
