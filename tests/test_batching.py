@@ -28,3 +28,39 @@ def test_plan_is_deterministic_and_fingerprinted():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert plan_fingerprint("m", 2048, tokens) == plan_fingerprint("m", 2048, tokens.copy())
     assert plan_fingerprint("m", 2048, tokens) != plan_fingerprint("m", 4096, tokens)
+
+
+def _greedy_one_by_one(num_tokens: np.ndarray, budget: int) -> list[np.ndarray]:
+    """The plan's definition, walked record by record (the reference for the grouped cut)."""
+    order = np.argsort(-num_tokens, kind="stable")
+    batches, start, total = [], 0, 0
+    for i, n in enumerate(num_tokens[order].tolist()):
+        if total + n > budget and i > start:
+            batches.append(order[start:i])
+            start, total = i, 0
+        total += n
+    batches.append(order[start:])
+    return batches
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 3000), min_size=1, max_size=300), st.integers(1, 4096), st.integers(1, 64))
+def test_grouped_plan_equals_record_by_record_greedy(sizes, budget, chunk):
+    from virnucpro.batching import Plan
+
+    tokens = np.array(sizes)
+    plan = Plan.build(lambda a, b: tokens[a:b], budget, num_records=len(tokens), chunk=chunk)
+    want = _greedy_one_by_one(tokens, budget)
+    assert len(plan) == len(want)
+    assert all(np.array_equal(x, y) for x, y in zip(plan, want))
+    assert plan.tokens.tolist() == [int(tokens[b].sum()) for b in want]
+    assert [plan.rows(b) for b in range(len(plan))] == [len(b) for b in want]
+
+
+def test_plan_order_can_live_in_a_scratch_file(tmp_path):
+    from virnucpro.batching import Plan
+
+    tokens = np.random.default_rng(1).integers(3, 100, 5000)
+    plan = Plan.build(tokens, 512, scratch_dir=tmp_path)
+    assert isinstance(plan.order, np.memmap) and not list(tmp_path.iterdir())  # unlinked, mapped
+    assert all(np.array_equal(x, y) for x, y in zip(plan, _greedy_one_by_one(tokens, 512)))

@@ -8,6 +8,10 @@ A part is written to a temporary name and renamed into place, so a part file eit
 not exist; a batch that is computed twice (a retry after an actor died) replaces its own file, so
 every sequence appears exactly once. `complete: true` is written last, only after the driver has
 counted every input sequence in the finished parts.
+
+OUT_DIR may be a local directory or a URI on any pyarrow or fsspec filesystem (`s3://bucket/run`,
+`gs://...`, `file:///...`): see `OutputLocation`. On object stores a part is one PUT of the final
+object, which is atomic per object; elsewhere it is a temporary file renamed into place.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST = "_manifest.json"  # "_" prefix: pyarrow datasets skip it, so read_table(OUT_DIR) works
@@ -42,9 +48,13 @@ def part_name(batch_id: int) -> str:
     return f"part-{batch_id:06d}.parquet"
 
 
-def write_part(out_dir: str | Path, batch_id: int, ids: list[str], index: np.ndarray, length: np.ndarray,
-               truncated: np.ndarray, embeddings: np.ndarray, model: str) -> tuple[str, int]:
-    """Write one batch's rows atomically; returns (file name, rows)."""
+def write_part(out_dir: "str | Path | OutputLocation", batch_id: int, ids: list[str], index: np.ndarray,
+               length: np.ndarray, truncated: np.ndarray, embeddings: np.ndarray, model: str,
+               metadata: dict[str, str] | None = None) -> tuple[str, int]:
+    """Write one batch's rows atomically; returns (file name, rows).
+
+    `metadata` becomes the file's key-value metadata (the driver records which actor and node wrote
+    the part there, for debugging and for the placement tests)."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, dim = embeddings.shape
     table = pa.Table.from_arrays([
@@ -55,9 +65,19 @@ def write_part(out_dir: str | Path, batch_id: int, ids: list[str], index: np.nda
         pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([model])),
         pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim),
     ], schema=embedding_schema(dim))
+    if metadata:
+        table = table.replace_schema_metadata({f"virnucpro.{k}": str(v) for k, v in metadata.items()})
     name = part_name(batch_id)
-    atomic_write(Path(out_dir) / name, lambda f: pq.write_table(table, f, compression="zstd"))
+    OutputLocation.parse(out_dir).write_atomic(name, lambda f: pq.write_table(table, f, compression="zstd"))
     return name, n
+
+
+def part_metadata(out_dir: "str | Path | OutputLocation", name: str) -> dict[str, str]:
+    """The `virnucpro.*` key-value metadata of a part file (actor, node, ...), prefix removed."""
+    loc = OutputLocation.parse(out_dir)
+    meta = pq.read_metadata(loc.join(name), filesystem=loc.fs).metadata or {}
+    return {k.decode().removeprefix("virnucpro."): v.decode() for k, v in meta.items()
+            if k.startswith(b"virnucpro.")}
 
 
 def atomic_write(path: Path, write) -> None:
@@ -72,6 +92,112 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# Filesystems whose writes are atomic per object (a reader sees the whole object or nothing) and which
+# have no cheap rename: parts are written straight to their final key there.
+_OBJECT_STORES = {"s3", "s3a", "gcs", "gs", "abfs", "abfss", "az", "adl", "oss", "r2"}
+
+
+@dataclass(frozen=True)
+class OutputLocation:
+    """Where a run's output lives: a local directory or a directory on any pyarrow / fsspec filesystem.
+
+    `parse` takes a local path, a `file://` URI, a URI that pyarrow understands (`s3://`, `gs://`,
+    `hdfs://`, `abfs://`) or any URI an installed fsspec implementation handles. Every process (driver
+    and actors) parses the same `uri` string itself, so credentials come from each node's environment.
+    """
+
+    fs: pafs.FileSystem
+    path: str  # the directory, in the filesystem's own terms
+    uri: str  # what another process parses to reach the same directory
+
+    @classmethod
+    def parse(cls, where: "str | Path | OutputLocation") -> "OutputLocation":
+        if isinstance(where, OutputLocation):
+            return where
+        text = os.fspath(where)
+        if "://" not in text:
+            path = os.path.abspath(os.path.expanduser(text))
+            return cls(pafs.LocalFileSystem(), path, path)
+        try:
+            fs, path = pafs.FileSystem.from_uri(text)
+        except (pa.ArrowInvalid, ValueError):
+            import fsspec  # any other scheme: through fsspec, if an implementation is installed
+
+            try:
+                ffs, path = fsspec.core.url_to_fs(text)
+            except (ImportError, ValueError) as e:
+                raise ValueError(f"{text}: no filesystem for this URI ({e})") from None
+            fs = pafs.PyFileSystem(pafs.FSSpecHandler(ffs))
+        return cls(fs, path.rstrip("/") or "/", text)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def local_path(self) -> Path | None:
+        """The directory as a local Path, when it is on the local filesystem."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return Path(self.path)
+        return None
+
+    @property
+    def object_store(self) -> bool:
+        name = self.fs.type_name
+        if name.startswith("py::fsspec+"):
+            name = name.removeprefix("py::fsspec+").strip("()' ").split("'")[0].split(",")[0]
+        return name in _OBJECT_STORES
+
+    def join(self, name: str) -> str:
+        return f"{self.path.rstrip('/')}/{name}"
+
+    def make_dirs(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.join(name)).type == pafs.FileType.File
+
+    def list_files(self) -> dict[str, int]:
+        """File name -> size, for the files directly in the directory (one listing call)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+
+    def read_bytes(self, name: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(self.join(name), compression=None) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.delete_file(self.join(name))
+        except FileNotFoundError:
+            pass
+
+    def write_atomic(self, name: str, write) -> None:
+        """Make `name` appear whole or not at all: a temporary file renamed into place (local disks,
+        HDFS, ...), or one PUT of the final object on object stores (atomic per object there)."""
+        local = self.local_path
+        if local is not None:
+            atomic_write(local / name, write)
+            return
+        if self.object_store:
+            with self.fs.open_output_stream(self.join(name), compression=None) as f:
+                write(f)
+            return
+        tmp = self.join(f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            with self.fs.open_output_stream(tmp, compression=None) as f:
+                write(f)
+            self.fs.move(tmp, self.join(name))
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except (FileNotFoundError, OSError):
+                pass
+            raise
 
 
 @dataclass
@@ -92,16 +218,16 @@ class Manifest:
     created: float = field(default_factory=time.time)
     finished: float | None = None
 
-    def save(self, out_dir: str | Path) -> None:
+    def save(self, out_dir: "str | Path | OutputLocation") -> None:
         data = json.dumps(asdict(self), indent=1).encode()
-        atomic_write(Path(out_dir) / MANIFEST, lambda f: f.write(data))
+        OutputLocation.parse(out_dir).write_atomic(MANIFEST, lambda f: f.write(data))
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "Manifest | None":
-        path = Path(out_dir) / MANIFEST
-        if not path.is_file():
+    def load(cls, out_dir: "str | Path | OutputLocation") -> "Manifest | None":
+        data = OutputLocation.parse(out_dir).read_bytes(MANIFEST)
+        if data is None:
             return None
-        raw = json.loads(path.read_text())
+        raw = json.loads(data)
         return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
 
     @property
@@ -109,10 +235,12 @@ class Manifest:
         return sum(self.parts.values())
 
 
-def read_embeddings(out_dir: str | Path) -> pa.Table:
-    """All rows of a finished run, in input order (refuses an incomplete run)."""
-    manifest = Manifest.load(out_dir)
+def read_embeddings(out_dir: "str | Path | OutputLocation") -> pa.Table:
+    """All rows of a finished run, in input order (refuses an incomplete run). `out_dir` may be a
+    local path or a URI (see `OutputLocation`)."""
+    loc = OutputLocation.parse(out_dir)
+    manifest = Manifest.load(loc)
     if manifest is None or not manifest.complete:
         raise FileNotFoundError(f"{out_dir}: no complete run here (manifest missing or not complete)")
-    table = pq.read_table([str(Path(out_dir) / p) for p in sorted(manifest.parts)])
+    table = pq.read_table([loc.join(p) for p in sorted(manifest.parts)], filesystem=loc.fs)
     return table.sort_by("index")

@@ -2,7 +2,8 @@
 
 The embedding driver never holds all sequences in memory. `FastaIndex.build` makes one streaming
 pass over the file that validates every record and keeps only three numbers per record (byte offset,
-length, ordinal) in numpy arrays; batches later read their sequences back by offset. A gzip input is
+length, ordinal) in numpy arrays backed by scratch files (memory-mapped, so they page out instead of
+growing the driver's heap); batches later read their sequences back by offset. A gzip input is
 decompressed once into a scratch file, because gzip streams cannot seek.
 
 Validation rules (documented in the README):
@@ -20,7 +21,11 @@ from __future__ import annotations
 
 import gzip
 import logging
+import mmap
+import os
 import shutil
+import tempfile
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -148,13 +153,70 @@ def _finish(path: Path, header: bytes, line_no: int, parts: list[bytes],
     return rid, seq
 
 
+_SPILL_CHUNK = 1 << 16  # values buffered per column before they are appended to its scratch file
+
+
+class _Column:
+    """An int64 column built by appending, stored in an unlinked scratch file and mapped back
+    read-only: memory the kernel can page out, not driver heap."""
+
+    def __init__(self, scratch_dir: str | Path):
+        Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".index-", suffix=".i64", dir=scratch_dir)
+        os.unlink(name)  # no file to clean up: the data lives until the mapping is dropped
+        self.file = os.fdopen(fd, "w+b")
+        self.buf = array("q")
+
+    def append(self, value: int) -> None:
+        self.buf.append(value)
+        if len(self.buf) >= _SPILL_CHUNK:
+            self.buf.tofile(self.file)
+            del self.buf[:]
+
+    def finish(self) -> np.ndarray:
+        self.buf.tofile(self.file)
+        del self.buf[:]
+        self.file.flush()
+        size = self.file.tell()
+        if size == 0:
+            return np.empty(0, np.int64)
+        mapped = mmap.mmap(self.file.fileno(), size, access=mmap.ACCESS_READ)
+        return np.frombuffer(mapped, np.int64)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _read_header_id(path: Path, offset: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.readline()[1:].decode("utf-8").strip().split(None, 1)[0]
+
+
+def _duplicate_ids(path: Path, offsets: np.ndarray, hashes: np.ndarray) -> list[str]:
+    """Ids that occur more than once (each listed once), found through their hashes; candidates are
+    confirmed by reading their headers back, so a hash collision reports nothing."""
+    if len(hashes) < 2:
+        return []
+    sorted_h = np.sort(hashes)  # the one transient copy: 8 bytes a record, freed on return
+    repeated = np.unique(sorted_h[1:][sorted_h[1:] == sorted_h[:-1]])
+    del sorted_h
+    if not len(repeated):
+        return []
+    seen: dict[str, int] = {}
+    for position in np.flatnonzero(np.isin(hashes, repeated)).tolist():
+        rid = _read_header_id(path, int(offsets[position]))
+        seen[rid] = seen.get(rid, 0) + 1
+    return [rid for rid, n in seen.items() if n > 1]
+
+
 @dataclass
 class FastaIndex:
     """Byte offsets and lengths of every valid record of a (seekable, plain) FASTA file."""
 
     path: Path
     kind: str
-    offsets: np.ndarray  # int64 [N], header line offset
+    offsets: np.ndarray  # int64 [N], header line offset (arrays are read-only, file-backed)
     lengths: np.ndarray  # int64 [N], residues or bases after normalisation
     ordinals: np.ndarray  # int64 [N], record number in the input (0-based, empty records counted)
     skipped_empty: list[str] = field(default_factory=list)
@@ -178,31 +240,34 @@ class FastaIndex:
                     shutil.copyfileobj(src, dst, 1 << 20)
             except (OSError, EOFError) as e:
                 raise SequenceError(f"{path}: damaged or truncated gzip file ({e})") from None
-        offsets, lengths, ordinals = [], [], []
+        # Int64 columns appended in chunks to unlinked scratch files and mapped back read-only: the
+        # driver's heap does not grow with the input (the OS pages the columns in and out). The id
+        # hashes for the duplicate check are one more such column, sorted once at the end.
+        offsets, lengths, ordinals, hashes = (_Column(scratch_dir) for _ in range(4))
         empty: list[str] = []
-        seen: set[int] = set()
-        duplicates: list[str] = []
-        for rid, seq, ordinal, offset in _scan(source, kind):
-            if not seq:
-                empty.append(rid)
-                continue
-            key = hash(rid)  # 8 bytes a record instead of the id itself
-            if key in seen:
-                duplicates.append(rid)
-            seen.add(key)
-            offsets.append(offset)
-            lengths.append(len(seq))
-            ordinals.append(ordinal)
+        try:
+            for rid, seq, ordinal, offset in _scan(source, kind):
+                if not seq:
+                    empty.append(rid)
+                    continue
+                hashes.append(hash(rid))
+                offsets.append(offset)
+                lengths.append(len(seq))
+                ordinals.append(ordinal)
+            offsets_a, lengths_a, ordinals_a = offsets.finish(), lengths.finish(), ordinals.finish()
+            duplicates = _duplicate_ids(source, offsets_a, hashes.finish())
+        finally:
+            for c in (offsets, lengths, ordinals, hashes):
+                c.close()
         if empty:
             log.warning("%s: skipped %d empty record(s) (no sequence): %s", path, len(empty),
                         ", ".join(empty[:_MAX_REPORTED]) + (" ..." if len(empty) > _MAX_REPORTED else ""))
         if duplicates:
             log.warning("%s: %d duplicate record id(s), all records kept (see the 'index' column): %s",
                         path, len(duplicates), ", ".join(duplicates[:_MAX_REPORTED]))
-        if not offsets:
+        if not len(offsets_a):
             raise SequenceError(f"{path}: no records with a sequence")
-        return cls(source, kind, np.asarray(offsets, np.int64), np.asarray(lengths, np.int64),
-                   np.asarray(ordinals, np.int64), empty, duplicates)
+        return cls(source, kind, offsets_a, lengths_a, ordinals_a, empty, duplicates)
 
     def read(self, positions: np.ndarray) -> list[Record]:
         """Read the records at the given index positions (in that order) back from disk."""
