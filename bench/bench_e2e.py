@@ -79,7 +79,7 @@ def bare_model(ckpt: Path, fasta: Path, toks: int, work: Path) -> dict:
         with torch.inference_mode():
             for t, p in staged:
                 model.embed(t, p)
-    seconds = cuda_time(one_pass, warmup=2, repeat=3)
+    seconds = cuda_time(one_pass, warmup=1, repeat=2)
     out = {"tokens": int(seq_tokens.sum()), "sequences": len(index), "seconds": seconds,
            "tokens_per_s": int(seq_tokens.sum()) / seconds, "batches": len(plan)}
     del model, staged
