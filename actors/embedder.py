@@ -4,7 +4,9 @@ Following Ray's batch-inference pattern, the constructor loads and `embed` compu
 the class as a Ray actor with `max_concurrency = cuda_streams`: each concurrent call takes its own
 pair of CUDA streams (copy, compute) from a pool, so one batch's host-to-device copy, another's
 forward pass and a third's Parquet write overlap. Embeddings go straight from the actor to the
-output directory; only a few numbers travel back to the driver.
+output directory (a local path or any pyarrow/fsspec URI); only a few numbers travel back to the
+driver. Each actor reports Ray metrics (`_Metrics`): sequences, tokens and batches embedded, seconds
+per batch, its tokens/s, GPU memory, failures.
 """
 
 from __future__ import annotations
@@ -68,6 +70,61 @@ class PartResult:
     tokens: int
     seconds: float
     actor: str
+    node: str = ""  # Ray node id of the actor that wrote the part
+
+
+# Test hooks, read from the actor's environment (the driver forwards VIRNUCPRO_TEST_* variables to its
+# actors). Only the fault-tolerance tests set them: a per-batch delay so that a kill lands mid-run,
+# and a batch id whose computation raises, to check how a permanent failure is reported.
+TEST_BATCH_DELAY = "VIRNUCPRO_TEST_BATCH_DELAY"
+TEST_FAIL_BATCH = "VIRNUCPRO_TEST_FAIL_BATCH"
+
+
+class _Metrics:
+    """The actor's Ray metrics (`ray.util.metrics`), exported by each node's metrics agent to Prometheus
+    (names get Ray's `ray_` prefix, counters a `_total` suffix) and so to the dashboard's Grafana."""
+
+    def __init__(self, model: str, device: str):
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        keys = ("model", "device")
+        self.tags = {"model": model, "device": device}
+        self.sequences = Counter("virnucpro_sequences_embedded", "sequences embedded", keys)
+        self.tokens = Counter("virnucpro_tokens_embedded", "tokens embedded (specials included)", keys)
+        self.batches = Counter("virnucpro_batches_embedded", "batches embedded and written", keys)
+        self.failures = Counter("virnucpro_batch_failures", "batches that raised in an actor",
+                                keys + ("reason",))
+        self.seconds = Histogram("virnucpro_batch_seconds", "seconds per batch: forward and Parquet write",
+                                 [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100], keys)
+        self.rate = Gauge("virnucpro_actor_tokens_per_second", "tokens/s of the actor's last batch", keys)
+        self.gpu_memory = Gauge("virnucpro_gpu_memory_bytes", "GPU memory of this actor's process",
+                                keys + ("kind",))
+
+    def batch_done(self, rows: int, tokens: int, seconds: float, device: torch.device) -> None:
+        self.sequences.inc(rows, self.tags)
+        self.tokens.inc(tokens, self.tags)
+        self.batches.inc(1, self.tags)
+        self.seconds.observe(seconds, self.tags)
+        self.rate.set(tokens / max(seconds, 1e-9), self.tags)
+        if device.type == "cuda":
+            self.gpu_memory.set(torch.cuda.memory_allocated(device), {**self.tags, "kind": "allocated"})
+            self.gpu_memory.set(torch.cuda.memory_reserved(device), {**self.tags, "kind": "reserved"})
+            self.gpu_memory.set(torch.cuda.max_memory_allocated(device), {**self.tags, "kind": "peak"})
+
+    def failed(self, reason: str) -> None:
+        self.failures.inc(1, {**self.tags, "reason": reason})
+
+
+def _ray_context() -> tuple[str, list]:
+    """(node id, GPU ids Ray assigned) when running under Ray, else ("", [])."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001 - outside Ray, or an older Ray
+        pass
+    return "", []
 
 
 class Embedder:
@@ -82,6 +139,8 @@ class Embedder:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.node_id, self.gpu_ids = _ray_context()
+        self.metrics = _Metrics(source.name, self.device.type) if self.node_id else None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -117,20 +176,45 @@ class Embedder:
         return {"actor": self.name, "device": str(self.device), "gpu": gpu,
                 "dtype": str(self.dtype).removeprefix("torch."), "attention": self.model.backend.describe(),
                 "compiled": self.compiled,
-                "streams": self.streams.qsize(), "dim": self.model.dim}
+                "streams": self.streams.qsize(), "dim": self.model.dim,
+                "pid": os.getpid(), "node_id": self.node_id, "gpu_ids": self.gpu_ids,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def embed(self, batch: TokenBatch) -> PartResult:
         start = time.perf_counter()
+        try:
+            pooled = self._compute(batch)
+            file, rows = write_part(self.out_dir, batch.batch_id, batch.ids, batch.index, batch.length,
+                                    batch.truncated, pooled, self.source.name,
+                                    {"actor": self.name, "node_id": self.node_id, "batch_id": batch.batch_id})
+        except BatchError:
+            self._failed("out_of_memory")
+            raise
+        except Exception:
+            self._failed("error")
+            raise
+        seconds = time.perf_counter() - start
+        if self.metrics is not None:
+            self.metrics.batch_done(rows, batch.num_tokens, seconds, self.device)
+        return PartResult(batch.batch_id, file, rows, batch.num_tokens, seconds, self.name, self.node_id)
+
+    def _compute(self, batch: TokenBatch) -> np.ndarray:
+        delay = float(os.environ.get(TEST_BATCH_DELAY) or 0)
+        if delay:
+            time.sleep(delay)
+        if os.environ.get(TEST_FAIL_BATCH) == str(batch.batch_id):
+            raise ValueError(f"injected failure ({TEST_FAIL_BATCH}={batch.batch_id})")
         streams = self.streams.get()
         try:
-            pooled = self._forward(batch, streams)
+            return self._forward(batch, streams)
         except torch.cuda.OutOfMemoryError:
             raise BatchError(self._oom_report(batch)) from None
         finally:
             self.streams.put(streams)
-        file, rows = write_part(self.out_dir, batch.batch_id, batch.ids, batch.index, batch.length,
-                                batch.truncated, pooled, self.source.name)
-        return PartResult(batch.batch_id, file, rows, batch.num_tokens, time.perf_counter() - start, self.name)
+
+    def _failed(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.failed(reason)
 
     @torch.inference_mode()
     def _forward(self, batch: TokenBatch, streams) -> np.ndarray:

@@ -19,8 +19,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="auto: bfloat16 on Ampere or newer GPUs, float16 on older ones, float32 on CPU")
     g.add_argument("--num-actors", type=int, default=None,
                    help="model replicas (default: one per visible GPU, or one on CPU)")
-    g.add_argument("--gpus-per-actor", type=float, default=1.0,
-                   help="GPU share of each actor; 0.5 puts two actors of a small model on one GPU")
+    g.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="Ray GPU resource each actor reserves (default 1 with --device cuda, 0 on CPU); "
+                        "0.5 puts two actors of a small model on one GPU. Honoured with --device cpu too: "
+                        "placement follows Ray resources alone")
     g.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS if set, else start a local Ray)")
     g.add_argument("--toks-per-batch", type=int, default=None,
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="embed every sequence of a FASTA file into Parquet")
     p.add_argument("input", type=Path, help="FASTA file, plain or gzip")
-    p.add_argument("-o", "--out-dir", type=Path, required=True)
+    p.add_argument("-o", "--out-dir", required=True,
+                   help="output directory: a local path or a URI (s3://bucket/run, gs://..., file:///...)")
     p.add_argument("--model", required=True,
                    help="fair-esm checkpoint name or .pt path (ESM-2); HF id or directory (DNABERT-S)")
     _add_run_options(p)

@@ -6,14 +6,30 @@ duplicating rows; and it routes every embedding through its own operators. What 
 a deterministic token-budget plan, a work queue that deals batches longest-first to whichever actor
 is free, part files named by batch id, and a manifest. Ray core (actors, `ray.wait`, restarts)
 gives the rest.
+
+Memory. The driver holds no sequences and no embeddings: the FASTA index and the plan's record order
+are int64 columns in memory-mapped scratch files (`FastaIndex`, `Plan`), the plan's batches are two
+small arrays, and loader threads read and tokenise only the batches inside a bounded window ahead of
+the actors (backpressure: nothing more is read until a batch finishes). Actors write the embeddings
+to the output location themselves.
+
+Faults. A batch whose actor dies (process killed, node lost) goes back to the front of the queue and
+another actor takes it; the dead actor is probed without blocking the loop: Ray restarts it
+(`max_restarts`), possibly on another node, and it rejoins the pool; when Ray gives up on it, a new
+actor replaces it. Part files are named by batch id and written atomically, so a batch computed twice
+replaces its own file: no sequence is lost or written twice. A batch that fails inside the actor
+(bad input, CUDA out of memory) is not retried: the run stops with a message naming the batch and the
+cause, and `--resume` finishes it once fixed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,12 +40,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, ObjectLostError, RayActorError,
+                            RayTaskError, WorkerCrashedError)
 
 from actors.embedder import BatchError, Embedder, PartResult
-from virnucpro.batching import TokenBatch, make_batch, plan_batches, plan_fingerprint
+from virnucpro.batching import Plan, TokenBatch, make_batch, plan_fingerprint, token_counts
 from virnucpro.models import ModelSource, load_tokenizer, model_dim, resolve_model
-from virnucpro.output import MANIFEST, Manifest, part_name
+from virnucpro.output import MANIFEST, Manifest, OutputLocation, part_name
 from virnucpro.sequences import FastaIndex
 
 log = logging.getLogger("virnucpro")
@@ -37,7 +54,11 @@ log = logging.getLogger("virnucpro")
 # Token budgets when --toks-per-batch is not given: CPU batches stay small for memory locality; on a
 # GPU the actor's budget is what fills the chip (see bench/) without risking memory on 40 GB cards.
 DEFAULT_TOKS = {"cpu": 4096, "cuda": 65536}
-MAX_BATCH_RETRIES = 3
+MAX_BATCH_RETRIES = 3  # a batch whose actor died this many times in a row fails the run
+MAX_ACTOR_RESTARTS = 3  # Ray restarts a dead actor this many times, then the pool replaces it
+ACTOR_WAIT_SECONDS = 900  # no usable actor for this long (all restarting, none schedulable): give up
+_PART = re.compile(r"part-(\d{6,})\.parquet")
+_TRANSIENT = (RayActorError, ObjectLostError, WorkerCrashedError)  # the actor, not the batch, failed
 
 
 class EmbedError(RuntimeError):
@@ -49,7 +70,10 @@ class EmbedOptions:
     device: str = "auto"  # auto, cuda, cpu
     dtype: str = "auto"  # auto, float32, bfloat16, float16
     num_actors: int | None = None  # default: one per GPU (or per --gpus-per-actor share), one on CPU
-    gpus_per_actor: float = 1.0
+    # Ray GPU resource each actor reserves; default 1 with device cuda, 0 with cpu. A fraction shares a
+    # GPU (0.5: two actors per GPU). Honoured with device cpu too: placement is decided by Ray resources
+    # alone, which is how it is tested on machines without GPUs (fake `num_gpus` resources).
+    gpus_per_actor: float | None = None
     address: str | None = None  # Ray address; default RAY_ADDRESS or a local Ray
     toks_per_batch: int | None = None
     truncation_seq_length: int = 1022
@@ -66,11 +90,12 @@ class EmbedOptions:
     # Python API only: extra Ray actor options for actor i, merged over the defaults (e.g. a
     # placement-group bundle, so that two embed jobs share GPUs as `cluster.predict` arranges)
     actor_options: Callable[[int], dict] | None = None
+    actor_wait_seconds: float = ACTOR_WAIT_SECONDS  # give up when no actor is usable for this long
 
 
 @dataclass
 class EmbedResult:
-    out_dir: Path
+    out_dir: Path | str  # a Path for a local directory, else the URI
     num_sequences: int
     num_batches: int
     batches_computed: int  # fewer than num_batches when a run was resumed
@@ -78,15 +103,22 @@ class EmbedResult:
     compute_seconds: float  # from the first batch dealt to the last part written
     seconds: float  # the whole call: indexing, Ray and actor start-up included
     actors: list[dict] = field(default_factory=list)
+    batches_retried: int = 0  # batches dealt again because their actor died
+    actors_replaced: int = 0  # actors Ray gave up on, replaced by new ones
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens_computed / self.compute_seconds if self.compute_seconds > 0 else 0.0
 
     def summary(self) -> str:
+        faults = ""
+        if self.batches_retried or self.actors_replaced:
+            faults = (f"; {self.batches_retried} batch(es) dealt again after actor failures, "
+                      f"{self.actors_replaced} actor(s) replaced")
         return (f"{self.num_sequences} sequences ({self.batches_computed} of {self.num_batches} batches "
                 f"computed, {self.tokens_computed} tokens) in {self.seconds:.1f} s; embedding "
-                f"{self.tokens_per_second / 1e3:.1f} K tokens/s on {len(self.actors)} actor(s) -> {self.out_dir}")
+                f"{self.tokens_per_second / 1e3:.1f} K tokens/s on {len(self.actors)} actor(s){faults} "
+                f"-> {self.out_dir}")
 
 
 def default_dataloader_workers(num_gpus: int) -> int:
@@ -96,262 +128,459 @@ def default_dataloader_workers(num_gpus: int) -> int:
 def embed(input: str | Path, out_dir: str | Path, model: str | Path, **options) -> EmbedResult:
     """Embed every sequence of a FASTA file into Parquet under out_dir (the Python API of `virnucpro embed`).
 
+    out_dir is a local directory or a URI on any pyarrow/fsspec filesystem (`s3://bucket/run`).
     Options are those of `EmbedOptions`. Returns an `EmbedResult`; read the rows with
     `virnucpro.output.read_embeddings(out_dir)` or `pyarrow.parquet.read_table(out_dir)`.
     """
-    return run_embed(Path(input), Path(out_dir), str(model), EmbedOptions(**options))
+    return run_embed(Path(input), out_dir, str(model), EmbedOptions(**options))
 
 
-def run_embed(input: Path, out_dir: Path, model: str, opts: EmbedOptions) -> EmbedResult:
+def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions) -> EmbedResult:
     start = time.perf_counter()
     source = resolve_model(model)
     tokenizer = load_tokenizer(source, opts.truncation_seq_length)
-    _prepare_out_dir(out_dir, opts)
-
-    index = FastaIndex.build(input, source.sequence_kind, out_dir / ".work")
-    num_tokens = np.fromiter((tokenizer.num_tokens(int(n)) for n in index.lengths), np.int64, len(index))
+    out = OutputLocation.parse(out_dir)
+    _prepare_out_dir(out, opts)
+    scratch = _scratch_dir(out)
+    index = FastaIndex.build(input, source.sequence_kind, scratch)
 
     started_ray = _init_ray(opts)
+    pool: _ActorPool | None = None
+    manifest: Manifest | None = None
     try:
-        device, num_actors, num_gpus = _placement(opts)
+        device, num_actors, gpus_per_actor, cluster_gpus = _placement(opts)
         toks = opts.toks_per_batch or DEFAULT_TOKS[device]
-        plan = plan_batches(num_tokens, toks)
+        plan = Plan.build(lambda a, b: token_counts(tokenizer, index.lengths[a:b]), toks, len(index), scratch)
         fingerprint = plan_fingerprint(source.name, source.family, opts.truncation_seq_length, toks,
                                        index.lengths, index.offsets)
-        manifest = _open_manifest(out_dir, opts, source, input, fingerprint, index, len(plan))
-        done = _finished_batches(out_dir, manifest, plan)
-        todo = [b for b in range(len(plan)) if b not in done]
-        if done:
-            log.info("resuming: %d of %d batches already done, %d to go", len(done), len(plan), len(todo))
-        actors, infos = _start_actors(source, out_dir, opts, device, num_actors)
-        workers = opts.dataloader_workers or default_dataloader_workers(num_gpus)
-        done_tokens = sum(int(num_tokens[plan[b]].sum()) for b in done)
-        progress = _Progress(int(num_tokens.sum()), len(index), done_tokens, manifest.rows_done, opts.progress)
-        dispatcher = _Dispatcher(actors, index, tokenizer, plan, workers, opts.cuda_streams if device == "cuda" else 1)
+        manifest = _open_manifest(out, opts, source, input, fingerprint, index, len(plan))
+        done = _finished_batches(out, manifest, plan)
+        todo = np.flatnonzero(~done)
+        if done.any():
+            log.info("resuming: %d of %d batches already done, %d to go", int(done.sum()), len(plan), len(todo))
+        pool = _ActorPool(source, out, opts, device, num_actors, gpus_per_actor)
+        infos = pool.start() if len(todo) else []
+        workers = opts.dataloader_workers or default_dataloader_workers(int(cluster_gpus) if device == "cuda" else 0)
+        progress = _Progress(int(plan.tokens.sum()), len(index), int(plan.tokens[done].sum()),
+                             manifest.rows_done, opts.progress, opts.verbose)
+        dispatcher = _Dispatcher(pool, index, tokenizer, plan, workers,
+                                 opts.cuda_streams if device == "cuda" else 1, opts.actor_wait_seconds)
         tokens_computed = 0
         compute_start = time.perf_counter()
         for result in dispatcher.run(todo):
             manifest.parts[result.file] = result.rows
             tokens_computed += result.tokens
-            progress.advance(result.tokens, result.rows)
+            progress.advance(result.tokens, result.rows, pool.usable, len(pool.slots))
             if progress.due_for_save():
-                manifest.save(out_dir)
+                manifest.save(out)
         progress.close()
         compute_seconds = time.perf_counter() - compute_start
+    except BaseException:
+        if manifest is not None:  # what finished stays finished: --resume starts from here
+            try:
+                manifest.save(out)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                log.warning("could not save the manifest", exc_info=True)
+        raise
     finally:
+        if pool is not None:
+            pool.shutdown()
         if started_ray:
             ray.shutdown()
 
     if manifest.rows_done != len(index) or len(manifest.parts) != len(plan):
-        manifest.save(out_dir)
-        raise EmbedError(f"{out_dir}: {manifest.rows_done} rows in {len(manifest.parts)} parts, expected "
+        manifest.save(out)
+        raise EmbedError(f"{out}: {manifest.rows_done} rows in {len(manifest.parts)} parts, expected "
                          f"{len(index)} rows in {len(plan)} parts; the run is not complete")
     manifest.complete, manifest.finished = True, time.time()
-    manifest.save(out_dir)
-    shutil.rmtree(out_dir / ".work", ignore_errors=True)
-    result = EmbedResult(out_dir, len(index), len(plan), len(todo), tokens_computed, compute_seconds,
-                         time.perf_counter() - start, infos)
+    manifest.save(out)
+    shutil.rmtree(scratch, ignore_errors=True)
+    result = EmbedResult(out.local_path or out.uri, len(index), len(plan), len(todo), tokens_computed,
+                         compute_seconds, time.perf_counter() - start, infos, dispatcher.retried,
+                         pool.replaced)
     log.info("done: %s", result.summary())
     return result
 
 
-# --- output directory and manifest ------------------------------------------------------------------
+# --- output location and manifest ---------------------------------------------------------------------
 
-def _prepare_out_dir(out_dir: Path, opts: EmbedOptions) -> None:
+def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise EmbedError(f"{out_dir}: output directory is not writable ({e.strerror or e})") from None
-    previous = (out_dir / MANIFEST).is_file() or any(out_dir.glob("part-*.parquet"))
+        out.make_dirs()
+        out.write_atomic(".write-test", lambda f: f.write(b""))
+        out.delete(".write-test")
+        files = out.list_files()
+    except Exception as e:  # noqa: BLE001 - OSError locally, pyarrow / fsspec errors elsewhere
+        raise EmbedError(f"{out}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
+    parts = [name for name in files if _PART.fullmatch(name)]
+    previous = MANIFEST in files or bool(parts)
     if previous and opts.overwrite:
-        for p in out_dir.glob("part-*.parquet"):
-            p.unlink()
-        (out_dir / MANIFEST).unlink(missing_ok=True)
+        for name in parts:
+            out.delete(name)
+        out.delete(MANIFEST)
     elif previous and not opts.resume:
-        raise EmbedError(f"{out_dir}: holds the output of a previous run; use --resume to finish it or "
+        raise EmbedError(f"{out}: holds the output of a previous run; use --resume to finish it or "
                          f"--overwrite to replace it")
 
 
-def _open_manifest(out_dir: Path, opts: EmbedOptions, source: ModelSource, input: Path, fingerprint: str,
-                   index: FastaIndex, num_batches: int) -> Manifest:
-    old = Manifest.load(out_dir) if opts.resume else None
+def _scratch_dir(out: OutputLocation) -> Path:
+    """Local scratch space (gzip input decompressed, index and plan columns): OUT_DIR/.work for a local
+    output directory, else a temporary directory on this machine."""
+    local = out.local_path
+    if local is not None:
+        return local / ".work"
+    return Path(tempfile.mkdtemp(prefix="virnucpro-work-"))
+
+
+def _open_manifest(out: OutputLocation, opts: EmbedOptions, source: ModelSource, input: Path,
+                   fingerprint: str, index: FastaIndex, num_batches: int) -> Manifest:
+    old = Manifest.load(out) if opts.resume else None
     if old is not None:
         if old.fingerprint != fingerprint:
-            raise EmbedError(f"{out_dir}: holds a different run (model, input or batching options differ: "
+            raise EmbedError(f"{out}: holds a different run (model, input or batching options differ: "
                              f"{old.model} on {old.input}); use --overwrite to replace it")
+        old.complete = False
         return old
     manifest = Manifest(model=source.name, family=source.family, dim=model_dim(source), input=str(input),
                         fingerprint=fingerprint, num_sequences=len(index), num_batches=num_batches,
                         skipped_empty=index.skipped_empty)
-    manifest.save(out_dir)
+    manifest.save(out)
     return manifest
 
 
-def _finished_batches(out_dir: Path, manifest: Manifest, plan: list[np.ndarray]) -> set[int]:
-    """Parts that need no recomputation: listed in the manifest, or on disk whole but not yet listed
-    (the driver died between an actor's write and its own manifest update)."""
-    done = set()
-    for b, positions in enumerate(plan):
-        name = part_name(b)
-        path = out_dir / name
-        if not path.is_file():
-            manifest.parts.pop(name, None)
+def _finished_batches(out: OutputLocation, manifest: Manifest, plan: Plan) -> np.ndarray:
+    """Batches that need no recomputation (a bool mask): parts listed in the manifest and present, or
+    present and whole but not yet listed (the driver died between an actor's write and its own
+    manifest update). One directory listing; only unlisted parts are opened."""
+    files = out.list_files()
+    done = np.zeros(len(plan), bool)
+    for name in list(manifest.parts):
+        m = _PART.fullmatch(name)
+        b = int(m.group(1)) if m else -1
+        if name in files and 0 <= b < len(plan) and manifest.parts[name] == plan.rows(b):
+            done[b] = True
+        else:
+            del manifest.parts[name]
+    for name in files:
+        m = _PART.fullmatch(name)
+        if not m or name in manifest.parts or int(m.group(1)) >= len(plan):
             continue
+        b = int(m.group(1))
         try:
-            rows = pq.read_metadata(path).num_rows
+            rows = pq.read_metadata(out.join(name), filesystem=out.fs).num_rows
         except Exception:  # noqa: BLE001 - a damaged file is recomputed
             rows = -1
-        if rows == len(positions):
+        if rows == plan.rows(b):
             manifest.parts[name] = rows
-            done.add(b)
-        else:
-            manifest.parts.pop(name, None)
+            done[b] = True
     return done
 
 
 # --- Ray ----------------------------------------------------------------------------------------------
 
 def _init_ray(opts: EmbedOptions) -> bool:
-    """Join the given or RAY_ADDRESS cluster, or start a local one. True when we started it."""
+    """Join the given or RAY_ADDRESS cluster (a `ray job submit` entry point finds RAY_ADDRESS set), or
+    start a local one. True when this call connected (and so should disconnect at the end)."""
     if ray.is_initialized():
         return False
     address = opts.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}} if opts.expandable_segments else None
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
         return True
-    ray.init(runtime_env=env, include_dashboard=None, dashboard_host="127.0.0.1",
-             logging_level=logging.WARNING, log_to_driver=True)
+    ray.init(include_dashboard=None, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+             log_to_driver=True)
     return True
 
 
-def _placement(opts: EmbedOptions) -> tuple[str, int, int]:
-    """(device, number of actors, GPUs in the cluster)."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+def _placement(opts: EmbedOptions) -> tuple[str, int, float, float]:
+    """(device, number of actors, GPUs each actor reserves, GPUs in the cluster)."""
+    gpus = float(ray.cluster_resources().get("GPU", 0))
     device = opts.device
     if device == "auto":
         device = "cuda" if gpus > 0 else "cpu"
     if device == "cuda" and gpus == 0:
         raise EmbedError("--device cuda, but the Ray cluster has no GPU resources")
+    share = opts.gpus_per_actor
+    if share is None:
+        share = 1.0 if device == "cuda" else 0.0
+    if share < 0 or (share > 1 and share != int(share)):
+        raise EmbedError(f"--gpus-per-actor {share}: give a fraction of one GPU (0.5) or a whole number")
+    if device == "cuda" and share == 0:
+        raise EmbedError("--device cuda needs --gpus-per-actor > 0 (Ray assigns GPUs by that resource)")
+    if share > gpus:
+        raise EmbedError(f"--gpus-per-actor {share:g}, but the Ray cluster has {gpus:g} GPU(s)")
     if opts.num_actors:
         n = opts.num_actors
-    elif device == "cuda":
-        n = max(1, int(gpus / opts.gpus_per_actor))
+    elif share > 0:
+        n = max(1, int(gpus / share + 1e-9))
     else:
         n = 1
-    return device, n, gpus if device == "cuda" else 0
+    return device, n, share, gpus
 
 
-def _start_actors(source: ModelSource, out_dir: Path, opts: EmbedOptions, device: str,
-                  num_actors: int) -> tuple[list, list[dict]]:
-    streams = opts.cuda_streams if device == "cuda" else 1
-    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if opts.expandable_segments else {}
-    if device == "cpu":
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_actors)
-        env["OMP_NUM_THREADS"] = str(cpus)  # torch's intra-op threads in each CPU actor
-    options = dict(
-        num_gpus=opts.gpus_per_actor if device == "cuda" else 0,
-        num_cpus=1,
-        max_concurrency=streams,
-        max_restarts=MAX_BATCH_RETRIES,  # a dead actor (killed, node lost) comes back and takes work again
-        scheduling_strategy="SPREAD",
-        runtime_env={"env_vars": env} if env else None,
-    )
-    cls = ray.remote(Embedder)
-    extra = opts.actor_options or (lambda i: {})
-    level = logging.DEBUG if opts.verbose else logging.INFO
-    actors = [cls.options(**{**options, **extra(i)}).remote(
-        source, str(out_dir.resolve()), device, opts.dtype, streams, opts.pin_memory, opts.attention,
-        opts.compile, level) for i in range(num_actors)]
-    try:
-        infos = ray.get([a.info.remote() for a in actors])
-    except (RayTaskError, RayActorError) as e:
-        for a in actors:
-            ray.kill(a)
-        raise EmbedError(f"an actor could not load model '{source.name}': {_cause(e)}") from None
-    first = infos[0]
-    log.info("%d actor(s) on %s, %s%s, %s", len(infos), first["gpu"], first["dtype"],
-             ", compiled" if first["compiled"] else "", first["attention"])
-    return actors, infos
+class _Slot:
+    """One place in the actor pool: the current actor for it and what the driver knows about it."""
+
+    def __init__(self, number: int, actor):
+        self.number, self.actor = number, actor
+        self.generation = 0  # bumped when the actor is replaced: results of the old one don't count here
+        self.state = "starting"  # starting -> ready; ready -> probing (after a failure) -> ready | replaced
+        self.busy = 0  # batches dealt to it and not finished
+        self.probe: ray.ObjectRef | None = None
+        self.probe_after = 0.0  # next probe time while Ray restarts the actor
+        self.info: dict = {}
+
+
+class _ActorPool:
+    """The embedding actors. Ray restarts a dead one (`max_restarts`) where resources allow; the pool
+    notices through a probe (`info`) that never blocks the dispatch loop, and replaces an actor Ray
+    has given up on."""
+
+    def __init__(self, source: ModelSource, out: OutputLocation, opts: EmbedOptions, device: str,
+                 num_actors: int, gpus_per_actor: float):
+        self.source, self.out, self.opts, self.device = source, out, opts, device
+        self.streams = opts.cuda_streams if device == "cuda" else 1
+        env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if opts.expandable_segments else {}
+        if device == "cpu":
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_actors)
+            env["OMP_NUM_THREADS"] = str(cpus)  # torch's intra-op threads in each CPU actor
+        # test hooks (actors/embedder.py) reach the actors from the driver's environment
+        env.update({k: v for k, v in os.environ.items() if k.startswith("VIRNUCPRO_TEST_")})
+        self.options = dict(
+            num_gpus=gpus_per_actor,
+            num_cpus=1,
+            max_concurrency=self.streams,
+            max_restarts=MAX_ACTOR_RESTARTS,
+            max_task_retries=0,  # the dispatcher deals a failed batch again, to any actor
+            scheduling_strategy="SPREAD",  # actors over nodes; CUDA_VISIBLE_DEVICES is Ray's to set
+            runtime_env={"env_vars": env} if env else None,
+        )
+        self.num_actors = num_actors
+        self.slots: list[_Slot] = []
+        self.replaced = 0
+
+    def _new_actor(self, number: int):
+        extra = self.opts.actor_options(number) if self.opts.actor_options else {}
+        level = logging.DEBUG if self.opts.verbose else logging.INFO
+        return ray.remote(Embedder).options(**{**self.options, **extra}).remote(
+            self.source, self.out.uri, self.device, self.opts.dtype, self.streams, self.opts.pin_memory,
+            self.opts.attention, self.opts.compile, level)
+
+    def start(self) -> list[dict]:
+        self.slots = [_Slot(i, self._new_actor(i)) for i in range(self.num_actors)]
+        try:
+            infos = ray.get([s.actor.info.remote() for s in self.slots])
+        except (RayTaskError, RayActorError) as e:
+            self.shutdown()
+            raise EmbedError(f"an actor could not load model '{self.source.name}': {_cause(e)}") from None
+        for s, info in zip(self.slots, infos):
+            s.state, s.info = "ready", info
+        first = infos[0]
+        nodes = len({i["node_id"] for i in infos})
+        log.info("%d actor(s) on %d node(s), %s, %s%s, %s", len(infos), nodes, first["gpu"], first["dtype"],
+                 ", compiled" if first["compiled"] else "", first["attention"])
+        return infos
+
+    @property
+    def usable(self) -> int:
+        return sum(s.state == "ready" for s in self.slots)
+
+    def failed(self, slot: _Slot) -> None:
+        """A batch on this slot's actor failed because the actor died: stop dealing to it and probe."""
+        if slot.state == "ready":
+            slot.state, slot.probe, slot.probe_after = "probing", None, 0.0
+
+    def probes(self) -> list:
+        """Send the probes that are due; return the outstanding ones (for ray.wait)."""
+        now = time.monotonic()
+        for s in self.slots:
+            if s.state == "probing" and s.probe is None and now >= s.probe_after:
+                s.probe = s.actor.info.remote()  # queued by Ray until the actor is back
+        return [s.probe for s in self.slots if s.probe is not None]
+
+    def probe_done(self, ref) -> bool:
+        slot = next((s for s in self.slots if s.probe is not None and s.probe == ref), None)
+        if slot is None:
+            return False
+        slot.probe = None
+        try:
+            info = ray.get(ref)
+        except ActorUnavailableError:  # still restarting: ask again shortly
+            slot.probe_after = time.monotonic() + 1.0
+        except (ActorDiedError, RayActorError, RayTaskError) as e:
+            self._replace(slot, e)
+        else:
+            moved = info.get("node_id") != slot.info.get("node_id")
+            slot.state, slot.info = "ready", info
+            log.warning("actor %d is back (%s%s)", slot.number, info["actor"], ", on another node" if moved else "")
+        return True
+
+    def _replace(self, slot: _Slot, e: Exception) -> None:
+        if self.replaced >= max(1, self.num_actors) * MAX_ACTOR_RESTARTS:
+            slot.state = "dead"
+            log.warning("actor %d is gone for good (%s); %d usable", slot.number, _cause(e), self.usable)
+            return
+        self.replaced += 1
+        log.warning("actor %d is gone for good (%s); starting a replacement", slot.number, _cause(e))
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        slot.actor, slot.state, slot.busy = self._new_actor(slot.number), "probing", 0
+        slot.generation += 1
+        slot.probe_after = 0.0
+
+    def shutdown(self) -> None:
+        for s in self.slots:
+            try:
+                ray.kill(s.actor, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def _cause(e: Exception) -> str:
     cause = getattr(e, "cause", None)
-    if cause is not None:
+    if cause is not None and not isinstance(cause, RayActorError):
         return f"{type(cause).__name__}: {cause}"
-    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+class _DriverMetrics:
+    """The driver's Ray metrics: queue depth, batches in flight, usable actors, failures."""
+
+    def __init__(self, model: str):
+        from ray.util.metrics import Counter, Gauge
+
+        self.tags = {"model": model}
+        keys = ("model",)
+        self.queue = Gauge("virnucpro_queue_depth", "batches planned and not yet dealt to an actor", keys)
+        self.in_flight = Gauge("virnucpro_batches_in_flight", "batches dealt to actors and not finished", keys)
+        self.actors = Gauge("virnucpro_actors_usable", "embedding actors taking batches", keys)
+        self.remaining = Gauge("virnucpro_batches_remaining", "batches of the run not yet written", keys)
+        self.failures = Counter("virnucpro_driver_failures", "batch failures seen by the driver",
+                                keys + ("reason",))
+        self.last = 0.0
+
+    def update(self, queue: int, in_flight: int, actors: int, remaining: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < 1.0:
+            return
+        self.last = now
+        self.queue.set(queue, self.tags)
+        self.in_flight.set(in_flight, self.tags)
+        self.actors.set(actors, self.tags)
+        self.remaining.set(remaining, self.tags)
+
+    def failure(self, reason: str) -> None:
+        self.failures.inc(1, {**self.tags, "reason": reason})
 
 
 class _Dispatcher:
-    """Deals batches to free actors from a queue, longest first, re-queueing those of dead actors."""
+    """Deals batches to free actors from a bounded queue, longest first, dealing the batches of dead
+    actors again."""
 
-    def __init__(self, actors: list, index: FastaIndex, tokenizer, plan: list[np.ndarray],
-                 workers: int, in_flight_per_actor: int):
-        self.actors = actors
+    def __init__(self, pool: _ActorPool, index: FastaIndex, tokenizer, plan: Plan, workers: int,
+                 in_flight_per_actor: int, actor_wait_seconds: float = ACTOR_WAIT_SECONDS):
+        self.pool = pool
         self.index, self.tokenizer, self.plan = index, tokenizer, plan
-        self.loader = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="virnucpro-loader")
+        self.workers = workers
         self.per_actor = in_flight_per_actor + 1  # one queued behind the running ones hides dispatch latency
-        self.prefetch = len(actors) * self.per_actor + workers
+        self.actor_wait_seconds = actor_wait_seconds
+        self.retried = 0
+        self.metrics = _DriverMetrics(pool.source.name)
 
-    def run(self, todo: list[int]):
+    def run(self, todo: np.ndarray):
         """Yield PartResults as batches finish; raise EmbedError on a failure that retrying won't fix."""
-        waiting: deque[int] = deque(todo)
+        loader = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="virnucpro-loader")
+        cursor = 0  # todo[cursor:] not yet loaded
         loading: deque[tuple[int, Future]] = deque()
-        ready: deque[tuple[int, ray.ObjectRef]] = deque()
-        running: dict[ray.ObjectRef, tuple[int, ray.ObjectRef, object]] = {}
-        busy = {id(a): 0 for a in self.actors}
-        retries: dict[int, int] = {}
+        ready: deque[tuple[int, ray.ObjectRef]] = deque()  # loaded, in the object store, not dealt
+        running: dict[ray.ObjectRef, tuple[int, ray.ObjectRef, _Slot, int]] = {}
+        failures: dict[int, int] = {}
+        remaining = len(todo)
+        idle_since: float | None = None
         try:
-            while waiting or loading or ready or running:
-                while waiting and len(loading) + len(ready) < self.prefetch:
-                    b = waiting.popleft()
-                    loading.append((b, self.loader.submit(make_batch, self.index, self.plan[b], self.tokenizer, b)))
+            while remaining:
+                # backpressure: read ahead only as far as the actors can take
+                window = len(self.pool.slots) * self.per_actor + self.workers
+                while cursor < len(todo) and len(loading) + len(ready) < window:
+                    b = int(todo[cursor])
+                    cursor += 1
+                    loading.append((b, loader.submit(make_batch, self.index, self.plan[b], self.tokenizer, b)))
                 while loading and loading[0][1].done():
                     b, fut = loading.popleft()
-                    ready.append((b, ray.put(fut.result())))
-                for actor in self.actors:
-                    while ready and busy[id(actor)] < self.per_actor:
+                    ready.append((b, ray.put(self._loaded(b, fut))))
+                for slot in self.pool.slots:
+                    while ready and slot.state == "ready" and slot.busy < self.per_actor:
                         b, ref = ready.popleft()
-                        running[actor.embed.remote(ref)] = (b, ref, actor)
-                        busy[id(actor)] += 1
-                if not running:
-                    if loading:
-                        loading[0][1].result()
+                        running[slot.actor.embed.remote(ref)] = (b, ref, slot, slot.generation)
+                        slot.busy += 1
+                probes = self.pool.probes()
+                self.metrics.update(len(todo) - cursor + len(loading) + len(ready), len(running),
+                                    self.pool.usable, remaining)
+                if not running and not probes:
+                    if loading and not ready:
+                        self._loaded(*loading[0])  # wait for the loader (or its error)
+                        continue
+                    if all(s.state == "dead" for s in self.pool.slots):
+                        raise EmbedError(f"every actor died and none could be replaced; {remaining} batches "
+                                         f"left: see the Ray logs (`ray logs`) for why, then rerun with --resume")
+                if self.pool.usable or running:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > self.actor_wait_seconds:
+                    states = ", ".join(f"actor {s.number}: {s.state}" for s in self.pool.slots)
+                    raise EmbedError(f"no embedding actor usable for {self.actor_wait_seconds:.0f} s ({states}); "
+                                     f"{remaining} batches left: the cluster may lack the resources to restart "
+                                     f"them (see `ray status`); rerun with --resume")
+                if not running and not probes:
+                    time.sleep(0.2)
                     continue
-                finished, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+                refs = list(running) + probes
+                finished, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+                if finished:
+                    more, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                    finished = list({*finished, *more})
                 for ref in finished:
-                    b, batch_ref, actor = running.pop(ref)
-                    busy[id(actor)] -= 1
+                    if ref not in running:
+                        self.pool.probe_done(ref)
+                        continue
+                    b, batch_ref, slot, generation = running.pop(ref)
+                    if generation == slot.generation:
+                        slot.busy -= 1
                     try:
-                        yield ray.get(ref)
-                    except RayActorError as e:
-                        retries[b] = retries.get(b, 0) + 1
-                        if retries[b] > MAX_BATCH_RETRIES:
-                            raise EmbedError(f"batch {b} failed {retries[b]} times because its actor died: "
-                                             f"{_cause(e)}") from None
-                        log.warning("actor died during batch %d (%s); handing the batch to another actor",
-                                    b, _cause(e))
+                        result: PartResult = ray.get(ref)
+                    except _TRANSIENT as e:
+                        failures[b] = failures.get(b, 0) + 1
+                        self.metrics.failure("actor_died")
+                        if failures[b] > MAX_BATCH_RETRIES:
+                            raise EmbedError(f"batch {b} failed {failures[b]} times because its actor died "
+                                             f"(last: {_cause(e)}); see the Ray logs (`ray logs`) for why") from None
+                        log.warning("actor %d died during batch %d (%s); dealing the batch to another actor",
+                                    slot.number, b, _cause(e))
+                        self.retried += 1
                         ready.appendleft((b, batch_ref))
-                        self._drop_if_dead(actor)
+                        self.pool.failed(slot)
                     except RayTaskError as e:
+                        self.metrics.failure("batch_error")
                         raise EmbedError(self._task_failure(b, batch_ref, e)) from None
+                    else:
+                        remaining -= 1
+                        yield result
+            self.metrics.update(0, 0, self.pool.usable, 0, force=True)
         finally:
-            self.loader.shutdown(wait=False, cancel_futures=True)
+            loader.shutdown(wait=False, cancel_futures=True)
             for ref in running:
                 ray.cancel(ref, force=False)
 
-    def _drop_if_dead(self, actor) -> None:
-        """Ray restarts a killed actor (max_restarts); one whose restarts are spent leaves the pool."""
+    @staticmethod
+    def _loaded(b: int, fut: Future) -> TokenBatch:
         try:
-            ray.get(actor.info.remote(), timeout=120)
-        except Exception:  # noqa: BLE001
-            self.actors = [a for a in self.actors if a is not actor]
-            log.warning("an actor is gone for good; %d left", len(self.actors))
-            if not self.actors:
-                raise EmbedError("every actor died; see the Ray logs for why") from None
+            return fut.result()
+        except Exception as e:  # noqa: BLE001 - e.g. the input changed since it was indexed
+            raise EmbedError(f"batch {b}: reading and tokenising its sequences failed: {e}") from e
 
     @staticmethod
     def _task_failure(b: int, batch_ref, e: RayTaskError) -> str:
@@ -359,31 +588,49 @@ class _Dispatcher:
         if isinstance(cause, BatchError):
             return str(cause)
         batch: TokenBatch = ray.get(batch_ref)
-        return f"{batch.describe()} failed: {_cause(e)}"
+        return f"{batch.describe()} failed: {_cause(e)}; not retried (fix the cause, then rerun with --resume)"
 
 
 class _Progress:
-    """A one-line progress display on a terminal; silent otherwise (logs only)."""
+    """A progress bar on a terminal (sequences, tokens/s, ETA, usable actors); quiet otherwise, except
+    for a log line every 30 s with --verbose. The end of a run prints a one-line summary instead."""
+
+    WIDTH = 24
 
     def __init__(self, total_tokens: int, total_seqs: int, done_tokens: int, done_seqs: int,
-                 enabled: bool | None):
+                 enabled: bool | None, verbose: bool = False):
         self.total_tokens, self.total_seqs = total_tokens, total_seqs
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.verbose = verbose
         self.tokens, self.seqs = done_tokens, done_seqs
         self.base_tokens = done_tokens  # work done before a resume does not count in the rate
-        self.start = self.last_draw = self.last_save = time.perf_counter()
+        self.start = self.last_draw = self.last_save = self.last_log = time.perf_counter()
+        self.drawn = False
 
-    def advance(self, tokens: int, seqs: int) -> None:
+    def line(self, actors: int | None = None, total_actors: int | None = None) -> str:
+        now = time.perf_counter()
+        rate = (self.tokens - self.base_tokens) / max(now - self.start, 1e-9)
+        left = self.total_tokens - self.tokens
+        eta = _hms(left / rate) if rate > 0 else "--:--:--"
+        frac = self.tokens / max(self.total_tokens, 1)
+        fill = int(frac * self.WIDTH)
+        bar = "=" * fill + (">" if fill < self.WIDTH else "") + " " * max(0, self.WIDTH - fill - 1)
+        who = f"  actors {actors}/{total_actors}" if actors is not None else ""
+        return (f"[{bar}] {100 * frac:3.0f}%  {self.seqs:,}/{self.total_seqs:,} sequences  "
+                f"{rate / 1e3:,.1f} K tokens/s  ETA {eta}{who}")
+
+    def advance(self, tokens: int, seqs: int, actors: int | None = None, total_actors: int | None = None) -> None:
         self.tokens += tokens
         self.seqs += seqs
         now = time.perf_counter()
-        if self.enabled and now - self.last_draw > 0.5:
+        if self.enabled and (now - self.last_draw > 0.25 or self.seqs >= self.total_seqs):
             self.last_draw = now
-            rate = (self.tokens - self.base_tokens) / max(now - self.start, 1e-9)
-            eta = (self.total_tokens - self.tokens) / rate if rate > 0 else float("inf")
-            sys.stderr.write(f"\r[virnucpro] {self.seqs}/{self.total_seqs} sequences  "
-                             f"{rate / 1e3:.1f} K tokens/s  ETA {eta:.0f} s   ")
+            sys.stderr.write("\r\033[K" + self.line(actors, total_actors))
             sys.stderr.flush()
+            self.drawn = True
+        elif not self.enabled and self.verbose and now - self.last_log > 30:
+            self.last_log = now
+            log.info("progress: %s", self.line(actors, total_actors))
 
     def due_for_save(self) -> bool:
         now = time.perf_counter()
@@ -393,5 +640,11 @@ class _Progress:
         return False
 
     def close(self) -> None:
-        if self.enabled:
+        if self.drawn:
             sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(min(seconds, 99 * 3600 + 3599))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
