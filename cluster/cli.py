@@ -79,8 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, choices=[300, 500], required=True)
     p.add_argument("--chunking", choices=["compat", "even"], default="compat",
                    help="compat: upstream VirNucPro's split, quirks included; even: overlap spread evenly")
-    p.add_argument("--workers", type=int, default=None, help="processes for translation")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for translation (default: 1 below ~64 Mbp of input, else one per CPU, "
+                        "at most 8)")
     p.add_argument("--verbose", "-v", action="store_true")
+
+    p = sub.add_parser("predict", help="VirNucPro prediction: preprocess, embed (DNABERT-S + ESM-2), classify",
+                       description="Chunk and translate INPUT as upstream VirNucPro does, embed the kept frames "
+                                   "with DNABERT-S and ESM-2 in one Ray session, classify them, and write "
+                                   "prediction_results.txt, prediction_results_highestscore.csv (upstream's "
+                                   "formats), predictions.parquet and contig_predictions.tsv in OUT_DIR.")
+    p.add_argument("input", type=Path, help="nucleotide FASTA (contigs or reads), plain or gzip")
+    p.add_argument("-o", "--out-dir", type=Path, required=True)
+    p.add_argument("--chunk-size", type=int, choices=[300, 500], required=True,
+                   help="chunk length the classifier was trained on (300_model.pth / 500_model.pth)")
+    p.add_argument("--chunking", choices=["compat", "even"], default="compat",
+                   help="compat: upstream VirNucPro's split, quirks included; even: overlap spread evenly")
+    p.add_argument("--classifier", type=Path, required=True,
+                   help="upstream's 300_model.pth / 500_model.pth, or a state dict of the same MLP")
+    p.add_argument("--esm-model", default="esm2_t36_3B_UR50D", help="ESM-2 MODEL (default: %(default)s)")
+    p.add_argument("--dnabert-model", default="zhihan1996/DNABERT-S", help="DNABERT-S MODEL (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="contig verdict: virus when the mean chunk virus score >= this (default %(default)s); "
+                        "a chunk's score is its best frame's P(virus)")
+    p.add_argument("--keep-embeddings", action="store_true",
+                   help="keep OUT_DIR/embeddings/{dnabert_s,esm2} (Parquet) for reuse")
+    p.add_argument("--workers", type=int, default=None, help="preprocessing processes (default: by input size)")
+    _add_run_options(p)
     return parser
 
 
@@ -88,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from virnucpro.classifier import ClassifierLoadError
     from virnucpro.models import CheckpointError
     from virnucpro.sequences import SequenceError
 
@@ -97,10 +123,19 @@ def main(argv: list[str] | None = None) -> int:
             result = embed(args.input, args.out_dir, args.model, **_run_kwargs(args))
             print(result.summary())
         elif args.command == "preprocess":
-            from virnucpro.preprocess import preprocess_fasta
-            res = preprocess_fasta(args.input, args.out_dir, args.chunk_size, args.chunking, args.workers)
-            print(res)
-    except (SequenceError, CheckpointError, RuntimeError, OSError) as e:
+            import time
+            from virnucpro.preprocess import default_workers, preprocess_fasta
+            workers = args.workers or default_workers(args.input)
+            start = time.perf_counter()
+            res = preprocess_fasta(args.input, args.out_dir, args.chunk_size, args.chunking, workers)
+            print(f"{res.summary()} ({time.perf_counter() - start:.1f} s, {workers} worker(s))")
+        elif args.command == "predict":
+            from .predict import predict
+            result = predict(args.input, args.out_dir, args.classifier, args.esm_model, args.dnabert_model,
+                             chunk_size=args.chunk_size, chunking=args.chunking, threshold=args.threshold,
+                             keep_embeddings=args.keep_embeddings, workers=args.workers, **_run_kwargs(args))
+            print(result.summary())
+    except (SequenceError, CheckpointError, ClassifierLoadError, RuntimeError, OSError, ValueError) as e:
         # one line a user can act on, never a traceback; --verbose keeps the traceback for bug reports
         if args.verbose:
             log.exception("failed")

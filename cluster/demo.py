@@ -2,8 +2,10 @@
 
 Writes a tiny ESM-2 checkpoint (fair-esm `.pt` format) and a tiny DNABERT-S directory (config.json,
 weights, tokenizer.json), then embeds the FASTA files in `examples/` through a local Ray with two
-actors, exactly as `virnucpro embed` does with real checkpoints. The embeddings are meaningless:
-the weights are random. See README.md for real models.
+actors, exactly as `virnucpro embed` does with real checkpoints. Then runs `virnucpro predict` end to
+end on examples/contigs.fasta with the same models and a random classifier of matching width: every
+output file is real, but the embeddings and the virus verdicts are meaningless, since the weights
+are random. See README.md for real models.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
+import torch
+
+from virnucpro.classifier import MLPClassifier
 
 from virnucpro.tiny import write_dnabert_s_dir, write_esm2_checkpoint
 
 from .driver import embed
+from .predict import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,9 +50,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {label}: {result.summary()}")
         print(f"demo:   Parquet: {out}  rows={table.num_rows} columns={table.column_names} "
               f"dim={table.schema.field('embedding').type.list_size}")
-    ray.shutdown()
     print("demo: read the output with pyarrow.parquet.read_table(OUT_DIR); real checkpoints: see README.md")
+
+    classifier = write_random_classifier(models / "500_model_tiny_random.pth", 96 + 160)
+    out = args.out / "predict"
+    result = predict(ROOT / "examples" / "contigs.fasta", out, classifier, esm, dnabert, chunk_size=500,
+                     device=args.device, toks_per_batch=4096, overwrite=True, progress=False)
+    ray.shutdown()
+    print(f"demo: predict: {result.summary()}")
+    for name in ("prediction_results.txt", "prediction_results_highestscore.csv", "predictions.parquet",
+                 "contig_predictions.tsv"):
+        path = out / name
+        print(f"demo:   {path}  ({path.stat().st_size} bytes)")
+        if name.endswith((".txt", ".tsv")):
+            for line in path.read_text().splitlines()[:4]:
+                print(f"demo:     {line}")
+    note = ["THE VERDICTS ABOVE ARE MEANINGLESS: the ESM-2, DNABERT-S and classifier weights are random.",
+            "They only show the pipeline and its file formats. For real predictions, give upstream's",
+            "500_model.pth with esm2_t36_3B_UR50D and zhihan1996/DNABERT-S (README.md)."]
+    width = max(map(len, note))
+    print("demo: " + "!" * (width + 6))
+    for line in note:
+        print(f"demo: !! {line:<{width}} !!")
+    print("demo: " + "!" * (width + 6))
     return 0
+
+
+def write_random_classifier(path: Path, input_dim: int) -> Path:
+    """A random VirNucPro MLP of the given input width, saved as a state dict (upstream's key names)."""
+    torch.manual_seed(0)
+    model = MLPClassifier(input_dim, 64, 2)
+    with torch.no_grad():
+        model.output_layer.weight *= 8  # spread the scores over (0, 1); they mean nothing either way
+    torch.save(model.state_dict(), path)
+    return path
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import types
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -261,43 +261,93 @@ def _float32_columns(probs: np.ndarray | torch.Tensor, n_ids: int) -> tuple[np.n
     return p[:, 0], p[:, 1]
 
 
-def write_prediction_results(path: str | os.PathLike, ids: Sequence[str],
-                             probs: np.ndarray | torch.Tensor) -> None:
-    """`prediction_results.txt`: `Sequence_ID, Prediction, score1, score2`, tab-separated.
+PREDICTION_HEADER = "Sequence_ID\tPrediction\tscore1\tscore2\n"
+HIGHEST_SCORE_HEADER = ("Modified_ID", "Is_Virus")
+
+
+def prediction_lines(ids: Sequence[str], probs: np.ndarray | torch.Tensor) -> str:
+    """Rows of `prediction_results.txt` (no header) for a batch of frames, as one string.
 
     Scores are written as str() of numpy float32 (shortest round-trip digits, e.g. `0.1`, `1e-05`),
     as upstream's `'\\t'.join(map(str, probability))` does. Prediction is `virus` only if
     score2 > score1: upstream takes torch.max's index, which is the first (others) on a tie.
     """
     others, virus = _float32_columns(probs, len(ids))
+    return "".join([f"{seq_id}\t{LABELS[int(p1 > p0)]}\t{str(p0)}\t{str(p1)}\n"
+                    for seq_id, p0, p1 in zip(ids, others, virus)])
+
+
+def write_prediction_results(path: str | os.PathLike, ids: Sequence[str],
+                             probs: np.ndarray | torch.Tensor) -> None:
+    """`prediction_results.txt`: `Sequence_ID, Prediction, score1, score2`, tab-separated.
+
+    One row per frame in the given order; see `prediction_lines` for the number format.
+    """
+    lines = prediction_lines(ids, probs)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write("Sequence_ID\tPrediction\tscore1\tscore2\n")
+        f.write(PREDICTION_HEADER)
+        f.write(lines)
+
+
+class ChunkMaxima:
+    """Per chunk (frame id minus its 2-character suffix), the maxima of score1 and of score2.
+
+    Fed frame batches in any order (`update`); `rows()` gives upstream's `Is_Virus` per chunk:
+    max score2 >= max score1. Memory: one entry per chunk that has frames.
+    """
+
+    def __init__(self) -> None:
+        self._best: dict[str, list] = {}
+
+    def update(self, ids: Sequence[str], probs: np.ndarray | torch.Tensor) -> None:
+        others, virus = _float32_columns(probs, len(ids))
+        best = self._best
         for seq_id, p0, p1 in zip(ids, others, virus):
-            f.write(f"{seq_id}\t{LABELS[int(p1 > p0)]}\t{str(p0)}\t{str(p1)}\n")
+            m = best.get(seq_id[:-2])
+            if m is None:
+                best[seq_id[:-2]] = [p0, p1]
+            else:
+                m[0], m[1] = max(m[0], p0), max(m[1], p1)
+
+    def maxima(self, chunk_id: str) -> tuple[float, float] | None:
+        """(max score1, max score2) of a chunk, or None when it had no frame."""
+        m = self._best.get(chunk_id)
+        return None if m is None else (m[0], m[1])
+
+    def __len__(self) -> int:
+        return len(self._best)
+
+    def rows(self) -> list[tuple[str, bool]]:
+        """(chunk id, Is_Virus), sorted by chunk id.
+
+        Upstream re-reads prediction_results.txt with pandas and groups by the chunk id; groupby
+        sorts its keys, so rows come in lexicographic order, not input order. Comparing float32
+        values here orders exactly as comparing the float64 values pandas parses back from their
+        shortest repr.
+        """
+        return [(chunk, bool(m[1] >= m[0])) for chunk, m in sorted(self._best.items())]
 
 
 def highest_scores(ids: Sequence[str], probs: np.ndarray | torch.Tensor) -> list[tuple[str, bool]]:
-    """Per chunk (frame id minus its 2-character suffix): max score2 >= max score1, sorted by id.
+    """Per chunk (frame id minus its 2-character suffix): max score2 >= max score1, sorted by id."""
+    maxima = ChunkMaxima()
+    maxima.update(ids, probs)
+    return maxima.rows()
 
-    Upstream re-reads prediction_results.txt with pandas and groups by the chunk id; groupby sorts
-    its keys, so rows come in lexicographic order, not input order. Comparing float32 values here
-    orders exactly as comparing the float64 values pandas parses back from their shortest repr.
+
+def write_highest_score_rows(path: str | os.PathLike, rows: Iterable[tuple[str, bool]]) -> None:
+    """Write `(chunk id, Is_Virus)` rows as upstream's `prediction_results_highestscore.csv`.
+
+    Tab-separated (despite the name), written as pandas' `to_csv(sep='\\t', index=False)` does: csv
+    quoting only where a field needs it; booleans as True/False.
     """
-    others, virus = _float32_columns(probs, len(ids))
-    best: dict[str, list[float]] = {}
-    for seq_id, p0, p1 in zip(ids, others, virus):
-        m = best.setdefault(seq_id[:-2], [p0, p1])
-        m[0], m[1] = max(m[0], p0), max(m[1], p1)
-    return [(chunk, bool(m[1] >= m[0])) for chunk, m in sorted(best.items())]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+        w.writerow(HIGHEST_SCORE_HEADER)
+        w.writerows(rows)
 
 
 def write_highest_scores(path: str | os.PathLike, ids: Sequence[str],
                          probs: np.ndarray | torch.Tensor) -> None:
-    """`prediction_results_highestscore.csv`: tab-separated `Modified_ID, Is_Virus` (True/False).
-
-    Written as pandas' `to_csv(sep='\\t', index=False)` does: csv quoting only where a field needs it.
-    """
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-        w.writerow(["Modified_ID", "Is_Virus"])
-        w.writerows(highest_scores(ids, probs))
+    """`prediction_results_highestscore.csv`: tab-separated `Modified_ID, Is_Virus` (True/False)."""
+    write_highest_score_rows(path, highest_scores(ids, probs))

@@ -403,6 +403,7 @@ class _BatchText:
     contigs: int
     n_chunks: int
     frames: int
+    chunks_with_frames: int
 
 
 def _format_batch(batch: list[tuple[str, str]], size: int, mode: str) -> _BatchText:
@@ -413,7 +414,8 @@ def _format_batch(batch: list[tuple[str, str]], size: int, mode: str) -> _BatchT
         # upstream writes frames one line per sequence, no wrapping
         "".join([f">{fid}\n{dna}\n" for fid, _, _, dna, _ in frames]).encode(),
         "".join([f">{fid}\n{prot}\n" for fid, _, _, _, prot in frames]).encode(),
-        len(batch), len(ids), len(frames))
+        len(batch), len(ids), len(frames),
+        sum(1 for i, t in enumerate(frames) if i == 0 or t[1] != frames[i - 1][1]))
 
 
 def _batched(records: Iterable[tuple[str, str]], max_bases: int) -> Iterator[list[tuple[str, str]]]:
@@ -460,6 +462,25 @@ class PreprocessResult:
     chunks_path: Path
     nucleotide_path: Path
     protein_path: Path
+    chunks_with_frames: int = 0  # chunks with at least one kept frame
+
+    def summary(self) -> str:
+        out = self.protein_path.parent
+        return (f"{self.contigs} records -> {self.chunks} chunks ({self.chunks - self.chunks_with_frames} "
+                f"without a stop-free frame) -> {self.frames} frames kept; wrote {out / CHUNKS_FASTA}, "
+                f"{out / NUCLEOTIDE_FASTA}, {out / PROTEIN_FASTA}")
+
+
+def default_workers(input_path: str | os.PathLike) -> int:
+    """Translation processes worth starting for this input: 1 (no pool) below ~64 Mbp, where one
+    process takes about a second; else one per CPU, at most 8 (gzip input counted as 4x its size)."""
+    size = os.path.getsize(input_path)
+    with open(input_path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            size *= 4
+    if size < 64 * _BATCH_BASES:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8, size // _BATCH_BASES))
 
 
 def preprocess_fasta(input_path: str | os.PathLike, out_dir: str | os.PathLike, chunk_size: int,
@@ -480,7 +501,7 @@ def preprocess_fasta(input_path: str | os.PathLike, out_dir: str | os.PathLike, 
     batches = _batched(iter_fasta(input_path), _BATCH_BASES)
     fn = partial(_format_batch, size=chunk_size, mode=chunking)
     results = map(fn, batches) if not workers or workers <= 1 else _ordered_pool_map(fn, batches, workers)
-    contigs = chunks = frames = 0
+    contigs = chunks = frames = with_frames = 0
     with ExitStack() as stack:
         f_chunk, f_nuc, f_prot = (stack.enter_context(open(p, "wb")) for p in paths)
         for text in results:
@@ -490,4 +511,5 @@ def preprocess_fasta(input_path: str | os.PathLike, out_dir: str | os.PathLike, 
             contigs += text.contigs
             chunks += text.n_chunks
             frames += text.frames
-    return PreprocessResult(contigs, chunks, frames, *paths)
+            with_frames += text.chunks_with_frames
+    return PreprocessResult(contigs, chunks, frames, *paths, chunks_with_frames=with_frames)
