@@ -313,37 +313,14 @@ class _Run:
             raise PredictError("--device cuda, but the Ray cluster has no GPU resources")
         n = self.opts.num_actors or (gpus if device == "cuda" else 1)
         if device != "cuda":
-            # both jobs' actors must fit at once (an actor holds its CPUs until its job ends), and
-            # share the CPUs' threads between them
-            per_actor = min(1.0, cpus / (num_jobs * n))
-            threads = str(max(1, int(cpus) // (num_jobs * n)))
-            opts = {"num_cpus": per_actor, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads}}}
+            # both jobs' actors must fit at once: an actor holds its CPUs until its job ends, so two
+            # jobs each waiting for CPUs the other holds would never start
+            opts = {"num_cpus": min(1.0, cpus / (num_jobs * n))}
             return {f: {"device": device, "num_actors": n, "gpus_per_actor": None,
                         "actor_options": lambda i, o=opts: o} for f in GPU_SHARE}, None
         if n > gpus:
             raise PredictError(f"--num-actors {n}: the Ray cluster has {gpus} GPU(s)")
-        # one bundle per GPU; each holds one actor of each model (fractional shares add up to 1)
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        pg = placement_group([{"GPU": 1, "CPU": 1}] * n, strategy="PACK")
-        waited = 0
-        while True:
-            ready, _ = ray.wait([pg.ready()], timeout=30)
-            if ready:
-                break
-            waited += 30
-            log.warning("waiting %d s for %d GPU(s) with a free CPU each to become available", waited, n)
-            if waited >= 600:
-                ray.util.remove_placement_group(pg)
-                raise PredictError(f"could not reserve {n} GPU(s) (each with a CPU) in {waited} s")
-        log.info("%d GPU(s): one ESM-2 and one DNABERT-S actor on each", n)
-
-        def place(i: int) -> dict:
-            return {"num_cpus": 0.5, "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, i)}
-
-        return {f: {"device": "cuda", "num_actors": n, "gpus_per_actor": share, "actor_options": place}
-                for f, share in GPU_SHARE.items()}, pg
+        return gpu_layout(n)
 
     # stage 3 -----------------------------------------------------------------------------------------
 
@@ -487,6 +464,35 @@ class _Run:
             pass
 
 
+def gpu_layout(num_gpus: int, wait_seconds: float = 600) -> tuple[dict[str, dict], object]:
+    """EmbedOptions overrides that put one ESM-2 and one DNABERT-S actor on each of `num_gpus` GPUs.
+
+    A placement group reserves one bundle per GPU ({GPU: 1, CPU: 1}); actor i of each model goes to
+    bundle i with its GPU_SHARE (0.75 + 0.25) and half a CPU. Without the group, Ray's fractional
+    placement depends on which job's actors come first (two ESM-2 actors could share a GPU while
+    another GPU holds only DNABERT-S). Returns (overrides per model family, placement group); the
+    caller removes the group when both jobs are done.
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = placement_group([{"GPU": 1, "CPU": 1}] * num_gpus, strategy="PACK")
+    waited = 0.0
+    while not ray.wait([pg.ready()], timeout=min(30.0, wait_seconds))[0]:
+        waited += min(30.0, wait_seconds)
+        if waited >= wait_seconds:
+            remove_placement_group(pg)
+            raise PredictError(f"could not reserve {num_gpus} GPU(s), each with a free CPU, in {waited:.0f} s")
+        log.warning("waited %.0f s for %d GPU(s) with a free CPU each", waited, num_gpus)
+    log.info("%d GPU(s): one ESM-2 and one DNABERT-S actor on each", num_gpus)
+
+    def place(i: int) -> dict:
+        return {"num_cpus": 0.5, "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, i)}
+
+    return {f: {"device": "cuda", "num_actors": num_gpus, "gpus_per_actor": share, "actor_options": place}
+            for f, share in GPU_SHARE.items()}, pg
+
+
 # -----------------------------------------------------------------------------
 # output helpers
 
@@ -588,4 +594,4 @@ def atomic_text(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["predict", "PredictResult", "PredictError", "contig_rows"]
+__all__ = ["predict", "PredictResult", "PredictError", "contig_rows", "gpu_layout"]

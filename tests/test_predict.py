@@ -318,6 +318,38 @@ def test_no_frames_writes_empty_tables_without_ray(tmp_path, upstream_classifier
     assert [(r[0], r[1], r[-1]) for r in rows[1:]] == [("r1", "3", "unclassified"), ("r2", "1", "unclassified")]
 
 
+GPU_LAYOUT_CHECK = textwrap.dedent("""
+    import collections, json, ray
+    from cluster.predict import gpu_layout
+    ray.init(address="local", num_cpus=4, num_gpus=3, include_dashboard=False, logging_level="ERROR")  # fake GPUs
+
+    @ray.remote
+    class Probe:
+        def gpu(self):
+            return ray.get_gpu_ids()
+
+    layout, pg = gpu_layout(3, wait_seconds=60)
+    actors = []
+    for family in ("dnabert_s", "esm2"):  # small model first: without the group, its actors could pack
+        o = layout[family]
+        assert o["device"] == "cuda"
+        for i in range(o["num_actors"]):
+            actors.append((family, Probe.options(num_gpus=o["gpus_per_actor"], **o["actor_options"](i)).remote()))
+    placed = collections.defaultdict(list)
+    for family, a in actors:
+        placed[str(ray.get(a.gpu.remote(), timeout=60))].append(family)
+    print(json.dumps(placed))
+""")
+
+
+def test_gpu_layout_puts_one_actor_of_each_model_on_every_gpu():
+    proc = subprocess.run([sys.executable, "-c", GPU_LAYOUT_CHECK], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    placed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(placed) == 3 and all(sorted(v) == ["dnabert_s", "esm2"] for v in placed.values()), placed
+
+
 def test_cli_predict(tmp_path, contigs, upstream_classifier, esm_tiny, dnabert_tiny):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cluster.cli", "predict", str(contigs), "-o", str(out), "--chunk-size", "500",
