@@ -1,0 +1,121 @@
+"""Placement and fault tolerance on a multi-node Ray cluster (ray.cluster_utils.Cluster, one machine).
+
+Nodes advertise fake GPU resources; actors compute on CPU (`device="cpu"`) but reserve
+`gpus_per_actor` of Ray's GPU resource, so placement (fractional GPUs, spread over nodes) is what it
+would be on GPU nodes. A test hook (VIRNUCPRO_TEST_BATCH_DELAY) slows every batch so that kills land
+mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from cluster.driver import embed
+from tests.conftest import random_proteins, write_fasta
+from virnucpro.output import part_metadata, read_embeddings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    nodes = [c.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+    ray.init(address=c.address, logging_level="WARNING")
+    c.wait_for_nodes()
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def _run_in_thread(**kwargs) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = embed(**kwargs)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+def _wait_for_parts(out: Path, n: int, timeout: float = 120) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        parts = sorted(out.glob("part-*.parquet"))
+        if len(parts) >= n:
+            return parts
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} parts in {out} after {timeout} s")
+
+
+def _assert_exactly_once(out: Path, ids: list[str]) -> None:
+    table = read_embeddings(out)
+    counts = Counter(table.column("id").to_pylist())
+    assert sorted(counts) == sorted(ids), "some ids are missing or unexpected"
+    assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1][:5]
+    assert table.num_rows == len(ids)
+    # nothing besides the plan's parts is visible to a dataset reader (temporary files are hidden)
+    assert pq.read_table(out).num_rows == len(ids)
+
+
+def test_fractional_gpus_spread_and_sigkilled_actor(cluster, tmp_path, esm_tiny, monkeypatch):
+    c, nodes = cluster
+    ids = write_fasta(tmp_path / "x.faa", random_proteins(240, 5, 60, seed=21))
+    out = tmp_path / "out"
+    monkeypatch.setenv("VIRNUCPRO_TEST_BATCH_DELAY", "0.1")
+    t, box = _run_in_thread(input=tmp_path / "x.faa", out_dir=out, model=esm_tiny, device="cpu",
+                            gpus_per_actor=0.5, toks_per_batch=256, progress=False)
+    parts = _wait_for_parts(out, 3)
+    victim = part_metadata(out, parts[0].name)["actor"]  # host:pid of the actor that wrote it
+    os.kill(int(victim.rsplit(":", 1)[1]), signal.SIGKILL)
+    t.join(240)
+    assert not t.is_alive(), "embed did not finish after an actor was killed"
+    assert "error" not in box, box.get("error")
+    result = box["result"]
+    # 2 nodes x 1 GPU / 0.5 per actor = 4 actors, two on each node, sharing that node's GPU id
+    assert len(result.actors) == 4
+    per_node = Counter(a["node_id"] for a in result.actors)
+    assert sorted(per_node.values()) == [2, 2] and set(per_node) == {n.node_id for n in nodes}
+    assert all(len(a["gpu_ids"]) == 1 for a in result.actors)
+    assert result.batches_retried >= 1  # the killed actor's batches were dealt again
+    _assert_exactly_once(out, ids)
+
+
+def test_node_removed_mid_run(cluster, tmp_path, esm_tiny, monkeypatch):
+    c, nodes = cluster
+    spare = c.add_node(num_cpus=2, num_gpus=1)
+    c.wait_for_nodes()
+    ids = write_fasta(tmp_path / "y.faa", random_proteins(150, 5, 60, seed=22))
+    out = tmp_path / "out"
+    monkeypatch.setenv("VIRNUCPRO_TEST_BATCH_DELAY", "0.05")
+    # one actor with a whole (fake) GPU: when its node goes, the run can only finish if Ray restarts
+    # it on a node with a free GPU and the driver takes it back into the pool
+    t, box = _run_in_thread(input=tmp_path / "y.faa", out_dir=out, model=esm_tiny, device="cpu",
+                            gpus_per_actor=1, num_actors=1, toks_per_batch=256, progress=False)
+    parts = _wait_for_parts(out, 3)
+    node_id = part_metadata(out, parts[0].name)["node_id"]
+    victim = next(n for n in [*nodes, spare] if n.node_id == node_id)
+    c.remove_node(victim)
+    t.join(240)
+    assert not t.is_alive(), "embed did not finish after a node was removed"
+    assert "error" not in box, box.get("error")
+    result = box["result"]
+    assert result.batches_retried >= 1
+    _assert_exactly_once(out, ids)
+    writers = {part_metadata(out, p.name)["node_id"] for p in out.glob("part-*.parquet")}
+    assert node_id in writers and len(writers) == 2  # the actor came back on another node
