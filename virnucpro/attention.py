@@ -148,12 +148,17 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
     return Backend("flash", f"varlen_attn over packed sequences, {gpu}, {str(dtype).removeprefix('torch.')}")
 
 
+@torch.compiler.disable
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, backend: Backend,
               scale: float, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Non-causal attention within each packed sequence.
 
     q, k, v: [T, H, hd]; alibi: float32 [H] slopes, adding -slope * |i - j| to the scores. Returns
     [T, H, hd].
+
+    Kept out of torch.compile: the kernels here are already fused, and what they take (cu_seqlens,
+    max_seqlen, padded shapes, cached masks) would make compiled layers guard on and recompile for
+    every new batch shape; the compiled graphs around it see only [T, D] tensors.
     """
     if backend.name == "flash":
         cu, m = packing.cu_seqlens, packing.max_seqlen
