@@ -133,3 +133,71 @@ def test_model_of_wrong_family_for_input_is_reported(tmp_path, dnabert_tiny, loc
     (tmp_path / "p.faa").write_text(">p1\nMKVLQE\n")
     with pytest.raises(SequenceError, match="record 'p1'.*not a valid DNA letter"):
         embed(tmp_path / "p.faa", tmp_path / "out", dnabert_tiny, device="cpu")
+
+
+def test_permanent_batch_failure_names_batch_and_cause_then_resume(tmp_path, esm_tiny, local_ray, monkeypatch):
+    """A batch that raises in the actor is not retried: the run stops naming the batch and the cause,
+    the manifest stays incomplete, and --resume (cause fixed) computes only what is missing."""
+    ids = write_fasta(tmp_path / "f.faa", random_proteins(60, 10, 100, seed=8))
+    out = tmp_path / "out"
+    opts = dict(device="cpu", toks_per_batch=512, progress=False)
+    monkeypatch.setenv("VIRNUCPRO_TEST_FAIL_BATCH", "2")
+    with pytest.raises(EmbedError, match=r"batch 2 \(\d+ sequences, \d+ tokens, .*first id 'seq\d+'\) failed: "
+                                         r"ValueError: injected failure"):
+        embed(tmp_path / "f.faa", out, esm_tiny, **opts)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert not manifest["complete"] and "part-000002.parquet" not in manifest["parts"]
+    assert not (out / "part-000002.parquet").exists()
+    with pytest.raises(FileNotFoundError, match="no complete run"):
+        read_embeddings(out)
+    monkeypatch.delenv("VIRNUCPRO_TEST_FAIL_BATCH")
+    done_before = len(list(out.glob("part-*.parquet")))
+    resumed = embed(tmp_path / "f.faa", out, esm_tiny, resume=True, **opts)
+    assert resumed.batches_computed == resumed.num_batches - done_before
+    assert sorted(read_embeddings(out).column("id").to_pylist()) == sorted(ids)
+
+
+def test_output_uri_and_part_metadata(tmp_path, esm_tiny, local_ray):
+    from virnucpro.output import part_metadata
+
+    ids = write_fasta(tmp_path / "u.faa", random_proteins(30, 5, 80, seed=9))
+    uri = (tmp_path / "out").as_uri()  # file:///...
+    result = embed(tmp_path / "u.faa", uri, esm_tiny, device="cpu", toks_per_batch=512, progress=False)
+    assert result.out_dir == tmp_path / "out"
+    table = read_embeddings(uri)
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+    meta = part_metadata(uri, "part-000000.parquet")
+    assert meta["batch_id"] == "0" and meta["node_id"] == result.actors[0]["node_id"]
+    assert meta["actor"] == result.actors[0]["actor"]
+
+
+def test_output_location_on_an_fsspec_filesystem():
+    """Parts and manifest through a non-local filesystem (fsspec's in-memory one), no Ray."""
+    from virnucpro.output import Manifest, OutputLocation, part_metadata, write_part
+
+    loc = OutputLocation.parse("memory://bucket/run")
+    assert loc.local_path is None and not loc.object_store
+    loc.make_dirs()
+    write_part(loc.uri, 0, ["a", "b"], np.array([1, 0]), np.array([3, 4]), np.array([False, True]),
+               np.ones((2, 8)), "m", {"actor": "h:1"})
+    manifest = Manifest("m", "esm2", 8, "in.faa", "f", 2, 1, parts={"part-000000.parquet": 2}, complete=True)
+    manifest.save(loc.uri)
+    assert not [n for n in loc.list_files() if n.endswith(".tmp")]  # temporary names renamed away
+    assert read_embeddings(loc.uri).column("id").to_pylist() == ["b", "a"]
+    assert part_metadata(loc.uri, "part-000000.parquet") == {"actor": "h:1"}
+    assert Manifest.load(loc.uri).complete
+
+
+def test_progress_bar_quiet_without_terminal(capsys):
+    from cluster.driver import _Progress
+
+    quiet = _Progress(1000, 10, 0, 0, enabled=None)  # stderr is captured: not a terminal
+    quiet.advance(500, 5)
+    quiet.close()
+    assert capsys.readouterr().err == ""
+    bar = _Progress(1000, 10, 0, 0, enabled=True)
+    bar.advance(1000, 10, 3, 4)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "10/10 sequences" in err and "K tokens/s" in err and "ETA 0:00:00" in err and "actors 3/4" in err
+    assert "100%" in err and err.endswith("\n")
