@@ -295,7 +295,6 @@ class _Run:
                     self.embed_results[family] = res
                     self.stages[family] = ("computed" if res.batches_computed == res.num_batches else
                                            f"resumed ({res.batches_computed} of {res.num_batches} batches computed)")
-                    log.info("embed %s: %s", family, res.summary())
             if errors:
                 raise errors[0]
         finally:
