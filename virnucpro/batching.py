@@ -49,7 +49,7 @@ def plan_batches(num_tokens: np.ndarray, toks_per_batch: int) -> list[np.ndarray
     return list(Plan.build(np.asarray(num_tokens), toks_per_batch))
 
 
-_CHUNK = 1 << 20  # records per planning chunk
+_CHUNK = 1 << 16  # records per planning chunk: bounds the planner's temporary arrays (a few MiB)
 
 
 @dataclass

@@ -193,20 +193,50 @@ def _read_header_id(path: Path, offset: int) -> str:
         return f.readline()[1:].decode("utf-8").strip().split(None, 1)[0]
 
 
-def _duplicate_ids(path: Path, offsets: np.ndarray, hashes: np.ndarray) -> list[str]:
-    """Ids that occur more than once (each listed once), found through their hashes; candidates are
-    confirmed by reading their headers back, so a hash collision reports nothing."""
-    if len(hashes) < 2:
+_DEDUP_BUCKET = 1 << 18  # hashes sorted at once by the duplicate check (2 MiB)
+
+
+def _repeats(sorted_hashes: np.ndarray) -> np.ndarray:
+    return np.unique(sorted_hashes[1:][sorted_hashes[1:] == sorted_hashes[:-1]])
+
+
+def _duplicate_ids(path: Path, offsets: np.ndarray, hashes: np.ndarray, scratch_dir: str | Path) -> list[str]:
+    """Ids that occur more than once (each listed once), found through their 64-bit hashes in bounded
+    memory: hashes are split by their top bits into scratch buckets of about _DEDUP_BUCKET each, each
+    bucket is sorted alone, and the repeated values are looked up in one more chunked pass. Candidates
+    are confirmed by reading their headers back, so a hash collision reports nothing."""
+    n = len(hashes)
+    if n < 2:
         return []
-    sorted_h = np.sort(hashes)  # the one transient copy: 8 bytes a record, freed on return
-    repeated = np.unique(sorted_h[1:][sorted_h[1:] == sorted_h[:-1]])
-    del sorted_h
+    bits = max(0, int(np.ceil(np.log2(n / _DEDUP_BUCKET))))
+    if bits == 0:
+        repeated = _repeats(np.sort(hashes))
+    else:
+        buckets = [tempfile.TemporaryFile(dir=scratch_dir) for _ in range(1 << bits)]
+        try:
+            for a in range(0, n, _SPILL_CHUNK):
+                h = hashes[a:a + _SPILL_CHUNK]
+                which = (h.view(np.uint64) >> np.uint64(64 - bits)).astype(np.intp)
+                order = np.argsort(which, kind="stable")
+                grouped, counts = h[order], np.bincount(which, minlength=len(buckets))
+                ends = np.cumsum(counts)
+                for k in np.flatnonzero(counts).tolist():
+                    grouped[ends[k] - counts[k]:ends[k]].tofile(buckets[k])
+            found = []
+            for f in buckets:
+                f.seek(0)
+                found.append(_repeats(np.sort(np.fromfile(f, np.int64))))
+            repeated = np.concatenate(found)
+        finally:
+            for f in buckets:
+                f.close()
     if not len(repeated):
         return []
     seen: dict[str, int] = {}
-    for position in np.flatnonzero(np.isin(hashes, repeated)).tolist():
-        rid = _read_header_id(path, int(offsets[position]))
-        seen[rid] = seen.get(rid, 0) + 1
+    for a in range(0, n, _SPILL_CHUNK):
+        for position in (a + np.flatnonzero(np.isin(hashes[a:a + _SPILL_CHUNK], repeated))).tolist():
+            rid = _read_header_id(path, int(offsets[position]))
+            seen[rid] = seen.get(rid, 0) + 1
     return [rid for rid, n in seen.items() if n > 1]
 
 
@@ -242,7 +272,7 @@ class FastaIndex:
                 raise SequenceError(f"{path}: damaged or truncated gzip file ({e})") from None
         # Int64 columns appended in chunks to unlinked scratch files and mapped back read-only: the
         # driver's heap does not grow with the input (the OS pages the columns in and out). The id
-        # hashes for the duplicate check are one more such column, sorted once at the end.
+        # hashes for the duplicate check are one more such column, sorted in buckets at the end.
         offsets, lengths, ordinals, hashes = (_Column(scratch_dir) for _ in range(4))
         empty: list[str] = []
         try:
@@ -255,7 +285,7 @@ class FastaIndex:
                 lengths.append(len(seq))
                 ordinals.append(ordinal)
             offsets_a, lengths_a, ordinals_a = offsets.finish(), lengths.finish(), ordinals.finish()
-            duplicates = _duplicate_ids(source, offsets_a, hashes.finish())
+            duplicates = _duplicate_ids(source, offsets_a, hashes.finish(), scratch_dir)
         finally:
             for c in (offsets, lengths, ordinals, hashes):
                 c.close()
