@@ -56,6 +56,7 @@ log = logging.getLogger("virnucpro")
 DEFAULT_TOKS = {"cpu": 4096, "cuda": 65536}
 MAX_BATCH_RETRIES = 3  # a batch whose actor died this many times in a row fails the run
 MAX_ACTOR_RESTARTS = 3  # Ray restarts a dead actor this many times, then the pool replaces it
+MAX_REPLACEMENTS_PER_ACTOR = 3  # new actors the pool may start, per actor of the run
 ACTOR_WAIT_SECONDS = 900  # no usable actor for this long (all restarting, none schedulable): give up
 _PART = re.compile(r"part-(\d{6,})\.parquet")
 _TRANSIENT = (RayActorError, ObjectLostError, WorkerCrashedError)  # the actor, not the batch, failed
@@ -91,6 +92,7 @@ class EmbedOptions:
     # placement-group bundle, so that two embed jobs share GPUs as `cluster.predict` arranges)
     actor_options: Callable[[int], dict] | None = None
     actor_wait_seconds: float = ACTOR_WAIT_SECONDS  # give up when no actor is usable for this long
+    max_actor_restarts: int = MAX_ACTOR_RESTARTS  # Ray's restarts of one actor (-1: no limit), then a new one
 
 
 @dataclass
@@ -329,6 +331,10 @@ class _Slot:
         self.probe: ray.ObjectRef | None = None
         self.probe_after = 0.0  # next probe time while Ray restarts the actor
         self.info: dict = {}
+        self.seen_generation = 0  # the generation `info` came from
+
+    def info_generation_seen(self) -> bool:
+        return self.seen_generation == self.generation
 
 
 class _ActorPool:
@@ -350,7 +356,7 @@ class _ActorPool:
             num_gpus=gpus_per_actor,
             num_cpus=1,
             max_concurrency=self.streams,
-            max_restarts=MAX_ACTOR_RESTARTS,
+            max_restarts=opts.max_actor_restarts,
             max_task_retries=0,  # the dispatcher deals a failed batch again, to any actor
             scheduling_strategy="SPREAD",  # actors over nodes; CUDA_VISIBLE_DEVICES is Ray's to set
             runtime_env={"env_vars": env} if env else None,
@@ -411,12 +417,13 @@ class _ActorPool:
             self._replace(slot, e)
         else:
             moved = info.get("node_id") != slot.info.get("node_id")
-            slot.state, slot.info = "ready", info
-            log.warning("actor %d is back (%s%s)", slot.number, info["actor"], ", on another node" if moved else "")
+            what = "its replacement is up" if slot.generation and not slot.info_generation_seen() else "is back"
+            slot.state, slot.info, slot.seen_generation = "ready", info, slot.generation
+            log.warning("actor %d: %s (%s%s)", slot.number, what, info["actor"], ", on another node" if moved else "")
         return True
 
     def _replace(self, slot: _Slot, e: Exception) -> None:
-        if self.replaced >= max(1, self.num_actors) * MAX_ACTOR_RESTARTS:
+        if self.replaced >= self.num_actors * MAX_REPLACEMENTS_PER_ACTOR:
             slot.state = "dead"
             log.warning("actor %d is gone for good (%s); %d usable", slot.number, _cause(e), self.usable)
             return

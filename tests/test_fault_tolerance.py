@@ -119,3 +119,20 @@ def test_node_removed_mid_run(cluster, tmp_path, esm_tiny, monkeypatch):
     _assert_exactly_once(out, ids)
     writers = {part_metadata(out, p.name)["node_id"] for p in out.glob("part-*.parquet")}
     assert node_id in writers and len(writers) == 2  # the actor came back on another node
+
+
+def test_actor_ray_gives_up_on_is_replaced(cluster, tmp_path, esm_tiny, monkeypatch):
+    ids = write_fasta(tmp_path / "z.faa", random_proteins(120, 5, 60, seed=23))
+    out = tmp_path / "out"
+    monkeypatch.setenv("VIRNUCPRO_TEST_BATCH_DELAY", "0.05")
+    # no restarts by Ray: a killed actor is dead for good, and the pool starts a new one
+    t, box = _run_in_thread(input=tmp_path / "z.faa", out_dir=out, model=esm_tiny, device="cpu",
+                            gpus_per_actor=1, num_actors=1, toks_per_batch=256, progress=False,
+                            max_actor_restarts=0)
+    parts = _wait_for_parts(out, 2)
+    victim = part_metadata(out, parts[0].name)["actor"]
+    os.kill(int(victim.rsplit(":", 1)[1]), signal.SIGKILL)
+    t.join(240)
+    assert not t.is_alive() and "error" not in box, box.get("error")
+    assert box["result"].actors_replaced == 1 and box["result"].batches_retried >= 1
+    _assert_exactly_once(out, ids)
