@@ -24,7 +24,7 @@ import torch
 from virnucpro.attention import Packing
 from virnucpro.batching import TokenBatch
 from virnucpro.models import ModelSource, load_model
-from virnucpro.output import write_part
+from virnucpro.output import OutputLocation, write_part
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Embedder:
                  compile: bool | None = None, log_level: int = logging.INFO):
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.source = source
-        self.out_dir = out_dir
+        self.out_dir = OutputLocation.parse(out_dir)  # parsed once: an s3:// URI resolves its region
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.name = f"{socket.gethostname()}:{os.getpid()}"

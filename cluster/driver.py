@@ -189,6 +189,8 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions) 
             pool.shutdown()
         if started_ray:
             ray.shutdown()
+        if out.local_path is None:  # a temporary scratch directory: nothing in it is worth keeping
+            shutil.rmtree(scratch, ignore_errors=True)
 
     if manifest.rows_done != len(index) or len(manifest.parts) != len(plan):
         manifest.save(out)
@@ -569,7 +571,8 @@ class _Dispatcher:
                                     slot.number, b, _cause(e))
                         self.retried += 1
                         ready.appendleft((b, batch_ref))
-                        self.pool.failed(slot)
+                        if generation == slot.generation:  # not a late failure of a replaced actor
+                            self.pool.failed(slot)
                     except RayTaskError as e:
                         self.metrics.failure("batch_error")
                         raise EmbedError(self._task_failure(b, batch_ref, e)) from None

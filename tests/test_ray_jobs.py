@@ -108,7 +108,7 @@ def head():
                RAY_metrics_report_interval_ms="1000", PYTHONPATH=str(ROOT))
     log = open(temp_dir / "ray-start.log", "w")
     proc = subprocess.Popen(
-        ["ray", "start", "--head", "--port=0", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        [*_ray(), "start", "--head", "--port=0", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}",
          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
          "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
@@ -132,6 +132,11 @@ def head():
         _stop(proc.pid)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ray() -> list[str]:
+    exe = shutil.which("ray")
+    return [exe] if exe else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def _virnucpro() -> list[str]:
@@ -204,7 +209,7 @@ def test_ray_job_submit_cli_with_working_dir(head, tmp_path, esm_tiny):
     out = tmp_path / "out"
     env = {**head.env, "RAY_AUTH_TOKEN": head.token}
     proc = subprocess.run(
-        ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", str(ROOT), "--",
+        [*_ray(), "job", "submit", "--address", head.dashboard, "--working-dir", str(ROOT), "--",
          "python", "-m", "cluster.cli", "embed", str(tmp_path / "in.faa"), "-o", str(out),
          "--model", str(esm_tiny), "--device", "cpu", "--num-actors", "1"],
         env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
