@@ -93,7 +93,8 @@ def end_to_end(ckpt: Path, fasta: Path, toks: int, work: Path) -> dict:
     start = time.perf_counter()
     result = embed(fasta, work / "out", ckpt, device="cuda", toks_per_batch=toks, progress=False, overwrite=True)
     wall = time.perf_counter() - start
-    return {"tokens": result.tokens_computed, "sequences": result.num_sequences,
+    manifest = json.loads((work / "out" / "_manifest.json").read_text())
+    return {"toks_per_batch": manifest.get("toks_per_batch") or toks, "tokens": result.tokens_computed, "sequences": result.num_sequences,
             "seconds": result.compute_seconds, "tokens_per_s": result.tokens_per_second,
             "wall_seconds_including_startup": wall, "batches": result.num_batches, "actor": result.actors[0]}
 
@@ -103,23 +104,30 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", default="esm2_3B", choices=[*SHAPES, "dnabert_s"])
     ap.add_argument("-n", type=int, default=20000)
-    ap.add_argument("--toks-per-batch", type=int, default=65536)
+    ap.add_argument("--toks-per-batch", type=int, default=None, help="default: the driver's for this model")
+    ap.add_argument("--skip-bare", action="store_true", help="end to end only (e.g. the multi-GPU run)")
+    ap.add_argument("--work", type=Path, default=None, help="reuse inputs written here by an earlier run")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        t0 = time.perf_counter()
+    work = args.work or Path(tempfile.mkdtemp())
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if (work / "input.fasta").is_file():
+        fasta = work / "input.fasta"
+        ckpt = next(work.glob("esm2_*.pt"), work / "dnabert_s")
+    else:
         fasta, ckpt = write_inputs(args.model, args.n, work)
         print(f"inputs written in {time.perf_counter() - t0:.0f} s", flush=True)
-        e2e = end_to_end(ckpt, fasta, args.toks_per_batch, work)
-        print(f"end to end: {e2e['tokens_per_s'] / 1e3:.1f} K tokens/s", flush=True)
-        bare = bare_model(ckpt, fasta, args.toks_per_batch, work)
-    ratio = e2e["tokens_per_s"] / bare["tokens_per_s"]
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
-              "model": args.model, "toks_per_batch": args.toks_per_batch, "bare_model": bare,
-              "end_to_end": e2e, "ratio": ratio, "date": time.strftime("%Y-%m-%d")}
-    print(f"{args.model}: bare {bare['tokens_per_s'] / 1e3:.1f} K tokens/s, end to end "
-          f"{e2e['tokens_per_s'] / 1e3:.1f} K tokens/s ({100 * ratio:.1f}%), wall incl. start-up "
-          f"{e2e['wall_seconds_including_startup']:.0f} s")
+    e2e = end_to_end(ckpt, fasta, args.toks_per_batch, work)
+    print(f"end to end on {torch.cuda.device_count()} GPU(s): {e2e['tokens_per_s'] / 1e3:.1f} K tokens/s, "
+          f"wall incl. start-up {e2e['wall_seconds_including_startup']:.0f} s", flush=True)
+    result = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+              "host": platform.node(), "model": args.model, "toks_per_batch": args.toks_per_batch,
+              "end_to_end": e2e, "date": time.strftime("%Y-%m-%d")}
+    if not args.skip_bare:
+        bare = bare_model(ckpt, fasta, e2e["toks_per_batch"], work)
+        result["bare_model"], result["ratio"] = bare, e2e["tokens_per_s"] / bare["tokens_per_s"]
+        print(f"{args.model}: bare {bare['tokens_per_s'] / 1e3:.1f} K tokens/s, end to end "
+              f"{e2e['tokens_per_s'] / 1e3:.1f} K tokens/s ({100 * result['ratio']:.1f}%)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
 

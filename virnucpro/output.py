@@ -213,6 +213,7 @@ class Manifest:
     num_batches: int
     parts: dict[str, int] = field(default_factory=dict)  # part file name -> rows
     skipped_empty: list[str] = field(default_factory=list)
+    toks_per_batch: int | None = None
     complete: bool = False
     version: int = FORMAT_VERSION
     created: float = field(default_factory=time.time)
