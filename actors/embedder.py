@@ -11,12 +11,15 @@ per batch, its tokens/s, GPU memory, failures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import socket
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,7 +135,8 @@ class Embedder:
 
     def __init__(self, source: ModelSource, out_dir: str, device: str = "auto", dtype: str = "auto",
                  cuda_streams: int = 2, pin_memory: bool = True, attention_backend: str = "auto",
-                 compile: bool | None = None, log_level: int = logging.INFO):
+                 compile: bool | None = None, log_level: int = logging.INFO, profile_dir: str | None = None,
+                 profile_batches: int = 3):
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.source = source
         self.out_dir = OutputLocation.parse(out_dir)  # parsed once: an s3:// URI resolves its region
@@ -150,6 +154,8 @@ class Embedder:
             self._compile_and_warm_up()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.pin_memory = pin_memory and self.device.type == "cuda"
+        self.profile_dir, self.profile_left = profile_dir, profile_batches if profile_dir else 0
+        self.profile_lock = threading.Lock()  # the torch profiler is per process: one batch at a time
         self.streams: queue.Queue = queue.Queue()
         for _ in range(max(1, cuda_streams) if self.device.type == "cuda" else 1):
             pair = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)) if self.device.type == "cuda" else None
@@ -183,7 +189,8 @@ class Embedder:
     def embed(self, batch: TokenBatch) -> PartResult:
         start = time.perf_counter()
         try:
-            pooled = self._compute(batch)
+            with self._profiled(batch.batch_id):
+                pooled = self._compute(batch)
             file, rows = write_part(self.out_dir, batch.batch_id, batch.ids, batch.index, batch.length,
                                     batch.truncated, pooled, self.source.name,
                                     {"actor": self.name, "node_id": self.node_id, "batch_id": batch.batch_id})
@@ -197,6 +204,27 @@ class Embedder:
         if self.metrics is not None:
             self.metrics.batch_done(rows, batch.num_tokens, seconds, self.device)
         return PartResult(batch.batch_id, file, rows, batch.num_tokens, seconds, self.name, self.node_id)
+
+    @contextlib.contextmanager
+    def _profiled(self, batch_id: int):
+        """Record a torch profiler trace (CPU and CUDA) of the actor's first few batches (--profile)."""
+        if self.profile_left <= 0 or not self.profile_lock.acquire(blocking=False):
+            yield
+            return
+        try:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as prof:
+                yield
+            self.profile_left -= 1
+            path = Path(self.profile_dir) / f"trace-{socket.gethostname()}-{os.getpid()}-batch{batch_id}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(path))
+            log.info("actor %s: profiler trace of batch %d written to %s (open in Perfetto or chrome://tracing)",
+                     self.name, batch_id, path)
+        finally:
+            self.profile_lock.release()
 
     def _compute(self, batch: TokenBatch) -> np.ndarray:
         delay = float(os.environ.get(TEST_BATCH_DELAY) or 0)

@@ -47,6 +47,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "for DNABERT-S")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model layers (default: on for CUDA, off on CPU)")
+    g.add_argument("--profile", metavar="DIR", default=None,
+                   help="write torch profiler traces (CPU and CUDA) of each actor's first 3 batches to DIR "
+                        "on the actor's node; open them in Perfetto or chrome://tracing")
     g.add_argument("--resume", action="store_true", help="finish a previous run in OUT_DIR")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in OUT_DIR")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -57,7 +60,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _run_kwargs(args: argparse.Namespace) -> dict:
     keys = ["device", "dtype", "num_actors", "gpus_per_actor", "address", "toks_per_batch",
             "truncation_seq_length", "dataloader_workers", "pin_memory", "expandable_segments",
-            "cuda_streams", "attention", "compile", "resume", "overwrite", "progress", "verbose"]
+            "cuda_streams", "attention", "compile", "profile", "resume", "overwrite", "progress", "verbose"]
     return {k: getattr(args, k) for k in keys}
 
 

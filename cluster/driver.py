@@ -93,6 +93,7 @@ class EmbedOptions:
     cuda_streams: int = 2
     attention: str = "auto"  # auto, sdpa (force the fallback) or flex (DNABERT-S on CUDA)
     compile: bool | None = None  # torch.compile the layers; default: on CUDA
+    profile: str | None = None  # directory for torch profiler traces of each actor's first batches
     resume: bool = False
     overwrite: bool = False
     progress: bool | None = None  # default: when stderr is a terminal
@@ -381,7 +382,7 @@ class _ActorPool:
         level = logging.DEBUG if self.opts.verbose else logging.INFO
         return ray.remote(Embedder).options(**{**self.options, **extra}).remote(
             self.source, self.out.uri, self.device, self.opts.dtype, self.streams, self.opts.pin_memory,
-            self.opts.attention, self.opts.compile, level)
+            self.opts.attention, self.opts.compile, level, self.opts.profile)
 
     def start(self) -> list[dict]:
         self.slots = [_Slot(i, self._new_actor(i)) for i in range(self.num_actors)]

@@ -201,3 +201,13 @@ def test_progress_bar_quiet_without_terminal(capsys):
     err = capsys.readouterr().err
     assert "10/10 sequences" in err and "K tokens/s" in err and "ETA 0:00:00" in err and "actors 3/4" in err
     assert "100%" in err and err.endswith("\n")
+
+
+def test_profile_writes_traces_of_first_batches(tmp_path, esm_tiny, local_ray):
+    write_fasta(tmp_path / "p.faa", random_proteins(40, 10, 200, seed=12))
+    embed(tmp_path / "p.faa", tmp_path / "out", esm_tiny, device="cpu", toks_per_batch=512,
+          profile=str(tmp_path / "prof"), progress=False)
+    traces = sorted((tmp_path / "prof").glob("trace-*.json"))
+    assert len(traces) == 3  # the first three batches of the one actor
+    trace = json.loads(traces[0].read_text())
+    assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])
