@@ -64,3 +64,24 @@ def test_plan_order_can_live_in_a_scratch_file(tmp_path):
     plan = Plan.build(tokens, 512, scratch_dir=tmp_path)
     assert isinstance(plan.order, np.memmap) and not list(tmp_path.iterdir())  # unlinked, mapped
     assert all(np.array_equal(x, y) for x, y in zip(plan, _greedy_one_by_one(tokens, 512)))
+
+
+def test_long_records_are_read_only_as_far_as_the_tokenizer_uses_them(tmp_path, esm_tiny, dnabert_tiny):
+    """make_batch reads max_residues of a long record; tokens are those of the whole sequence truncated,
+    and `length` / `truncated` come from the true length."""
+    from tests.conftest import random_dna, random_proteins, write_fasta
+    from virnucpro.batching import make_batch
+    from virnucpro.models import load_tokenizer, resolve_model
+    from virnucpro.sequences import DNA, PROTEIN, FastaIndex
+
+    for spec, kind, seqs in [(esm_tiny, PROTEIN, random_proteins(3, 1, 40, seed=1) + random_proteins(2, 3000, 5000)),
+                             (dnabert_tiny, DNA, random_dna(3, 1, 40, seed=1) + random_dna(2, 20000, 30000))]:
+        write_fasta(tmp_path / "in.fa", seqs)
+        index = FastaIndex.build(tmp_path / "in.fa", kind, tmp_path / "scratch")
+        tok = load_tokenizer(resolve_model(spec), 100)
+        assert tok.max_residues is not None and tok.max_residues < 20000
+        batch = make_batch(index, np.arange(len(seqs)), tok, 0)
+        tokens, seq_tokens, truncated = tok.encode(seqs)
+        assert np.array_equal(batch.tokens, tokens) and np.array_equal(batch.seq_tokens, seq_tokens)
+        assert batch.truncated.tolist() == truncated.tolist() == [False] * 3 + [True] * 2
+        assert batch.length.tolist() == [len(s) for s in seqs]

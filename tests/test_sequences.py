@@ -93,3 +93,111 @@ def test_only_empty_records_is_an_error(tmp_path):
     (tmp_path / "x.fa").write_text(">a\n>b\n")
     with pytest.raises(SequenceError, match="no records with a sequence"):
         FastaIndex.build(tmp_path / "x.fa", DNA, tmp_path)
+
+
+# --- the streaming scanner: any block size, whitespace, trailing '*', bounded memory -----------------
+
+def _reference(text: bytes, kind: str) -> list[tuple[str, bytes]]:
+    """Records as a line-based reader sees them: id = header up to whitespace, sequence = the lines
+    with all whitespace removed, normalised (the rules of `normalise`)."""
+    records, header, parts = [], None, []
+    for line in text.split(b"\n"):
+        if line.startswith(b">"):
+            if header is not None:
+                records.append((header, b"".join(parts)))
+            header, parts = line[1:].decode().split(None, 1)[0], []
+        elif header is not None:
+            parts.append(line.translate(None, b" \t\r\n"))
+    records.append((header, b"".join(parts)))
+    return [(rid, normalise(seq, kind, rid) if seq else seq) for rid, seq in records]
+
+
+def _messy_fasta(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    out = [b"\n\n"]  # blank lines before the first header are allowed
+    for i in range(40):
+        eol = b"\r\n" if rng.random() < 0.3 else b"\n"
+        out.append(b">r%d%s desc %d%s" % (i, "é".encode() if i % 7 == 0 else b"", i, eol))
+        n = int(rng.integers(0, 400))
+        seq = rng.choice(np.frombuffer(b"ACDEFGHIKLMNPQRSTVWYacdxuj", np.uint8), n).tobytes()
+        if i % 5 == 1 and n:
+            seq += b"*"
+        width = int(rng.integers(1, 90))
+        for a in range(0, len(seq), width):
+            out.append(seq[a:a + width] + (b" " if rng.random() < 0.1 else b"") + eol)
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("block", [1, 5, 64, 1 << 20])
+def test_scanner_matches_a_line_reader_for_any_block_size(tmp_path, monkeypatch, block):
+    import virnucpro.sequences as s
+
+    monkeypatch.setattr(s, "_BLOCK", block)
+    text = _messy_fasta(block)
+    (tmp_path / "m.faa").write_bytes(text)
+    want = _reference(text, PROTEIN)
+    got = [(r.id, r.sequence.encode()) for r in iter_fasta(tmp_path / "m.faa", PROTEIN)]
+    assert got == want
+    index = FastaIndex.build(tmp_path / "m.faa", PROTEIN, tmp_path / "scratch")
+    nonempty = [(i, rid, seq) for i, (rid, seq) in enumerate(want) if seq]
+    assert index.ordinals.tolist() == [i for i, _, _ in nonempty]
+    assert index.lengths.tolist() == [len(seq) for _, _, seq in nonempty]
+    records = index.read(np.arange(len(index)))
+    assert [(r.id, r.sequence.encode()) for r in records] == [(rid, seq) for _, rid, seq in nonempty]
+    capped = index.read(np.arange(len(index)), max_residues=17)
+    assert [r.sequence.encode() for r in capped] == [seq[:17] for _, _, seq in nonempty]
+
+
+@pytest.mark.parametrize("block", [2, 3, 4, 1 << 20])
+@pytest.mark.parametrize("seq,position", [(b"MKV*\nL", 4), (b"MK\n*\n\nL", 3), (b"MKV**", 4), (b"MK*V*", 3),
+                                          (b"MKV\n*\n*", 4), (b"MK V\n-", 4), (b"AB\x00C", None)])
+def test_errors_at_block_boundaries_name_the_right_position(tmp_path, monkeypatch, block, seq, position):
+    import virnucpro.sequences as s
+
+    monkeypatch.setattr(s, "_BLOCK", block)
+    (tmp_path / "e.faa").write_bytes(b">ok\nMKV*\n>bad x\n" + seq + b"\n>next\nM\n")
+    match = "record 'bad' contains binary data" if position is None else f"record 'bad': character '.' at position {position} "
+    with pytest.raises(SequenceError, match=match):
+        FastaIndex.build(tmp_path / "e.faa", PROTEIN, tmp_path / "scratch")
+
+
+def test_trailing_star_on_its_own_line_and_across_blocks(tmp_path, monkeypatch):
+    import virnucpro.sequences as s
+
+    monkeypatch.setattr(s, "_BLOCK", 3)
+    (tmp_path / "t.faa").write_bytes(b">a\nMKV\n*\n\n>b\nMK*\n")
+    assert [(r.id, r.sequence) for r in iter_fasta(tmp_path / "t.faa", PROTEIN)] == [("a", "MKV"), ("b", "MK")]
+
+
+def test_header_too_long_and_headers_in_other_encodings(tmp_path, monkeypatch):
+    import virnucpro.sequences as s
+
+    monkeypatch.setattr(s, "MAX_HEADER", 100)
+    (tmp_path / "h.fa").write_bytes(b">ok\nACGT\n>" + b"x" * 200 + b"\nACGT\n")
+    with pytest.raises(SequenceError, match=r"h.fa: record 2 \(byte 9\): header line longer than 100 bytes"):
+        FastaIndex.build(tmp_path / "h.fa", DNA, tmp_path)
+    (tmp_path / "l.fa").write_bytes(">ok\nACGT\n>caf\xe9\nACGT\n".encode("latin-1"))
+    with pytest.raises(SequenceError, match=r"l.fa: record 2 \(byte 9\): header is not valid UTF-8"):
+        FastaIndex.build(tmp_path / "l.fa", DNA, tmp_path)
+
+
+def test_a_long_line_is_scanned_in_bounded_memory(tmp_path):
+    """An 8 MiB single-line record: the index pass and a capped read hold about one block, not the line
+    (tests/test_bad_input.py runs a 400 MB line through `embed`)."""
+    import tracemalloc
+
+    size = 8 << 20
+    with open(tmp_path / "long.fa", "wb") as f:
+        f.write(b">long\n")
+        block = (b"ACGTN" * (1 << 14))[: 1 << 16]
+        for _ in range(size >> 16):
+            f.write(block)
+    tracemalloc.start()
+    try:
+        index = FastaIndex.build(tmp_path / "long.fa", DNA, tmp_path / "scratch")
+        record = index.read(np.array([0]), max_residues=1000)[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert index.lengths.tolist() == [size] and len(record.sequence) == 1000
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB traced for an {size >> 20} MiB line"

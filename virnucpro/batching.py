@@ -188,14 +188,21 @@ def plan_fingerprint(*parts: object) -> str:
 
 
 def make_batch(index: FastaIndex, positions: np.ndarray, tokenizer, batch_id: int) -> TokenBatch:
-    """Read a planned batch's records back from disk and tokenise them (runs in loader threads)."""
-    records = index.read(positions)
+    """Read a planned batch's records back from disk and tokenise them (runs in loader threads).
+
+    A long record is read only as far as the tokenizer uses it (`max_residues`); `length` and
+    `truncated` come from its true length."""
+    cap = getattr(tokenizer, "max_residues", None)
+    records = index.read(positions, cap)
     tokens, seq_tokens, truncated = tokenizer.encode([r.sequence for r in records])
+    lengths = index.lengths[positions]
+    if cap is not None:
+        truncated = truncated | (lengths > cap)
     return TokenBatch(
         batch_id=batch_id,
         ids=[r.id for r in records],
         index=index.ordinals[positions].astype(np.int64),
-        length=index.lengths[positions].astype(np.int32),
+        length=np.minimum(lengths, np.iinfo(np.int32).max).astype(np.int32),
         truncated=truncated,
         tokens=tokens,
         seq_tokens=seq_tokens,

@@ -1,15 +1,22 @@
 """Sequence input: streaming FASTA (plain or gzip), alphabet validation, and an on-disk index.
 
 The embedding driver never holds all sequences in memory. `FastaIndex.build` makes one streaming
-pass over the file that validates every record and keeps only three numbers per record (byte offset,
-length, ordinal) in numpy arrays backed by scratch files (memory-mapped, so they page out instead of
-growing the driver's heap); batches later read their sequences back by offset. A gzip input is
-decompressed once into a scratch file, because gzip streams cannot seek.
+pass over the file, in fixed-size blocks, that validates every record and keeps only three numbers
+per record (byte offset, length, ordinal) in numpy arrays backed by scratch files (memory-mapped, so
+they page out instead of growing the driver's heap); no record's sequence is assembled, so a record
+of any length (a 10 GB line without a newline) costs one block. Batches later read their sequences
+back by offset, each only as far as the tokenizer will use it (`FastaIndex.read(max_residues=)`). A
+gzip input is decompressed once into a scratch file, because gzip streams cannot seek.
+
+Records: a header is a line starting with '>'; the id is the header up to its first whitespace (it
+may hold '/', '|', non-ASCII letters: ids are data, never used to build a path); headers must be
+UTF-8 and at most 1 MiB. Whitespace inside sequence lines (CR, spaces, tabs) is ignored; blank lines
+before the first header are allowed.
 
 Validation rules (documented in the README):
   * protein: letters are upper-cased; `J` (not in ESM-2's vocabulary, fair-esm fails on it) is read
-    as `X`, the unknown residue; `B`, `Z`, `U`, `O`, `X` are ESM-2 tokens; one trailing `*` (a stop codon written by translators) is removed; any other
-    character (digits, `-`, `.`, an internal `*`, punctuation) is an error naming record and character.
+    as `X`, the unknown residue; `B`, `Z`, `U`, `O`, `X` are ESM-2 tokens; one trailing `*` (a stop codon written by
+    translators) is removed; any other character (digits, `-`, `.`, an internal `*`, punctuation) is an error naming record and character.
   * DNA: letters are upper-cased; `U` is read as `T`; IUPAC ambiguity codes (N, R, Y, ...) are kept
     and become `[UNK]` tokens in DNABERT-S, as upstream VirNucPro feeds them; anything else is an error.
   * an empty record (header without sequence) is skipped with a warning and listed in the manifest;
@@ -25,6 +32,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import zlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +48,14 @@ DNA = "dna"
 _PROTEIN_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _DNA_LETTERS = b"ACGTUNRYKMSWBDHVacgtunrykmswbdhv"
 _ALLOWED = {PROTEIN: _PROTEIN_LETTERS, DNA: _DNA_LETTERS}
+_WHITESPACE = b" \t\r\n\x0b\x0c"  # ignored inside sequence lines
+_KEEP = {k: v + _WHITESPACE for k, v in _ALLOWED.items()}
 _NORMALISE = {
     PROTEIN: bytes.maketrans(_PROTEIN_LETTERS[26:], _PROTEIN_LETTERS[:26]),
     DNA: bytes.maketrans(b"acgtunrykmswbdhvU", b"ACGTTNRYKMSWBDHVT"),
 }
 _MAX_REPORTED = 5
+_INT32_MAX = 2**31 - 1  # the output's `length` column is int32: longer records saturate
 
 
 class SequenceError(ValueError):
@@ -73,84 +84,193 @@ def _check_fasta_start(path: Path, first: bytes) -> None:
     head = first.lstrip()
     if head.startswith(b">"):
         return
+    if not head:
+        raise SequenceError(f"{path}: no FASTA records (only blank lines at the start)")
     if head.startswith(b"@"):
         raise SequenceError(f"{path}: looks like FASTQ (starts with '@'); give a FASTA file")
-    if head[:15].lower().startswith((b"<!doctype", b"<html")):
-        raise SequenceError(f"{path}: looks like an HTML page, not FASTA (a failed download?)")
-    raise SequenceError(f"{path}: not a FASTA file (first line does not start with '>')")
+    if head[:15].lower().startswith((b"<!doctype", b"<html", b"<?xml")):
+        raise SequenceError(f"{path}: looks like an HTML or XML page, not FASTA (a failed download?)")
+    if b"\x00" in head[:4096]:
+        raise SequenceError(f"{path}: a binary file, not FASTA")
+    raise SequenceError(f"{path}: not a FASTA file (the first line does not start with '>')")
 
 
-def _record_id(header: bytes, path: Path, line_no: int) -> str:
+def _where(path: Path, ordinal: int, offset: int) -> str:
+    return f"{path}: record {ordinal + 1} (byte {offset})"
+
+
+def _record_id(header: bytes, path: Path, ordinal: int, offset: int) -> str:
+    """The id: the header up to its first whitespace (ids may hold '/', non-ASCII letters, ...)."""
     try:
-        text = header[1:].decode("utf-8").strip()
+        text = header.decode("utf-8")
     except UnicodeDecodeError:
-        raise SequenceError(f"{path}:{line_no}: record header is not valid UTF-8") from None
-    if not text:
-        raise SequenceError(f"{path}:{line_no}: record has an empty header (no id after '>')")
-    return text.split(None, 1)[0]
+        raise SequenceError(f"{_where(path, ordinal, offset)}: header is not valid UTF-8") from None
+    words = text.split(None, 1)
+    if not words:
+        raise SequenceError(f"{_where(path, ordinal, offset)}: empty header (no id after '>')")
+    return words[0]
+
+
+def _bad_character(sequence: bytes, kind: str, record_id: str, path: Path | str, first: int = 0) -> SequenceError:
+    """The error for the first byte of `sequence` outside the alphabet (whitespace ignored); `first`
+    is the number of residues before `sequence` in its record."""
+    bad = sequence.translate(None, _KEEP[kind])
+    if b"\x00" in bad:
+        return SequenceError(f"{path}: record '{record_id}' contains binary data (NUL bytes)")
+    at = sequence.index(bad[:1])
+    pos = first + len(sequence[:at].translate(None, _WHITESPACE)) + 1
+    char = chr(bad[0]) if 32 <= bad[0] < 127 else f"\\x{bad[0]:02x}"
+    what = "protein" if kind == PROTEIN else "DNA"
+    return SequenceError(f"{path}: record '{record_id}': character {char!r} at position {pos} is not a "
+                         f"valid {what} letter")
 
 
 def normalise(sequence: bytes, kind: str, record_id: str, path: Path | str = "<input>") -> bytes:
     """Validate one sequence and return it in the model's alphabet (see module docstring)."""
     if kind == PROTEIN and sequence.endswith(b"*"):
         sequence = sequence[:-1]
-    bad = sequence.translate(None, _ALLOWED[kind])
-    if bad:
-        char = chr(bad[0]) if bad[0] < 128 else f"\\x{bad[0]:02x}"
-        pos = sequence.index(bad[:1]) + 1
-        what = "protein" if kind == PROTEIN else "DNA"
-        raise SequenceError(
-            f"{path}: record '{record_id}': character {char!r} at position {pos} is not a valid "
-            f"{what} letter"
-        )
+    if sequence.translate(None, _ALLOWED[kind]):
+        raise _bad_character(sequence, kind, record_id, path)
     return sequence.translate(_NORMALISE[kind])
 
 
 def iter_fasta(path: str | Path, kind: str | None = None) -> Iterator[Record]:
-    """Stream validated records from a plain or gzip FASTA file, one at a time."""
-    for rid, seq, index, _offset in _scan(Path(path), kind):
-        yield Record(rid, seq.decode("ascii", errors="replace"), index)
+    """Stream validated records from a plain or gzip FASTA file, one at a time (each record's
+    sequence is held whole: for the embedding driver's bounded-memory pass, see `FastaIndex`)."""
+    for block in _scan(Path(path), kind, collect=True):
+        for rid, seq, ordinal in zip(block.ids, block.sequences, block.ordinals):
+            yield Record(rid, seq.decode("ascii"), ordinal)
 
 
-def _scan(path: Path, kind: str | None) -> Iterator[tuple[str, bytes, int, int]]:
-    """One pass over a FASTA file yielding (id, normalised sequence, ordinal, header byte offset)."""
+_BLOCK = 1 << 20  # bytes read at a time: what the index pass holds, however long a line is
+MAX_HEADER = 1 << 20  # a longer header line is an error (a header is buffered whole, a sequence never)
+
+
+@dataclass
+class _Scanned:
+    """The records that ended in one block of input."""
+
+    ids: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # header byte offset
+    lengths: list[int] = field(default_factory=list)  # residues after normalisation (0: empty record)
+    ordinals: list[int] = field(default_factory=list)
+    sequences: list[bytes] = field(default_factory=list)  # normalised, only when collecting
+
+
+def _scan(path: Path, kind: str | None, collect: bool = False) -> Iterator[_Scanned]:
+    """One streaming pass over a FASTA file in blocks of _BLOCK bytes, validating every record.
+
+    Yields, per block, the records that ended in it: id, header offset, length (and the normalised
+    sequence with `collect`). Sequences are validated and counted block by block, never assembled, so
+    memory stays bounded however long a line is (a record of 10 GB on one line costs a block).
+    Whitespace inside sequence lines (spaces, tabs, CR) is ignored; a '>' starts a header only at the
+    start of a line; blank lines before the first header are allowed.
+    """
     try:
         f = open_text_or_gzip(path)
     except FileNotFoundError:
         raise SequenceError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SequenceError(f"{path}: is a directory, not a FASTA file") from None
+    except OSError as e:
+        raise SequenceError(f"{path}: cannot read ({e.strerror or e})") from None
     with f:
         try:
-            first = f.readline()
-        except (OSError, EOFError) as e:
-            raise SequenceError(f"{path}: cannot read ({e})") from None
-        _check_fasta_start(path, first)
-        header, header_offset, header_line = first.strip(), 0, 1
-        parts: list[bytes] = []
-        offset, index, line_no = len(first), 0, 1
-        try:
-            for line in f:
-                line_no += 1
-                if line.startswith(b">"):
-                    yield _finish(path, header, header_line, parts, kind) + (index, header_offset)
-                    index += 1
-                    header, header_offset, header_line, parts = line.strip(), offset, line_no, []
-                else:
-                    parts.append(line.strip())
-                offset += len(line)
+            yield from _scan_blocks(f, path, kind, collect)
         except (OSError, EOFError) as e:  # truncated gzip, unreadable block
-            raise SequenceError(f"{path}: input ends unexpectedly near line {line_no} ({e})") from None
-        yield _finish(path, header, header_line, parts, kind) + (index, header_offset)
+            raise SequenceError(f"{path}: input ends unexpectedly or cannot be read ({e})") from None
 
 
-def _finish(path: Path, header: bytes, line_no: int, parts: list[bytes],
-            kind: str | None) -> tuple[str, bytes]:
-    rid = _record_id(header, path, line_no)
-    seq = b"".join(parts)
-    if b"\x00" in seq:
-        raise SequenceError(f"{path}: record '{rid}' contains binary data (NUL bytes)")
-    if kind is not None:
-        seq = normalise(seq, kind, rid, path)
-    return rid, seq
+def _scan_blocks(f: BinaryIO, path: Path, kind: str | None, collect: bool) -> Iterator[_Scanned]:
+    keep = _KEEP[kind] if kind else None
+    table = _NORMALISE[kind] if kind else None
+    star_ok = kind == PROTEIN
+    buf = f.read(_BLOCK)
+    base = 0  # file offset of buf[0]
+    while buf and not buf.lstrip():  # blank lines before the first header
+        chunk = f.read(_BLOCK)
+        if not chunk:
+            break
+        base, buf = base + len(buf), chunk
+    _check_fasta_start(path, buf)
+    pos = len(buf) - len(buf.lstrip())
+    eof = False
+    at_line_start = True
+    # the open record: header (bytes), its offset and ordinal, residues so far, a trailing '*' seen
+    header: bytes | None = None
+    h_offset = ordinal = length = 0
+    star = False
+    pieces: list[bytes] = []
+    out = _Scanned()
+
+    def close() -> None:
+        rid = _record_id(header, path, ordinal, h_offset)
+        out.ids.append(rid)
+        out.offsets.append(h_offset)
+        out.lengths.append(length)
+        out.ordinals.append(ordinal)
+        if collect:
+            seq = b"".join(pieces)
+            out.sequences.append(seq.translate(table) if table else seq)
+
+    while True:
+        n = len(buf)
+        find = buf.find
+        while pos < n:
+            if at_line_start and buf[pos] == 62:  # '>' at a line start: a header
+                eol = find(b"\n", pos)
+                if eol < 0:
+                    if not eof:
+                        break  # the header continues in the next block
+                    eol = n
+                if eol - pos > MAX_HEADER:
+                    raise SequenceError(f"{_where(path, ordinal + (header is not None), base + pos)}: header "
+                                        f"line longer than {MAX_HEADER} bytes")
+                if header is not None:
+                    close()
+                    ordinal += 1
+                header, h_offset, length, star = buf[pos + 1:eol].rstrip(b"\r"), base + pos, 0, False
+                if collect:
+                    pieces = []
+                pos = eol + 1
+                continue
+            nxt = find(b"\n>", pos)
+            end = n if nxt < 0 else nxt + 1
+            seg = buf[pos:end]
+            at_line_start = buf[end - 1] == 10
+            pos = end
+            if keep is not None and seg.translate(None, keep):
+                rid = _record_id(header, path, ordinal, h_offset)
+                if star:  # residues after a '*' that looked like the trailing one
+                    raise _bad_character(b"*" + seg, kind, rid, path, length)
+                err = _bad_character(seg, kind, rid, path, length)
+                at = seg.find(b"*")
+                if not (star_ok and at >= 0 and not seg[:at].translate(None, keep)
+                        and not seg[at + 1:].translate(None, _WHITESPACE)):
+                    raise err
+                seg, star = seg[:at], True  # a trailing '*' (a stop codon) is dropped, if nothing follows
+            elif star and seg.translate(None, _WHITESPACE):
+                raise _bad_character(b"*" + seg, kind, _record_id(header, path, ordinal, h_offset), path,
+                                     length)
+            clean = seg.translate(None, _WHITESPACE)
+            length += len(clean)
+            if collect:
+                pieces.append(clean)
+        if out.ids:
+            yield out
+            out = _Scanned()
+        if eof:
+            break
+        if n - pos > MAX_HEADER:
+            raise SequenceError(f"{_where(path, ordinal + 1, base + pos)}: header line longer than "
+                                f"{MAX_HEADER} bytes")
+        chunk = f.read(_BLOCK)
+        eof = not chunk
+        base += pos
+        buf, pos = buf[pos:] + chunk, 0
+    if header is not None:
+        close()
+        yield out
 
 
 _SPILL_CHUNK = 1 << 16  # values buffered per column before they are appended to its scratch file
@@ -173,6 +293,12 @@ class _Column:
             self.buf.tofile(self.file)
             del self.buf[:]
 
+    def extend(self, values) -> None:
+        self.buf.extend(values)
+        if len(self.buf) >= _SPILL_CHUNK:
+            self.buf.tofile(self.file)
+            del self.buf[:]
+
     def finish(self) -> np.ndarray:
         self.buf.tofile(self.file)
         del self.buf[:]
@@ -190,7 +316,7 @@ class _Column:
 def _read_header_id(path: Path, offset: int) -> str:
     with open(path, "rb") as f:
         f.seek(offset)
-        return f.readline()[1:].decode("utf-8").strip().split(None, 1)[0]
+        return f.readline(MAX_HEADER + 2)[1:].decode("utf-8").split(None, 1)[0]
 
 
 _DEDUP_BUCKET = 1 << 18  # hashes sorted at once by the duplicate check (2 MiB)
@@ -260,15 +386,20 @@ class FastaIndex:
         """Validate every record in one streaming pass; decompress gzip input into scratch_dir."""
         path = Path(path)
         source = path
-        with open_text_or_gzip(path) as f:
-            compressed = isinstance(f, gzip.GzipFile)
+        try:
+            with open_text_or_gzip(path) as f:
+                compressed = isinstance(f, gzip.GzipFile)
+        except FileNotFoundError:
+            raise SequenceError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise SequenceError(f"{path}: is a directory, not a FASTA file") from None
         if compressed:
             source = Path(scratch_dir) / (path.name.removesuffix(".gz") + ".plain")
             source.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with gzip.open(path, "rb") as src, open(source, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-            except (OSError, EOFError) as e:
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
                 raise SequenceError(f"{path}: damaged or truncated gzip file ({e})") from None
         # Int64 columns appended in chunks to unlinked scratch files and mapped back read-only: the
         # driver's heap does not grow with the input (the OS pages the columns in and out). The id
@@ -276,14 +407,16 @@ class FastaIndex:
         offsets, lengths, ordinals, hashes = (_Column(scratch_dir) for _ in range(4))
         empty: list[str] = []
         try:
-            for rid, seq, ordinal, offset in _scan(source, kind):
-                if not seq:
-                    empty.append(rid)
-                    continue
-                hashes.append(hash(rid))
-                offsets.append(offset)
-                lengths.append(len(seq))
-                ordinals.append(ordinal)
+            for block in _scan(source, kind):
+                if 0 in block.lengths:  # rare: take the empty records out
+                    keep = [i for i, n in enumerate(block.lengths) if n]
+                    empty.extend(block.ids[i] for i, n in enumerate(block.lengths) if not n)
+                    block = _Scanned(*([column[i] for i in keep]
+                                       for column in (block.ids, block.offsets, block.lengths, block.ordinals)))
+                hashes.extend(map(hash, block.ids))
+                offsets.extend(block.offsets)
+                lengths.extend(block.lengths)
+                ordinals.extend(block.ordinals)
             offsets_a, lengths_a, ordinals_a = offsets.finish(), lengths.finish(), ordinals.finish()
             duplicates = _duplicate_ids(source, offsets_a, hashes.finish(), scratch_dir)
         finally:
@@ -297,23 +430,44 @@ class FastaIndex:
                         path, len(duplicates), ", ".join(duplicates[:_MAX_REPORTED]))
         if not len(offsets_a):
             raise SequenceError(f"{path}: no records with a sequence")
+        if int(lengths_a.max()) > _INT32_MAX:
+            log.warning("%s: a record is longer than %d residues; its 'length' column (int32) says %d",
+                        path, _INT32_MAX, _INT32_MAX)
         return cls(source, kind, offsets_a, lengths_a, ordinals_a, empty, duplicates)
 
-    def read(self, positions: np.ndarray) -> list[Record]:
-        """Read the records at the given index positions (in that order) back from disk."""
+    def read(self, positions: np.ndarray, max_residues: int | None = None) -> list[Record]:
+        """Read the records at the given index positions (in that order) back from disk.
+
+        With `max_residues`, a longer sequence is read only that far (what the tokenizer will use of
+        it): reading back is bounded however long a record is. `lengths` keeps the true length."""
         order = np.argsort(self.offsets[positions], kind="stable")  # sequential disk access
         out: list[Record | None] = [None] * len(positions)
         with open(self.path, "rb") as f:
             for j in order:
                 i = int(positions[j])
                 f.seek(int(self.offsets[i]))
-                header = f.readline()
-                parts = []
-                for line in f:
-                    if line.startswith(b">"):
-                        break
-                    parts.append(line.strip())
-                seq = normalise(b"".join(parts), self.kind, "", self.path)
-                rid = header[1:].decode("utf-8").strip().split(None, 1)[0]
+                header = f.readline(MAX_HEADER + 2)
+                rid = header[1:].decode("utf-8").split(None, 1)[0]
+                need = int(self.lengths[i]) if max_residues is None else min(int(self.lengths[i]), max_residues)
+                seq = f.read(min(need + (need >> 5) + 2, _BLOCK)).translate(None, _WHITESPACE)  # usually all
+                if len(seq) < need:
+                    seq += _read_residues(f, need - len(seq), self.path, rid)
+                seq = normalise(seq[:need], self.kind, rid, self.path)
                 out[j] = Record(rid, seq.decode("ascii"), int(self.ordinals[i]))
         return out  # type: ignore[return-value]
+
+
+def _read_residues(f: BinaryIO, need: int, path: Path, rid: str) -> bytes:
+    """The next `need` residues from f (line ends and other whitespace dropped); the index pass
+    counted them, so nothing past them (a trailing '*', the next header) is taken."""
+    pieces, got = [], 0
+    while got < need:
+        left = need - got
+        chunk = f.read(min(left + (left >> 5) + 2, _BLOCK))  # room for the line ends
+        if not chunk:
+            raise SequenceError(f"{path}: record '{rid}' is shorter than when it was indexed (was the "
+                                f"file changed during the run?)")
+        clean = chunk.translate(None, _WHITESPACE)[:left]
+        pieces.append(clean)
+        got += len(clean)
+    return b"".join(pieces)

@@ -59,6 +59,7 @@ class DNABERTSTokenizer:
         self._tok.no_padding()
         self._tok.no_truncation()
         self.truncation_seq_length = truncation_seq_length  # in tokens between [CLS] and [SEP]
+        self._longest: int | None = None  # longest token in bases, for max_residues
         probe = self._tok.encode("ACGT").ids
         self.cls_id, self.sep_id = self._tok.token_to_id("[CLS]"), self._tok.token_to_id("[SEP]")
         if probe[0] != self.cls_id or probe[-1] != self.sep_id:
@@ -70,6 +71,18 @@ class DNABERTSTokenizer:
         trunc = self.truncation_seq_length
         return (est if trunc is None else min(est, trunc)) + 2
 
+    @property
+    def max_residues(self) -> int | None:
+        """Bases of a sequence worth reading: truncation is in tokens, and no token is longer than
+        the vocabulary's longest (at least 16 assumed), so this prefix yields more tokens than are
+        kept, with a margin of thousands of bases after the kept ones for BPE's merges at the cut."""
+        trunc = self.truncation_seq_length
+        if trunc is None:
+            return None
+        if self._longest is None:
+            self._longest = max((len(t) for t in self._tok.get_vocab() if t.isalpha()), default=1)
+        return max(16, self._longest) * (trunc + 2) + 4096
+
     def __getstate__(self):  # tokenizers objects pickle as their JSON
         return {"json": self._tok.to_str(), "trunc": self.truncation_seq_length,
                 "cls": self.cls_id, "sep": self.sep_id}
@@ -78,6 +91,7 @@ class DNABERTSTokenizer:
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_str(state["json"])
+        self._longest = None
         self.truncation_seq_length, self.cls_id, self.sep_id = state["trunc"], state["cls"], state["sep"]
 
     def encode(self, sequences: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -201,34 +215,55 @@ class DNABERTS(nn.Module):
         return packing.mean(self(tokens, packing))
 
 
-def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+def read_weights(model_dir: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The weights by name (safetensors, or a tensors-only `torch.load`); with `shapes_only`, tensors
+    on the meta device (names, shapes, dtypes; nothing read into memory)."""
     for name in WEIGHT_FILES:
         path = model_dir / name
         if path.is_file():
             break
     else:
         raise CheckpointError(f"{model_dir}: no {' or '.join(WEIGHT_FILES)}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: not a readable weights file ({e})") from None
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+            if shapes_only:
+                with safe_open(str(path), "pt") as f:
+                    state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            else:
+                state = load_file(str(path))
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
+            except RuntimeError as e:
+                if not shapes_only or "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(f"{path}: not a state dict of tensors")
+            if shapes_only:
+                state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unpickling or format failure is a bad weights file
+        raise CheckpointError(f"{path}: not a readable weights file ({e})") from None
     # DNABERT-S has no "bert." prefix, DNABERT-2 does; the MLM head and pooler are not used.
     state = {k.removeprefix("bert."): v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.startswith(("pooler.", "cls."))}
 
 
-def load_dnabert_s(model_dir: str | Path, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32, attention_backend: str = "auto") -> DNABERTS:
-    """Load a DNABERT-S directory into our module, on `device` in `dtype`, in eval mode."""
-    model_dir = Path(model_dir)
+def _config(model_dir: Path) -> DNABERTSConfig:
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: no config.json (not a DNABERT-S model directory)")
-    config = DNABERTSConfig.from_json(model_dir / "config.json")
-    state = read_weights(model_dir)
+    try:
+        return DNABERTSConfig.from_json(model_dir / "config.json")
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{model_dir}/config.json: not a readable model config ({e})") from None
+
+
+def _matched(model_dir: Path, config: DNABERTSConfig, state: dict[str, torch.Tensor]) -> DNABERTS:
+    """Our module on the meta device, after checking the weights' names and shapes against it."""
     with torch.device("meta"):
         model = DNABERTS(config)
     expected = model.state_dict()
@@ -240,6 +275,24 @@ def load_dnabert_s(model_dir: str | Path, device: torch.device | str = "cpu",
     for k, v in expected.items():
         if state[k].shape != v.shape:
             raise CheckpointError(f"{model_dir}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    return model
+
+
+def check_dnabert_s(model_dir: str | Path) -> DNABERTSConfig:
+    """Check the weights' names and shapes without loading them (the driver, before actors start)."""
+    model_dir = Path(model_dir)
+    config = _config(model_dir)
+    _matched(model_dir, config, read_weights(model_dir, shapes_only=True))
+    return config
+
+
+def load_dnabert_s(model_dir: str | Path, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, attention_backend: str = "auto") -> DNABERTS:
+    """Load a DNABERT-S directory into our module, on `device` in `dtype`, in eval mode."""
+    model_dir = Path(model_dir)
+    config = _config(model_dir)
+    state = read_weights(model_dir)
+    model = _matched(model_dir, config, state)
     model.load_state_dict(state, assign=True)
     model = model.to(device=device, dtype=dtype)
     model.alibi_slopes = model.alibi_slopes.to(device)

@@ -70,6 +70,11 @@ class ESM2Tokenizer:
         trunc = self.truncation_seq_length
         return (length if trunc is None else min(length, trunc)) + 2
 
+    @property
+    def max_residues(self) -> int | None:
+        """Residues of a sequence that `encode` uses: reading more of a long record is wasted."""
+        return self.truncation_seq_length
+
     def encode(self, sequences: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Packed token ids int32 [T], tokens per sequence int32 [B], truncated bool [B]."""
         trunc = self.truncation_seq_length
@@ -249,11 +254,10 @@ def _fused_state(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, tor
     return out
 
 
-def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-              repr_layer: int | None = None, attention_backend: str = "auto") -> ESM2:
-    """Load a fair-esm ESM-2 checkpoint into our module, on `device` in `dtype`, in eval mode."""
-    config, state = read_checkpoint(path)
-    n = config.num_layers if repr_layer is None or repr_layer < 0 else repr_layer
+def _matched(path: str | Path, config: ESM2Config, state: dict[str, torch.Tensor],
+             n: int) -> tuple[ESM2, dict[str, torch.Tensor]]:
+    """Our module on the meta device and the checkpoint's parameters under its names, checked: every
+    name present, none left over, every shape as the architecture says."""
     with torch.device("meta"):
         model = ESM2(config, n)
     ours = _fused_state(state, n)
@@ -268,6 +272,24 @@ def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     for k, v in expected.items():
         if ours[k].shape != v.shape:
             raise CheckpointError(f"{path}: {k} has shape {tuple(ours[k].shape)}, expected {tuple(v.shape)}")
+    return model, ours
+
+
+def check_esm2(path: str | Path) -> ESM2Config:
+    """Check a checkpoint's parameter names and shapes without loading its weights (the driver does
+    this before any actor starts, so a bad file fails in seconds, not after GPU actors come up)."""
+    config, state = read_checkpoint(path)  # memory-mapped: no weight is read
+    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+    _matched(path, config, meta, config.num_layers)
+    return config
+
+
+def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              repr_layer: int | None = None, attention_backend: str = "auto") -> ESM2:
+    """Load a fair-esm ESM-2 checkpoint into our module, on `device` in `dtype`, in eval mode."""
+    config, state = read_checkpoint(path)
+    n = config.num_layers if repr_layer is None or repr_layer < 0 else repr_layer
+    model, ours = _matched(path, config, state, n)
     model.load_state_dict(ours, assign=True)
     model = model.to(device=device, dtype=dtype)
     model.backend = select_backend(torch.device(device), dtype, alibi=False, requested=attention_backend)
