@@ -12,6 +12,7 @@ per batch, its tokens/s, GPU memory, failures.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -81,6 +82,34 @@ class PartResult:
 # and a batch id whose computation raises, to check how a permanent failure is reported.
 TEST_BATCH_DELAY = "VIRNUCPRO_TEST_BATCH_DELAY"
 TEST_FAIL_BATCH = "VIRNUCPRO_TEST_FAIL_BATCH"
+# a batch id whose first attempt raises (a transient error: the driver deals it again)
+TEST_FAIL_BATCH_ONCE = "VIRNUCPRO_TEST_FAIL_BATCH_ONCE"
+# "BATCH:ERRNO" (e.g. "2:ENOSPC"): writing that batch's part fails with that OSError, after part of
+# the temporary file is written (a disk that fills up, a permission taken away mid-run)
+TEST_WRITE_ERROR = "VIRNUCPRO_TEST_WRITE_ERROR"
+
+
+class _FailingWrites(OutputLocation):
+    """The test hook's output location: every write starts, then fails with `code`."""
+
+    code: int = errno.ENOSPC
+
+    def write_atomic(self, name: str, write) -> None:
+        def partial(f) -> None:
+            f.write(b"PAR1" + bytes(4096))
+            raise OSError(self.code, os.strerror(self.code), self.join(name))
+
+        super().write_atomic(name, partial)
+
+
+def _output_for(out: OutputLocation, batch_id: int) -> OutputLocation:
+    hook = os.environ.get(TEST_WRITE_ERROR, "")
+    which, _, code = hook.partition(":")
+    if not hook or which != str(batch_id):
+        return out
+    failing = _FailingWrites(out.fs, out.path, out.uri)
+    object.__setattr__(failing, "code", getattr(errno, code or "ENOSPC"))
+    return failing
 
 
 class _Metrics:
@@ -186,12 +215,13 @@ class Embedder:
                 "pid": os.getpid(), "node_id": self.node_id, "gpu_ids": self.gpu_ids,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
-    def embed(self, batch: TokenBatch) -> PartResult:
+    def embed(self, batch: TokenBatch, attempt: int = 0) -> PartResult:
+        """Compute one batch and write its part; `attempt` counts the times the driver dealt it before."""
         start = time.perf_counter()
         try:
             with self._profiled(batch.batch_id):
-                pooled = self._compute(batch)
-            file, rows = write_part(self.out_dir, batch.batch_id, batch.ids, batch.index, batch.length,
+                pooled = self._compute(batch, attempt)
+            file, rows = write_part(_output_for(self.out_dir, batch.batch_id), batch.batch_id, batch.ids, batch.index, batch.length,
                                     batch.truncated, pooled, self.source.name,
                                     {"actor": self.name, "node_id": self.node_id, "batch_id": batch.batch_id})
         except BatchError:
@@ -226,12 +256,14 @@ class Embedder:
         finally:
             self.profile_lock.release()
 
-    def _compute(self, batch: TokenBatch) -> np.ndarray:
+    def _compute(self, batch: TokenBatch, attempt: int = 0) -> np.ndarray:
         delay = float(os.environ.get(TEST_BATCH_DELAY) or 0)
         if delay:
             time.sleep(delay)
         if os.environ.get(TEST_FAIL_BATCH) == str(batch.batch_id):
             raise ValueError(f"injected failure ({TEST_FAIL_BATCH}={batch.batch_id})")
+        if attempt == 0 and os.environ.get(TEST_FAIL_BATCH_ONCE) == str(batch.batch_id):
+            raise RuntimeError(f"injected transient failure ({TEST_FAIL_BATCH_ONCE}={batch.batch_id})")
         streams = self.streams.get()
         try:
             return self._forward(batch, streams)

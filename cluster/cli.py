@@ -25,6 +25,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "placement follows Ray resources alone")
     g.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS if set, else start a local Ray)")
+    g.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="where a local Ray started by this command serves its dashboard and job API "
+                        "(default %(default)s: this machine only; 0.0.0.0 exposes it to the network, "
+                        "token authentication stays on)")
     g.add_argument("--toks-per-batch", type=int, default=None,
                    help="token budget of a packed batch (default 65536 on GPU, 4096 on CPU)")
     g.add_argument("--truncation-seq-length", type=int, default=1022,
@@ -58,7 +62,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict:
-    keys = ["device", "dtype", "num_actors", "gpus_per_actor", "address", "toks_per_batch",
+    keys = ["device", "dtype", "num_actors", "gpus_per_actor", "address", "dashboard_host", "toks_per_batch",
             "truncation_seq_length", "dataloader_workers", "pin_memory", "expandable_segments",
             "cuda_streams", "attention", "compile", "profile", "resume", "overwrite", "progress", "verbose"]
     return {k: getattr(args, k) for k in keys}

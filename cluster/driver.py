@@ -17,13 +17,16 @@ Faults. A batch whose actor dies (process killed, node lost) goes back to the fr
 another actor takes it; the dead actor is probed without blocking the loop: Ray restarts it
 (`max_restarts`), possibly on another node, and it rejoins the pool; when Ray gives up on it, a new
 actor replaces it. Part files are named by batch id and written atomically, so a batch computed twice
-replaces its own file: no sequence is lost or written twice. A batch that fails inside the actor
-(bad input, CUDA out of memory) is not retried: the run stops with a message naming the batch and the
-cause, and `--resume` finishes it once fixed.
+replaces its own file: no sequence is lost or written twice. A batch that raises inside the actor is
+dealt again when the error may not recur (`failure_kind`: up to MAX_ERROR_RETRIES times); one that
+cannot succeed (bad input, CUDA out of memory, a full disk or a permission error writing its part)
+stops the run at once with a message naming the batch and the cause; the manifest stays incomplete
+and `--resume` finishes the run once the cause is fixed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -45,9 +48,9 @@ from ray.exceptions import (ActorDiedError, ActorUnavailableError, ObjectLostErr
 
 from actors.embedder import BatchError, Embedder, PartResult
 from virnucpro.batching import Plan, TokenBatch, make_batch, plan_fingerprint, token_counts
-from virnucpro.models import DNABERT_S_FAMILY, ModelSource, load_tokenizer, model_dim, resolve_model
+from virnucpro.models import DNABERT_S_FAMILY, ModelSource, check_model, load_tokenizer, resolve_model
 from virnucpro.output import MANIFEST, Manifest, OutputLocation, part_name
-from virnucpro.sequences import FastaIndex
+from virnucpro.sequences import FastaIndex, SequenceError
 
 log = logging.getLogger("virnucpro")
 
@@ -67,8 +70,14 @@ MAX_BATCH_RETRIES = 3  # a batch whose actor died this many times in a row fails
 MAX_ACTOR_RESTARTS = 3  # Ray restarts a dead actor this many times, then the pool replaces it
 MAX_REPLACEMENTS_PER_ACTOR = 3  # new actors the pool may start, per actor of the run
 ACTOR_WAIT_SECONDS = 900  # no usable actor for this long (all restarting, none schedulable): give up
+STOP_WAIT_SECONDS = 30  # a failed run waits this long for the batches its actors are computing
 _PART = re.compile(r"part-(\d{6,})\.parquet")
+_TEMPORARY = re.compile(r"\.(part-\d{6,}\.parquet|_manifest\.json)\..+\.tmp")  # a write cut short
 _TRANSIENT = (RayActorError, ObjectLostError, WorkerCrashedError)  # the actor, not the batch, failed
+MAX_ERROR_RETRIES = 2  # a batch that raised an unexpected error is dealt again this many times, then the run fails
+# The output cannot be written (disk full, quota, permissions, read-only): retrying will not help, but
+# finished parts stay and --resume finishes the run once the cause is fixed.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 class EmbedError(RuntimeError):
@@ -98,6 +107,9 @@ class EmbedOptions:
     overwrite: bool = False
     progress: bool | None = None  # default: when stderr is a terminal
     verbose: bool = False
+    # where a local Ray started by the driver serves its dashboard and job API; loopback by default
+    # (reachable from this machine, or through an SSH tunnel). "0.0.0.0" exposes it to the network.
+    dashboard_host: str = "127.0.0.1"
     # Python API only: extra Ray actor options for actor i, merged over the defaults (e.g. a
     # placement-group bundle, so that two embed jobs share GPUs as `cluster.predict` arranges)
     actor_options: Callable[[int], dict] | None = None
@@ -116,6 +128,7 @@ class EmbedResult:
     seconds: float  # the whole call: indexing, Ray and actor start-up included
     actors: list[dict] = field(default_factory=list)
     batches_retried: int = 0  # batches dealt again because their actor died
+    batches_retried_after_errors: int = 0  # batches dealt again after an error that may not recur
     actors_replaced: int = 0  # actors Ray gave up on, replaced by new ones
 
     @property
@@ -127,6 +140,8 @@ class EmbedResult:
         if self.batches_retried or self.actors_replaced:
             faults = (f"; {self.batches_retried} batch(es) dealt again after actor failures, "
                       f"{self.actors_replaced} actor(s) replaced")
+        if self.batches_retried_after_errors:
+            faults += f"; {self.batches_retried_after_errors} batch(es) retried after errors"
         return (f"{self.num_sequences} sequences ({self.batches_computed} of {self.num_batches} batches "
                 f"computed, {self.tokens_computed} tokens) in {self.seconds:.1f} s; embedding "
                 f"{self.tokens_per_second / 1e3:.1f} K tokens/s on {len(self.actors)} actor(s){faults} "
@@ -151,6 +166,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions) 
     start = time.perf_counter()
     source = resolve_model(model)
     tokenizer = load_tokenizer(source, opts.truncation_seq_length)
+    dim = check_model(source)  # a wrong or damaged checkpoint fails here, before Ray and the actors
     out = OutputLocation.parse(out_dir)
     _prepare_out_dir(out, opts)
     scratch = _scratch_dir(out)
@@ -165,7 +181,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions) 
         plan = Plan.build(lambda a, b: token_counts(tokenizer, index.lengths[a:b]), toks, len(index), scratch)
         fingerprint = plan_fingerprint(source.name, source.family, opts.truncation_seq_length, toks,
                                        index.lengths, index.offsets)
-        manifest = _open_manifest(out, opts, source, input, fingerprint, index, len(plan), toks)
+        manifest = _open_manifest(out, opts, source, dim, input, fingerprint, index, len(plan), toks)
         done = _finished_batches(out, manifest, plan)
         todo = np.flatnonzero(~done)
         if done.any():
@@ -210,8 +226,9 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions) 
     manifest.save(out)
     shutil.rmtree(scratch, ignore_errors=True)
     result = EmbedResult(out.local_path or out.uri, len(index), len(plan), len(todo), tokens_computed,
-                         compute_seconds, time.perf_counter() - start, infos, dispatcher.retried,
-                         pool.replaced)
+                         compute_seconds, time.perf_counter() - start, infos,
+                         batches_retried=dispatcher.retried, actors_replaced=pool.replaced,
+                         batches_retried_after_errors=dispatcher.retried_after_errors)
     log.info("done: %s", result.summary())
     return result
 
@@ -228,6 +245,10 @@ def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
         raise EmbedError(f"{out}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
     parts = [name for name in files if _PART.fullmatch(name)]
     previous = MANIFEST in files or bool(parts)
+    if opts.resume or opts.overwrite:  # temporaries of writes a killed run left behind
+        for name in files:
+            if _TEMPORARY.fullmatch(name):
+                out.delete(name)
     if previous and opts.overwrite:
         for name in parts:
             out.delete(name)
@@ -246,7 +267,7 @@ def _scratch_dir(out: OutputLocation) -> Path:
     return Path(tempfile.mkdtemp(prefix="virnucpro-work-"))
 
 
-def _open_manifest(out: OutputLocation, opts: EmbedOptions, source: ModelSource, input: Path,
+def _open_manifest(out: OutputLocation, opts: EmbedOptions, source: ModelSource, dim: int, input: Path,
                    fingerprint: str, index: FastaIndex, num_batches: int, toks: int) -> Manifest:
     old = Manifest.load(out) if opts.resume else None
     if old is not None:
@@ -255,7 +276,7 @@ def _open_manifest(out: OutputLocation, opts: EmbedOptions, source: ModelSource,
                              f"{old.model} on {old.input}); use --overwrite to replace it")
         old.complete = False
         return old
-    manifest = Manifest(model=source.name, family=source.family, dim=model_dim(source), input=str(input),
+    manifest = Manifest(model=source.name, family=source.family, dim=dim, input=str(input),
                         fingerprint=fingerprint, num_sequences=len(index), num_batches=num_batches,
                         skipped_empty=index.skipped_empty, toks_per_batch=toks)
     manifest.save(out)
@@ -301,7 +322,17 @@ def _init_ray(opts: EmbedOptions) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return True
-    ray.init(include_dashboard=None, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+    # A local Ray: token authentication on (Ray >= 2.52 does this for a new local cluster unless
+    # RAY_AUTH_MODE says otherwise; setting it makes it ours, whatever Ray's default), the token in
+    # ~/.ray/auth_token (created if missing, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), and the
+    # dashboard and job API on loopback unless --dashboard-host says otherwise.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"].lower() != "token":
+        log.warning("RAY_AUTH_MODE=%s: the local Ray starts without token authentication; any process "
+                    "that reaches its ports can run code as you", os.environ["RAY_AUTH_MODE"])
+    if opts.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the Ray dashboard and job API listen on %s, not only on loopback", opts.dashboard_host)
+    ray.init(include_dashboard=None, dashboard_host=opts.dashboard_host, logging_level=logging.WARNING,
              log_to_driver=True)
     return True
 
@@ -457,6 +488,20 @@ class _ActorPool:
                 pass
 
 
+def failure_kind(cause: BaseException | None) -> str:
+    """How the driver treats an exception a batch raised in its actor:
+    "permanent": retrying cannot help (a BatchError: out of memory, a batch that cannot be computed;
+    bad input) - the run stops; "storage": the part could not be written for a reason retrying will
+    not fix (disk full, quota, permissions, read-only) - the run stops, resumable once fixed;
+    "retry": anything else (an I/O hiccup on network storage, a transient library error) - the batch
+    is dealt again, up to MAX_ERROR_RETRIES times, then the run stops naming the cause."""
+    if isinstance(cause, (BatchError, SequenceError)):
+        return "permanent"
+    if isinstance(cause, OSError) and cause.errno in _STORAGE_ERRNOS:
+        return "storage"
+    return "retry"
+
+
 def _cause(e: Exception) -> str:
     cause = getattr(e, "cause", None)
     if cause is not None and not isinstance(cause, RayActorError):
@@ -507,6 +552,7 @@ class _Dispatcher:
         self.per_actor = in_flight_per_actor + 1  # one queued behind the running ones hides dispatch latency
         self.actor_wait_seconds = actor_wait_seconds
         self.retried = 0
+        self.retried_after_errors = 0
         self.metrics = _DriverMetrics(pool.source.name)
 
     def run(self, todo: np.ndarray):
@@ -516,7 +562,9 @@ class _Dispatcher:
         loading: deque[tuple[int, Future]] = deque()
         ready: deque[tuple[int, ray.ObjectRef]] = deque()  # loaded, in the object store, not dealt
         running: dict[ray.ObjectRef, tuple[int, ray.ObjectRef, _Slot, int]] = {}
-        failures: dict[int, int] = {}
+        failures: dict[int, int] = {}  # batch -> times its actor died under it
+        errors: dict[int, int] = {}  # batch -> times it raised an error worth retrying
+        dealt: dict[int, int] = {}  # batch -> times dealt (the attempt number the actor sees)
         remaining = len(todo)
         idle_since: float | None = None
         try:
@@ -533,7 +581,9 @@ class _Dispatcher:
                 for slot in self.pool.slots:
                     while ready and slot.state == "ready" and slot.busy < self.per_actor:
                         b, ref = ready.popleft()
-                        running[slot.actor.embed.remote(ref)] = (b, ref, slot, slot.generation)
+                        attempt = dealt.get(b, 0)
+                        dealt[b] = attempt + 1
+                        running[slot.actor.embed.remote(ref, attempt)] = (b, ref, slot, slot.generation)
                         slot.busy += 1
                 probes = self.pool.probes()
                 self.metrics.update(len(todo) - cursor + len(loading) + len(ready), len(running),
@@ -584,16 +634,28 @@ class _Dispatcher:
                         if generation == slot.generation:  # not a late failure of a replaced actor
                             self.pool.failed(slot)
                     except RayTaskError as e:
+                        kind = failure_kind(getattr(e, "cause", None))
+                        if kind == "retry" and errors.get(b, 0) < MAX_ERROR_RETRIES:
+                            errors[b] = errors.get(b, 0) + 1
+                            self.metrics.failure("error_retried")
+                            log.warning("batch %d failed on actor %d (%s); dealing it again (retry %d of %d)",
+                                        b, slot.number, _cause(e), errors[b], MAX_ERROR_RETRIES)
+                            self.retried_after_errors += 1
+                            ready.appendleft((b, batch_ref))
+                            continue
                         self.metrics.failure("batch_error")
-                        raise EmbedError(self._task_failure(b, batch_ref, e)) from None
+                        raise EmbedError(self._task_failure(b, batch_ref, e, kind, errors.get(b, 0) + 1)) from None
                     else:
                         remaining -= 1
                         yield result
             self.metrics.update(0, 0, self.pool.usable, 0, force=True)
         finally:
             loader.shutdown(wait=False, cancel_futures=True)
-            for ref in running:
-                ray.cancel(ref, force=False)
+            if running:  # the run stops early: let the dealt batches end (their parts are whole and
+                # found by --resume), so that no part appears after embed() has raised; then the actors go
+                for ref in running:
+                    ray.cancel(ref, force=False)  # batches still queued in an actor do not start
+                ray.wait(list(running), num_returns=len(running), timeout=STOP_WAIT_SECONDS)
 
     @staticmethod
     def _loaded(b: int, fut: Future) -> TokenBatch:
@@ -603,12 +665,16 @@ class _Dispatcher:
             raise EmbedError(f"batch {b}: reading and tokenising its sequences failed: {e}") from e
 
     @staticmethod
-    def _task_failure(b: int, batch_ref, e: RayTaskError) -> str:
+    def _task_failure(b: int, batch_ref, e: RayTaskError, kind: str, attempts: int) -> str:
         cause = getattr(e, "cause", None)
         if isinstance(cause, BatchError):
             return str(cause)
         batch: TokenBatch = ray.get(batch_ref)
-        return f"{batch.describe()} failed: {_cause(e)}; not retried (fix the cause, then rerun with --resume)"
+        if kind == "storage":
+            return (f"{batch.describe()}: writing its part failed: {_cause(e)}. Finished parts are kept and the "
+                    f"run is not complete: free space or fix permissions, then rerun with --resume")
+        tried = f"{attempts} attempts" if attempts > 1 else "not retried"
+        return f"{batch.describe()} failed: {_cause(e)} ({tried}); fix the cause, then rerun with --resume"
 
 
 class _Progress:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from ..sequences import DNA, PROTEIN
-from .dnabert_s import DNABERTS, DNABERTSTokenizer, load_dnabert_s
-from .esm2 import ESM2, ESM2Tokenizer, CheckpointError, load_esm2
+from .dnabert_s import DNABERTS, DNABERTSTokenizer, check_dnabert_s, load_dnabert_s
+from .esm2 import ESM2, ESM2Tokenizer, CheckpointError, check_esm2, load_esm2
 
 ESM2_FAMILY = "esm2"
 DNABERT_S_FAMILY = "dnabert_s"
@@ -108,6 +108,15 @@ def load_model(source: ModelSource, device: torch.device | str, dtype: torch.dty
     return load_dnabert_s(source.path, device, dtype, attention_backend=attention_backend)
 
 
+def check_model(source: ModelSource) -> int:
+    """Check the model's weights (names and shapes) against its architecture without loading them;
+    returns the embedding width. The driver calls this before starting Ray, so a wrong or damaged
+    checkpoint fails at once with a CheckpointError, not after the actors are up."""
+    if source.family == ESM2_FAMILY:
+        return check_esm2(source.path).embed_dim
+    return check_dnabert_s(source.path).hidden_size
+
+
 def model_dim(source: ModelSource) -> int:
     """Embedding width without loading the weights onto a device."""
     if source.family == ESM2_FAMILY:
@@ -116,5 +125,6 @@ def model_dim(source: ModelSource) -> int:
     return json.loads((source.path / "config.json").read_text())["hidden_size"]
 
 
-__all__ = ["ModelSource", "resolve_model", "load_tokenizer", "load_model", "model_dim", "CheckpointError",
+__all__ = ["ModelSource", "resolve_model", "load_tokenizer", "load_model", "model_dim", "check_model",
+           "CheckpointError",
            "ESM2", "DNABERTS", "ESM2_FAMILY", "DNABERT_S_FAMILY"]
