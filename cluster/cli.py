@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         # one line a user can act on, never a traceback; --verbose keeps the traceback for bug reports
         if args.verbose:
             log.exception("failed")
-        print(f"virnucpro: error: {e}", file=sys.stderr)
+        text = re.sub(r"\s*\n\s*", " ", str(e).strip()) or type(e).__name__  # one line, whatever raised
+        print(f"virnucpro: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("virnucpro: interrupted; rerun with --resume to finish", file=sys.stderr)

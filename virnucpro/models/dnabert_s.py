@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Backend, Packing, alibi_slopes, attention, select_backend
-from .esm2 import CheckpointError
+from .esm2 import CheckpointError, load_error
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def read_weights(model_dir: Path, shapes_only: bool = False) -> dict[str, torch.
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any unpickling or format failure is a bad weights file
-        raise CheckpointError(f"{path}: not a readable weights file ({e})") from None
+        raise CheckpointError(f"{path}: not a readable weights file ({load_error(e)})") from None
     # DNABERT-S has no "bert." prefix, DNABERT-2 does; the MLM head and pooler are not used.
     state = {k.removeprefix("bert."): v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.startswith(("pooler.", "cls."))}

@@ -195,6 +195,18 @@ class CheckpointError(ValueError):
     """A model file that is missing, of another family, or of unexpected shapes."""
 
 
+def load_error(e: BaseException) -> str:
+    """torch.load's failure in one line: a weights-only refusal names the global it refused (its full
+    message is a page of advice to load the file unsafely, which is the one thing not to do)."""
+    text = str(e)
+    refused = re.search(r"(?:Unsupported (?:global|operand)|Trying to load unsupported)[^\n]*?(?=\.(?:\s|$)|\n|$)",
+                        text)
+    if refused:
+        return f"weights-only load refused it: {refused.group(0).strip()}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def read_checkpoint(path: str | Path) -> tuple[ESM2Config, dict[str, torch.Tensor]]:
     """Read a fair-esm ESM-2 `.pt` checkpoint without unpickling anything but tensors and its cfg."""
     path = Path(path)
@@ -203,13 +215,14 @@ def read_checkpoint(path: str | Path) -> tuple[ESM2Config, dict[str, torch.Tenso
     # fair-esm stores its config as an argparse.Namespace: allow exactly that class, nothing else.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # legacy (pre-zip) files cannot be memory-mapped
-                raise CheckpointError(f"{path}: not a readable fair-esm checkpoint ({e})") from None
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-            raise CheckpointError(f"{path}: not a readable fair-esm checkpoint ({e})") from None
+            raise CheckpointError(f"{path}: not a readable fair-esm checkpoint ({load_error(e)})") from None
     if not isinstance(data, dict) or "model" not in data:
         raise CheckpointError(f"{path}: not a fair-esm checkpoint (no 'model' state dict)")
     state = {_PREFIX.sub("", k): v for k, v in data["model"].items()}
