@@ -322,19 +322,28 @@ def _init_ray(opts: EmbedOptions) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return True
-    # A local Ray: token authentication on (Ray >= 2.52 does this for a new local cluster unless
-    # RAY_AUTH_MODE says otherwise; setting it makes it ours, whatever Ray's default), the token in
-    # ~/.ray/auth_token (created if missing, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), and the
-    # dashboard and job API on loopback unless --dashboard-host says otherwise.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    if os.environ["RAY_AUTH_MODE"].lower() != "token":
-        log.warning("RAY_AUTH_MODE=%s: the local Ray starts without token authentication; any process "
-                    "that reaches its ports can run code as you", os.environ["RAY_AUTH_MODE"])
+    # A local Ray: token authentication on (Ray >= 2.52 turns it on for a new local cluster unless
+    # RAY_AUTH_MODE says otherwise; the token is ~/.ray/auth_token, created if missing, or
+    # RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), and the dashboard and job API on loopback unless
+    # --dashboard-host says otherwise. Turning either off is the user's explicit choice, and is logged.
     if opts.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the Ray dashboard and job API listen on %s, not only on loopback", opts.dashboard_host)
     ray.init(include_dashboard=None, dashboard_host=opts.dashboard_host, logging_level=logging.WARNING,
              log_to_driver=True)
+    if not token_auth_enabled():
+        log.warning("the local Ray runs without token authentication (RAY_AUTH_MODE=%s, Ray %s): any process "
+                    "that reaches its ports can run code as you", os.environ.get("RAY_AUTH_MODE", "unset"),
+                    ray.__version__)
     return True
+
+
+def token_auth_enabled() -> bool:
+    """Whether this process's Ray uses token authentication (False on Ray versions without it)."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:
+        return False
+    return bool(is_token_auth_enabled())
 
 
 def _placement(opts: EmbedOptions) -> tuple[str, int, float, float]:
