@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Backend, Packing, alibi_slopes, attention, select_backend
-from .esm2 import CheckpointError, load_error
+from .esm2 import CheckpointError, check_state_dict, load_error
 
 log = logging.getLogger(__name__)
 
@@ -266,15 +266,7 @@ def _matched(model_dir: Path, config: DNABERTSConfig, state: dict[str, torch.Ten
     """Our module on the meta device, after checking the weights' names and shapes against it."""
     with torch.device("meta"):
         model = DNABERTS(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{model_dir}: parameters do not match DNABERT-S (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-    for k, v in expected.items():
-        if state[k].shape != v.shape:
-            raise CheckpointError(f"{model_dir}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    check_state_dict(model.state_dict(), state, model_dir, "DNABERT-S")
     return model
 
 

@@ -195,6 +195,19 @@ class CheckpointError(ValueError):
     """A model file that is missing, of another family, or of unexpected shapes."""
 
 
+def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], where: object,
+                     family: str) -> None:
+    """Every parameter the architecture has is in the file, none is left over, every shape matches."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: parameters do not match {family} (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    for k, v in expected.items():
+        if given[k].shape != v.shape:
+            raise CheckpointError(f"{where}: {k} has shape {tuple(given[k].shape)}, expected {tuple(v.shape)}")
+
+
 def load_error(e: BaseException) -> str:
     """torch.load's failure in one line: a weights-only refusal names the global it refused (its full
     message is a page of advice to load the file unsafely, which is the one thing not to do)."""
@@ -276,15 +289,7 @@ def _matched(path: str | Path, config: ESM2Config, state: dict[str, torch.Tensor
     ours = _fused_state(state, n)
     if model.emb_layer_norm_after is None:
         ours = {k: v for k, v in ours.items() if not k.startswith("emb_layer_norm_after.")}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: parameters do not match ESM-2 (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-    for k, v in expected.items():
-        if ours[k].shape != v.shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(ours[k].shape)}, expected {tuple(v.shape)}")
+    check_state_dict(model.state_dict(), ours, path, "ESM-2")
     return model, ours
 
 
