@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 
 import numpy as np
 import pytest
@@ -11,6 +12,27 @@ import torch
 from virnucpro.tiny import esm2_state_dict, write_dnabert_s_dir, write_esm2_checkpoint
 
 AMINO = list("ACDEFGHIKLMNPQRSTVWY")
+
+# Upstream VirNucPro's classifier as its training script defines it: in `__main__`, so that
+# `torch.save(model)` pickles it as `__main__.MLPClassifier`. Tests append what to save and run the
+# script in a fresh interpreter.
+UPSTREAM_CLASSIFIER_CLASS = textwrap.dedent("""
+    import sys, torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class MLPClassifier(nn.Module):
+        def __init__(self, input_dim, hidden_dim, num_class):
+            super(MLPClassifier, self).__init__()
+            self.hidden_layer = nn.Linear(input_dim, hidden_dim)
+            self.bn1 = nn.BatchNorm1d(hidden_dim)
+            self.output_layer = nn.Linear(hidden_dim, num_class)
+            self.dropout = nn.Dropout(0.5)
+
+        def forward(self, x):
+            x = F.relu(self.bn1(self.hidden_layer(x)))
+            return self.output_layer(self.dropout(x))
+""")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import UPSTREAM_CLASSIFIER_CLASS
 from virnucpro.classifier import (ClassifierLoadError, MLPClassifier, highest_scores,
                                   load_classifier, predict_proba, write_highest_scores,
                                   write_prediction_results)
@@ -20,22 +21,7 @@ from virnucpro.classifier import (ClassifierLoadError, MLPClassifier, highest_sc
 # Upstream's train.py defines the class in the script it runs, so torch.save(model) records it as
 # `__main__.MLPClassifier`. This script does the same in a fresh interpreter, and also saves an
 # input batch and the original model's outputs on it.
-UPSTREAM_SAVE = textwrap.dedent("""
-    import sys, torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class MLPClassifier(nn.Module):
-        def __init__(self, input_dim, hidden_dim, num_class):
-            super(MLPClassifier, self).__init__()
-            self.hidden_layer = nn.Linear(input_dim, hidden_dim)
-            self.bn1 = nn.BatchNorm1d(hidden_dim)
-            self.output_layer = nn.Linear(hidden_dim, num_class)
-            self.dropout = nn.Dropout(0.5)
-
-        def forward(self, x):
-            x = F.relu(self.bn1(self.hidden_layer(x)))
-            return self.output_layer(self.dropout(x))
+UPSTREAM_SAVE = UPSTREAM_CLASSIFIER_CLASS + textwrap.dedent("""
 
     torch.manual_seed(0)
     model = MLPClassifier(3328, 512, 2)

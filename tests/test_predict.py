@@ -25,6 +25,7 @@ import torch
 
 from cluster.predict import (CONTIG_COLUMNS, EMBED_DIRS, PredictError, contig_rows, fasta_ids,
                              predict)
+from tests.conftest import UPSTREAM_CLASSIFIER_CLASS
 from virnucpro.classifier import ChunkMaxima, MLPClassifier
 from virnucpro.output import MANIFEST, read_embeddings
 from virnucpro.preprocess import chunk_bounds, iter_fasta
@@ -37,22 +38,7 @@ DNA_DIM, ESM_DIM = 48, 64  # conftest's dnabert_tiny and esm_tiny
 # Upstream's train.py defines MLPClassifier in the script it runs and saves with torch.save(model):
 # the pickle names `__main__.MLPClassifier`. Same here, in a fresh interpreter; the raw tensors are
 # saved too, for the hand-written forward pass below.
-UPSTREAM_SAVE = textwrap.dedent("""
-    import sys, torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class MLPClassifier(nn.Module):
-        def __init__(self, input_dim, hidden_dim, num_class):
-            super(MLPClassifier, self).__init__()
-            self.hidden_layer = nn.Linear(input_dim, hidden_dim)
-            self.bn1 = nn.BatchNorm1d(hidden_dim)
-            self.output_layer = nn.Linear(hidden_dim, num_class)
-            self.dropout = nn.Dropout(0.5)
-
-        def forward(self, x):
-            x = F.relu(self.bn1(self.hidden_layer(x)))
-            return self.output_layer(self.dropout(x))
+UPSTREAM_SAVE = UPSTREAM_CLASSIFIER_CLASS + textwrap.dedent("""
 
     torch.manual_seed(0)
     model = MLPClassifier(int(sys.argv[2]), 32, 2)
