@@ -334,7 +334,20 @@ def _init_ray(opts: EmbedOptions) -> bool:
         log.warning("the local Ray runs without token authentication (RAY_AUTH_MODE=%s, Ray %s): any process "
                     "that reaches its ports can run code as you", os.environ.get("RAY_AUTH_MODE", "unset"),
                     ray.__version__)
+    _protect_token_file(Path.home() / ".ray" / "auth_token")
     return True
+
+
+def _protect_token_file(path: Path) -> None:
+    """Ray writes ~/.ray/auth_token with the default umask (often world-readable): anyone who can read
+    it can run code on the cluster as you. Make it readable by its owner alone."""
+    try:
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            path.chmod(0o600)
+            log.info("%s: made readable by its owner only (it was mode %o)", path, st.st_mode & 0o777)
+    except OSError:
+        pass
 
 
 def token_auth_enabled() -> bool:

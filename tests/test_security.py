@@ -84,6 +84,7 @@ def test_local_ray_has_token_auth_and_a_loopback_dashboard(tmp_path):
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     probe = json.loads(lines[0].removeprefix("PROBE "))
     assert probe["auth"] and probe["token_file"] and (tmp_path / ".ray" / "auth_token").is_file()
+    assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600  # Ray wrote it 0644
     assert probe["url"].startswith("127.0.0.1:")
     loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
     assert probe["listening"] and set(probe["listening"]) <= loopback, probe["listening"]
@@ -91,16 +92,22 @@ def test_local_ray_has_token_auth_and_a_loopback_dashboard(tmp_path):
     assert probe["jobs_with_token"] == 200
 
 
-def test_init_ray_binds_loopback_unless_told_and_warns_without_auth(monkeypatch, caplog):
+def test_init_ray_binds_loopback_unless_told_and_warns_without_auth(monkeypatch, caplog, tmp_path):
     import cluster.driver as driver
 
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("0" * 32)
+    (tmp_path / ".ray" / "auth_token").chmod(0o644)
     calls = []
     monkeypatch.setattr(driver.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(driver.ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(driver, "token_auth_enabled", lambda: True)
     assert driver._init_ray(driver.EmbedOptions())
-    assert calls[-1]["dashboard_host"] == "127.0.0.1" and not caplog.records
+    assert calls[-1]["dashboard_host"] == "127.0.0.1"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600  # the token is private
     monkeypatch.setattr(driver, "token_auth_enabled", lambda: False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with caplog.at_level(logging.WARNING, "virnucpro"):

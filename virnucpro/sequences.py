@@ -142,8 +142,9 @@ def iter_fasta(path: str | Path, kind: str | None = None) -> Iterator[Record]:
             yield Record(rid, seq.decode("ascii"), ordinal)
 
 
-_BLOCK = 1 << 20  # bytes read at a time: what the index pass holds, however long a line is
+_BLOCK = 1 << 18  # bytes read at a time: what the index pass holds, however long a line is
 MAX_HEADER = 1 << 20  # a longer header line is an error (a header is buffered whole, a sequence never)
+_RECORDS_PER_YIELD = 1024  # records the scanner hands over at a time
 
 
 @dataclass
@@ -229,6 +230,9 @@ def _scan_blocks(f: BinaryIO, path: Path, kind: str | None, collect: bool) -> It
                 if header is not None:
                     close()
                     ordinal += 1
+                    if len(out.ids) >= _RECORDS_PER_YIELD:  # bounded lists, however short the records
+                        yield out
+                        out = _Scanned()
                 header, h_offset, length, star = buf[pos + 1:eol].rstrip(b"\r"), base + pos, 0, False
                 if collect:
                     pieces = []
