@@ -49,7 +49,7 @@ from ray.exceptions import (ActorDiedError, ActorUnavailableError, ObjectLostErr
 from actors.embedder import BatchError, Embedder, PartResult
 from virnucpro.batching import Plan, TokenBatch, make_batch, plan_fingerprint, token_counts
 from virnucpro.models import DNABERT_S_FAMILY, ModelSource, check_model, load_tokenizer, resolve_model
-from virnucpro.output import MANIFEST, Manifest, OutputLocation, part_name
+from virnucpro.output import MANIFEST, Manifest, OutputLocation
 from virnucpro.sequences import FastaIndex, SequenceError
 
 log = logging.getLogger("virnucpro")

@@ -89,6 +89,16 @@ def fair_esm_pooled(model, seqs: list[str], layer: int | None = None) -> torch.T
     return torch.stack([rep[i, 1:len(s) + 1].mean(0) for i, s in enumerate(seqs)])
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for a test module (2 CPUs, no dashboard): the driver joins it instead of starting one."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def esm_tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "esm2_tiny.pt"

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from cluster.cli import main
@@ -31,13 +29,6 @@ from tests.conftest import random_proteins
 from virnucpro.output import MANIFEST, read_embeddings
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture()

@@ -12,8 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
-import torch
 
 from cluster.driver import EmbedError, embed
 from tests.conftest import fair_esm_pooled, fair_esm_reference, random_dna, random_proteins, write_fasta
@@ -21,13 +19,6 @@ from tests.reference_dnabert import reference_dnabert_embed
 from virnucpro.output import MANIFEST, read_embeddings
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from actors.embedder import BatchError
 from cluster.driver import EmbedError, embed, failure_kind
@@ -32,13 +31,6 @@ from virnucpro.sequences import SequenceError
 pytestmark = pytest.mark.slow
 
 OPTS = dict(device="cpu", toks_per_batch=512, progress=False, num_actors=2)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def _assert_exactly_once(out: Path, ids: list[str]) -> None:

@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 from cluster.predict import (CONTIG_COLUMNS, EMBED_DIRS, PredictError, contig_rows, fasta_ids,
@@ -56,13 +55,6 @@ EXTRA = (">odd_chunk_7 a contig id that itself contains _chunk_\n"
          "ATGAAACCCGGGTTTAAACCCGGGTTTCATCATGCATGCAAACCCTTTGGGAAACCCTTTGGGCATCATCGATCGATTTCCCAAA"
          "GGGTTTCCCAAAGGGATGCATGCCCGGGAAATTTCCCGGGAAATTTCATCATGCAGCAGGGACCAGGAACCGGAACCAGGAAA\n"
          ">tiny_one\nACGTACG\n")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
