@@ -68,10 +68,12 @@ ray.shutdown()
 """
 
 
-def write_fasta(path: Path, n: int, seed: int = 0, lengths: tuple[int, int] = (20, 40)) -> None:
+def write_fasta(path: Path, n: int, seed: int = 0, lengths: tuple[int, int] = (20, 40)) -> int:
+    """n random proteins with ids p0..p{n-1}, written in blocks; returns the residues written."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
+    residues = 0
     letters = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
     with open(path, "wb") as f:
         for start in range(0, n, 100_000):
@@ -83,6 +85,8 @@ def write_fasta(path: Path, n: int, seed: int = 0, lengths: tuple[int, int] = (2
                 lines.append(b">p%d\n%s\n" % (start + i, seqs[pos:pos + length]))
                 pos += length
             f.write(b"".join(lines))
+            residues += int(sizes.sum())
+    return residues
 
 
 def run_one(n: int, work: Path, model: Path, toks: int, lengths: tuple[int, int] = (20, 40)) -> dict:

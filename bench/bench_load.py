@@ -28,25 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
-
-
-def write_fasta(path: Path, n: int, low: int, high: int, seed: int = 0) -> int:
-    """n random proteins, ids p0..p{n-1}; returns the residues written."""
-    rng = np.random.default_rng(seed)
-    residues = 0
-    with open(path, "wb") as f:
-        for start in range(0, n, 100_000):
-            m = min(100_000, n - start)
-            sizes = rng.integers(low, high + 1, m)
-            seqs = rng.choice(AMINO, int(sizes.sum())).tobytes()
-            pos, lines = 0, []
-            for i, size in enumerate(sizes.tolist()):
-                lines.append(b">p%d\n%s\n" % (start + i, seqs[pos:pos + size]))
-                pos += size
-            f.write(b"".join(lines))
-            residues += int(sizes.sum())
-    return residues
+from bench.bench_driver_memory import write_fasta  # noqa: E402
 
 
 def status(pid: int | str = "self") -> dict[str, int]:
@@ -116,7 +98,7 @@ def main() -> None:
         model = write_esm2_checkpoint(work / "esm2_tiny.pt", num_layers=2, embed_dim=64, attention_heads=4)
         fasta = work / "load.faa"
         start = time.perf_counter()
-        residues = write_fasta(fasta, args.n, *args.lengths)
+        residues = write_fasta(fasta, args.n, lengths=tuple(args.lengths))
         print(f"wrote {args.n:,} proteins ({residues:,} residues, {fasta.stat().st_size / mib:.0f} MiB) in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
 
