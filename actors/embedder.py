@@ -221,8 +221,8 @@ class Embedder:
         try:
             with self._profiled(batch.batch_id):
                 pooled = self._compute(batch, attempt)
-            file, rows = write_part(_output_for(self.out_dir, batch.batch_id), batch.batch_id, batch.ids, batch.index, batch.length,
-                                    batch.truncated, pooled, self.source.name,
+            file, rows = write_part(_output_for(self.out_dir, batch.batch_id), batch.batch_id, batch.ids,
+                                    batch.index, batch.length, batch.truncated, pooled, self.source.name,
                                     {"actor": self.name, "node_id": self.node_id, "batch_id": batch.batch_id})
         except BatchError:
             self._failed("out_of_memory")

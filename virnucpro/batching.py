@@ -192,7 +192,7 @@ def make_batch(index: FastaIndex, positions: np.ndarray, tokenizer, batch_id: in
 
     A long record is read only as far as the tokenizer uses it (`max_residues`); `length` and
     `truncated` come from its true length."""
-    cap = getattr(tokenizer, "max_residues", None)
+    cap = tokenizer.max_residues
     records = index.read(positions, cap)
     tokens, seq_tokens, truncated = tokenizer.encode([r.sequence for r in records])
     lengths = index.lengths[positions]
