@@ -51,7 +51,7 @@ import ray
 
 from virnucpro.classifier import (LABELS, ChunkMaxima, PREDICTION_HEADER, load_classifier,
                                   predict_proba, prediction_lines, write_highest_score_rows)
-from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, model_dim, resolve_model
+from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, check_model, resolve_model
 from virnucpro.output import Manifest, atomic_write
 from virnucpro.preprocess import (CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds,
                                   default_workers, preprocess_fasta)
@@ -149,7 +149,7 @@ class _Run:
             got = self.sources[family]
             if got.family != family:
                 raise PredictError(f"{flag} {got.name}: a {got.family} model, expected {family}")
-        self.dims = {f: model_dim(s) for f, s in self.sources.items()}
+        self.dims = {f: check_model(s) for f, s in self.sources.items()}
         self.model = load_classifier(self.classifier_path)
         want = self.model.hidden_layer.in_features
         dna, esm = self.dims[DNABERT_S_FAMILY], self.dims[ESM2_FAMILY]

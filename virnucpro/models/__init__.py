@@ -117,14 +117,6 @@ def check_model(source: ModelSource) -> int:
     return check_dnabert_s(source.path).hidden_size
 
 
-def model_dim(source: ModelSource) -> int:
-    """Embedding width without loading the weights onto a device."""
-    if source.family == ESM2_FAMILY:
-        from .esm2 import read_checkpoint
-        return read_checkpoint(source.path)[0].embed_dim
-    return json.loads((source.path / "config.json").read_text())["hidden_size"]
-
-
-__all__ = ["ModelSource", "resolve_model", "load_tokenizer", "load_model", "model_dim", "check_model",
+__all__ = ["ModelSource", "resolve_model", "load_tokenizer", "load_model", "check_model",
            "CheckpointError",
            "ESM2", "DNABERTS", "ESM2_FAMILY", "DNABERT_S_FAMILY"]
