@@ -72,9 +72,11 @@ class PartResult:
     file: str
     rows: int
     tokens: int
-    seconds: float
+    seconds: float  # the whole call: forward_seconds + write_seconds + waiting for a stream pair
     actor: str
     node: str = ""  # Ray node id of the actor that wrote the part
+    forward_seconds: float = 0.0  # host-to-device copy, forward pass, pooled embeddings back on the host
+    write_seconds: float = 0.0  # the Parquet part, encoded and written
 
 
 # Test hooks, read from the actor's environment (the driver forwards VIRNUCPRO_TEST_* variables to its
@@ -165,7 +167,11 @@ class Embedder:
     def __init__(self, source: ModelSource, out_dir: str, device: str = "auto", dtype: str = "auto",
                  cuda_streams: int = 2, pin_memory: bool = True, attention_backend: str = "auto",
                  compile: bool | None = None, log_level: int = logging.INFO, profile_dir: str | None = None,
-                 profile_batches: int = 3):
+                 profile_batches: int = 3, largest_batch: np.ndarray | None = None):
+        """`largest_batch`: token counts of the plan's most demanding batch (its longest sequences). On
+        a GPU the actor runs one batch of that shape before it reports ready, so that memory is grown,
+        kernels are chosen and shape-specific attention plans are built before the first real batch,
+        and so that a budget that cannot fit fails here, with the out-of-memory report, not mid-run."""
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.source = source
         self.out_dir = OutputLocation.parse(out_dir)  # parsed once: an s3:// URI resolves its region
@@ -182,6 +188,8 @@ class Embedder:
         if self.compiled:
             self._compile_and_warm_up()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if largest_batch is not None and self.device.type == "cuda":
+            self._warm_up(np.asarray(largest_batch, np.int64))
         self.pin_memory = pin_memory and self.device.type == "cuda"
         self.profile_dir, self.profile_left = profile_dir, profile_batches if profile_dir else 0
         self.profile_lock = threading.Lock()  # the torch profiler is per process: one batch at a time
@@ -205,6 +213,22 @@ class Embedder:
                 self.model.embed(tokens, Packing.from_lengths(lengths_d, max(lengths)))
         log.info("actor %s: layers compiled in %.0f s", self.name, time.perf_counter() - start)
 
+    def _warm_up(self, seq_tokens: np.ndarray) -> None:
+        start = time.perf_counter()
+        lengths = torch.tensor(seq_tokens, device=self.device)  # (Ray hands over a read-only array)
+        tokens = torch.randint(5, 20, (int(seq_tokens.sum()),), device=self.device)
+        try:
+            with torch.inference_mode():
+                self.model.embed(tokens, Packing.from_lengths(lengths, int(seq_tokens.max())))
+            torch.cuda.synchronize(self.device)
+        except torch.cuda.OutOfMemoryError:
+            raise BatchError(self._oom_report(f"the plan's largest batch ({len(seq_tokens)} sequences, "
+                                              f"{int(seq_tokens.sum())} tokens, longest {int(seq_tokens.max())}), "
+                                              f"tried at start-up", int(seq_tokens.sum()))) from None
+        log.info("actor %s: warmed up on the plan's largest batch (%d tokens) in %.1f s, peak %.1f GiB",
+                 self.name, int(seq_tokens.sum()), time.perf_counter() - start,
+                 torch.cuda.max_memory_allocated(self.device) / (1 << 30))
+
     def info(self) -> dict:
         """What this actor runs: shown by the driver once all actors are up."""
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -220,7 +244,8 @@ class Embedder:
         start = time.perf_counter()
         try:
             with self._profiled(batch.batch_id):
-                pooled = self._compute(batch, attempt)
+                pooled, forward_seconds = self._compute(batch, attempt)
+            written = time.perf_counter()
             file, rows = write_part(_output_for(self.out_dir, batch.batch_id), batch.batch_id, batch.ids,
                                     batch.index, batch.length, batch.truncated, pooled, self.source.name,
                                     {"actor": self.name, "node_id": self.node_id, "batch_id": batch.batch_id})
@@ -230,10 +255,12 @@ class Embedder:
         except Exception:
             self._failed("error")
             raise
-        seconds = time.perf_counter() - start
+        end = time.perf_counter()
+        seconds = end - start
         if self.metrics is not None:
             self.metrics.batch_done(rows, batch.num_tokens, seconds, self.device)
-        return PartResult(batch.batch_id, file, rows, batch.num_tokens, seconds, self.name, self.node_id)
+        return PartResult(batch.batch_id, file, rows, batch.num_tokens, seconds, self.name, self.node_id,
+                          forward_seconds, end - written)
 
     @contextlib.contextmanager
     def _profiled(self, batch_id: int):
@@ -256,7 +283,8 @@ class Embedder:
         finally:
             self.profile_lock.release()
 
-    def _compute(self, batch: TokenBatch, attempt: int = 0) -> np.ndarray:
+    def _compute(self, batch: TokenBatch, attempt: int = 0) -> tuple[np.ndarray, float]:
+        """Pooled embeddings [B, D] float32, and the seconds the forward took once it had its streams."""
         delay = float(os.environ.get(TEST_BATCH_DELAY) or 0)
         if delay:
             time.sleep(delay)
@@ -266,9 +294,11 @@ class Embedder:
             raise RuntimeError(f"injected transient failure ({TEST_FAIL_BATCH_ONCE}={batch.batch_id})")
         streams = self.streams.get()
         try:
-            return self._forward(batch, streams)
+            start = time.perf_counter()
+            pooled = self._forward(batch, streams)
+            return pooled, time.perf_counter() - start
         except torch.cuda.OutOfMemoryError:
-            raise BatchError(self._oom_report(batch)) from None
+            raise BatchError(self._oom_report(batch.describe(), batch.num_tokens)) from None
         finally:
             self.streams.put(streams)
 
@@ -301,14 +331,14 @@ class Embedder:
         compute.synchronize()
         return host.numpy()
 
-    def _oom_report(self, batch: TokenBatch) -> str:
+    def _oom_report(self, what: str, num_tokens: int) -> str:
         peak = torch.cuda.max_memory_allocated(self.device)
         total = torch.cuda.get_device_properties(self.device).total_memory
         torch.cuda.empty_cache()
-        rec = recommend_toks_per_batch(batch.num_tokens, peak, self.weight_bytes, total)
+        rec = recommend_toks_per_batch(num_tokens, peak, self.weight_bytes, total)
         gib = 1 << 30
         return (f"CUDA out of memory on {self.name} ({torch.cuda.get_device_name(self.device)}, "
-                f"{total / gib:.1f} GiB) in {batch.describe()}: peak {peak / gib:.1f} GiB allocated, "
+                f"{total / gib:.1f} GiB) in {what}: peak {peak / gib:.1f} GiB allocated, "
                 f"model weights {self.weight_bytes / gib:.1f} GiB. Try --toks-per-batch {rec}"
                 + ("" if os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").find("expandable") >= 0
                    else " and --expandable-segments"))

@@ -87,16 +87,21 @@ def bare_model(ckpt: Path, fasta: Path, toks: int, work: Path) -> dict:
     return out
 
 
-def end_to_end(ckpt: Path, fasta: Path, toks: int, work: Path) -> dict:
+def end_to_end(ckpt: Path, fasta: Path, toks: int, work: Path, **options) -> dict:
     from cluster.driver import embed
 
     start = time.perf_counter()
-    result = embed(fasta, work / "out", ckpt, device="cuda", toks_per_batch=toks, progress=False, overwrite=True)
+    result = embed(fasta, work / "out", ckpt, device="cuda", toks_per_batch=toks, progress=False, overwrite=True,
+                   **options)
     wall = time.perf_counter() - start
     manifest = json.loads((work / "out" / "_manifest.json").read_text())
-    return {"toks_per_batch": manifest.get("toks_per_batch") or toks, "tokens": result.tokens_computed, "sequences": result.num_sequences,
+    return {"toks_per_batch": manifest.get("toks_per_batch") or toks, "options": options,
+            "tokens": result.tokens_computed, "sequences": result.num_sequences,
             "seconds": result.compute_seconds, "tokens_per_s": result.tokens_per_second,
-            "wall_seconds_including_startup": wall, "batches": result.num_batches, "actor": result.actors[0]}
+            "wall_seconds_including_startup": wall, "batches": result.num_batches,
+            # where the actors' time went (summed over batches; concurrent batches overlap)
+            "first_part_seconds": result.first_part_seconds, "forward_seconds_sum": result.forward_seconds,
+            "write_seconds_sum": result.write_seconds, "actor": result.actors[0]}
 
 
 def main() -> None:
@@ -107,7 +112,11 @@ def main() -> None:
     ap.add_argument("--toks-per-batch", type=int, default=None, help="default: the driver's for this model")
     ap.add_argument("--skip-bare", action="store_true", help="end to end only (e.g. the multi-GPU run)")
     ap.add_argument("--work", type=Path, default=None, help="reuse inputs written here by an earlier run")
+    ap.add_argument("--cuda-streams", type=int, default=None)
+    ap.add_argument("--profile", type=Path, default=None, help="actor profiler traces of its first batches here")
     args = ap.parse_args()
+    options = {k: v for k, v in (("cuda_streams", args.cuda_streams),
+                                 ("profile", str(args.profile) if args.profile else None)) if v is not None}
     work = args.work or Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -117,8 +126,10 @@ def main() -> None:
     else:
         fasta, ckpt = write_inputs(args.model, args.n, work)
         print(f"inputs written in {time.perf_counter() - t0:.0f} s", flush=True)
-    e2e = end_to_end(ckpt, fasta, args.toks_per_batch, work)
-    print(f"end to end on {torch.cuda.device_count()} GPU(s): {e2e['tokens_per_s'] / 1e3:.1f} K tokens/s, "
+    e2e = end_to_end(ckpt, fasta, args.toks_per_batch, work, **options)
+    print(f"end to end on {torch.cuda.device_count()} GPU(s): {e2e['tokens_per_s'] / 1e3:.1f} K tokens/s over "
+          f"{e2e['seconds']:.1f} s ({e2e['batches']} batches; first part after {e2e['first_part_seconds']:.2f} s; "
+          f"actor forward {e2e['forward_seconds_sum']:.1f} s, Parquet {e2e['write_seconds_sum']:.1f} s summed), "
           f"wall incl. start-up {e2e['wall_seconds_including_startup']:.0f} s", flush=True)
     result = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
               "host": platform.node(), "model": args.model, "toks_per_batch": args.toks_per_batch,

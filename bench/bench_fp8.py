@@ -43,11 +43,14 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", linear.bias.detach().to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        T = x.shape[0]
+        pad = -T % 16  # the FP8 GEMM wants both dimensions of its first operand divisible by 16
+        xf = F.pad(x.float(), (0, 0, 0, pad))
         scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX  # [T, 1]
         xq = (xf / scale).to(torch.float8_e4m3fn)
-        return torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                                bias=self.bias, out_dtype=torch.bfloat16)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
+                             bias=self.bias, out_dtype=torch.bfloat16)
+        return y[:T]
 
 
 def to_fp8(model: ESM2) -> ESM2:

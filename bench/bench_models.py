@@ -281,9 +281,9 @@ def main() -> None:
 
 
 def _print(key: str, rows: list[dict]) -> None:
-    ours = rows[0]["tokens_per_s"]
+    ours = max(r["tokens_per_s"] for r in rows if r["implementation"].startswith("ours"))  # our best path
     print(f"\n{key}")
-    print(f"  {'implementation':<62} {'tok/s':>9} {'seq/s':>8} {'MFU':>6} {'peak GiB':>8} {'ours/x':>6}")
+    print(f"  {'implementation':<62} {'tok/s':>9} {'seq/s':>8} {'MFU':>6} {'peak GiB':>8} {'ours/x':>6}")  # ours: our fastest row
     for r in rows:
         print(f"  {r['implementation']:<62} {r['tokens_per_s'] / 1e3:8.1f}K {r['sequences_per_s']:8.0f} "
               f"{100 * r['mfu']:5.1f}% {r['peak_gib']:8.1f} {ours / r['tokens_per_s']:6.2f}", flush=True)

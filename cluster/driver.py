@@ -130,6 +130,10 @@ class EmbedResult:
     batches_retried: int = 0  # batches dealt again because their actor died
     batches_retried_after_errors: int = 0  # batches dealt again after an error that may not recur
     actors_replaced: int = 0  # actors Ray gave up on, replaced by new ones
+    # summed over batches (concurrent batches of one actor overlap, so these can exceed compute_seconds):
+    forward_seconds: float = 0.0  # copy to the device, forward pass, embeddings back to the host
+    write_seconds: float = 0.0  # Parquet parts encoded and written
+    first_part_seconds: float = 0.0  # from the first batch read to the first part written (pipeline fill)
 
     @property
     def tokens_per_second(self) -> float:
@@ -174,6 +178,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions) 
 
     started_ray = _init_ray(opts)
     pool: _ActorPool | None = None
+    dispatcher: _Dispatcher | None = None
     manifest: Manifest | None = None
     try:
         device, num_actors, gpus_per_actor, cluster_gpus = _placement(opts)
@@ -186,18 +191,24 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions) 
         todo = np.flatnonzero(~done)
         if done.any():
             log.info("resuming: %d of %d batches already done, %d to go", int(done.sum()), len(plan), len(todo))
-        pool = _ActorPool(source, out, opts, device, num_actors, gpus_per_actor)
-        infos = pool.start() if len(todo) else []
+        # the plan's first batch holds its longest sequences: the one most demanding of GPU memory
+        largest = token_counts(tokenizer, index.lengths[plan[0]]) if len(plan) else None
+        pool = _ActorPool(source, out, opts, device, num_actors, gpus_per_actor, largest)
         workers = opts.dataloader_workers or default_dataloader_workers(int(cluster_gpus) if device == "cuda" else 0)
-        progress = _Progress(int(plan.tokens.sum()), len(index), int(plan.tokens[done].sum()),
-                             manifest.rows_done, opts.progress, opts.verbose)
         dispatcher = _Dispatcher(pool, index, tokenizer, plan, workers,
                                  opts.cuda_streams if device == "cuda" else 1, opts.actor_wait_seconds)
-        tokens_computed = 0
+        dispatcher.prefetch(todo, num_actors)  # the first batches are read and tokenised while the actors load
+        infos = pool.start() if len(todo) else []
+        progress = _Progress(int(plan.tokens.sum()), len(index), int(plan.tokens[done].sum()),
+                             manifest.rows_done, opts.progress, opts.verbose)
+        tokens_computed, forward_seconds, write_seconds, first_part = 0, 0.0, 0.0, 0.0
         compute_start = time.perf_counter()
         for result in dispatcher.run(todo):
             manifest.parts[result.file] = result.rows
             tokens_computed += result.tokens
+            forward_seconds += result.forward_seconds
+            write_seconds += result.write_seconds
+            first_part = first_part or time.perf_counter() - compute_start
             progress.advance(result.tokens, result.rows, pool.usable, len(pool.slots))
             if progress.due_for_save():
                 manifest.save(out)
@@ -211,6 +222,8 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions) 
                 log.warning("could not save the manifest", exc_info=True)
         raise
     finally:
+        if dispatcher is not None:
+            dispatcher.close()
         if pool is not None:
             pool.shutdown()
         if started_ray:
@@ -228,7 +241,8 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions) 
     result = EmbedResult(out.local_path or out.uri, len(index), len(plan), len(todo), tokens_computed,
                          compute_seconds, time.perf_counter() - start, infos,
                          batches_retried=dispatcher.retried, actors_replaced=pool.replaced,
-                         batches_retried_after_errors=dispatcher.retried_after_errors)
+                         batches_retried_after_errors=dispatcher.retried_after_errors,
+                         forward_seconds=forward_seconds, write_seconds=write_seconds, first_part_seconds=first_part)
     log.info("done: %s", result.summary())
     return result
 
@@ -408,8 +422,9 @@ class _ActorPool:
     has given up on."""
 
     def __init__(self, source: ModelSource, out: OutputLocation, opts: EmbedOptions, device: str,
-                 num_actors: int, gpus_per_actor: float):
+                 num_actors: int, gpus_per_actor: float, largest_batch: np.ndarray | None = None):
         self.source, self.out, self.opts, self.device = source, out, opts, device
+        self.largest_batch = largest_batch  # each GPU actor warms up on this batch shape before it is ready
         self.streams = opts.cuda_streams if device == "cuda" else 1
         env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if opts.expandable_segments else {}
         if device == "cpu":
@@ -435,7 +450,7 @@ class _ActorPool:
         level = logging.DEBUG if self.opts.verbose else logging.INFO
         return ray.remote(Embedder).options(**{**self.options, **extra}).remote(
             self.source, self.out.uri, self.device, self.opts.dtype, self.streams, self.opts.pin_memory,
-            self.opts.attention, self.opts.compile, level, self.opts.profile)
+            self.opts.attention, self.opts.compile, level, self.opts.profile, largest_batch=self.largest_batch)
 
     def start(self) -> list[dict]:
         self.slots = [_Slot(i, self._new_actor(i)) for i in range(self.num_actors)]
@@ -576,12 +591,31 @@ class _Dispatcher:
         self.retried = 0
         self.retried_after_errors = 0
         self.metrics = _DriverMetrics(pool.source.name)
+        self.loader = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="virnucpro-loader")
+        self.loading: deque[tuple[int, Future]] = deque()  # batches being read and tokenised, in order
+        self.cursor = 0  # todo[cursor:] not yet submitted to the loader
+
+    def _window(self, actors: int) -> int:
+        """Batches read ahead of the actors: as many as they can take, plus one per loader thread."""
+        return actors * self.per_actor + self.workers
+
+    def _load_ahead(self, todo: np.ndarray, window: int, held: int) -> None:
+        while self.cursor < len(todo) and len(self.loading) + held < window:
+            b = int(todo[self.cursor])
+            self.cursor += 1
+            self.loading.append((b, self.loader.submit(make_batch, self.index, self.plan[b], self.tokenizer, b)))
+
+    def close(self) -> None:
+        """Stop the loader threads: queued loads are dropped, running ones end on their own."""
+        self.loader.shutdown(wait=False, cancel_futures=True)
+
+    def prefetch(self, todo: np.ndarray, actors: int) -> None:
+        """Start reading and tokenising the first window of batches (call while the actors load)."""
+        self._load_ahead(todo, self._window(actors), 0)
 
     def run(self, todo: np.ndarray):
         """Yield PartResults as batches finish; raise EmbedError on a failure that retrying won't fix."""
-        loader = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="virnucpro-loader")
-        cursor = 0  # todo[cursor:] not yet loaded
-        loading: deque[tuple[int, Future]] = deque()
+        loading = self.loading
         ready: deque[tuple[int, ray.ObjectRef]] = deque()  # loaded, in the object store, not dealt
         running: dict[ray.ObjectRef, tuple[int, ray.ObjectRef, _Slot, int]] = {}
         failures: dict[int, int] = {}  # batch -> times its actor died under it
@@ -592,11 +626,7 @@ class _Dispatcher:
         try:
             while remaining:
                 # backpressure: read ahead only as far as the actors can take
-                window = len(self.pool.slots) * self.per_actor + self.workers
-                while cursor < len(todo) and len(loading) + len(ready) < window:
-                    b = int(todo[cursor])
-                    cursor += 1
-                    loading.append((b, loader.submit(make_batch, self.index, self.plan[b], self.tokenizer, b)))
+                self._load_ahead(todo, self._window(len(self.pool.slots)), len(ready))
                 while loading and loading[0][1].done():
                     b, fut = loading.popleft()
                     ready.append((b, ray.put(self._loaded(b, fut))))
@@ -608,7 +638,7 @@ class _Dispatcher:
                         running[slot.actor.embed.remote(ref, attempt)] = (b, ref, slot, slot.generation)
                         slot.busy += 1
                 probes = self.pool.probes()
-                self.metrics.update(len(todo) - cursor + len(loading) + len(ready), len(running),
+                self.metrics.update(len(todo) - self.cursor + len(loading) + len(ready), len(running),
                                     self.pool.usable, remaining)
                 if not running and not probes:
                     if loading and not ready:
@@ -672,7 +702,7 @@ class _Dispatcher:
                         yield result
             self.metrics.update(0, 0, self.pool.usable, 0, force=True)
         finally:
-            loader.shutdown(wait=False, cancel_futures=True)
+            self.close()
             if running:  # the run stops early: let the dealt batches end (their parts are whole and
                 # found by --resume), so that no part appears after embed() has raised; then the actors go
                 for ref in running:

@@ -119,3 +119,25 @@ def test_out_of_memory_is_reported_with_a_recommendation(tmp_path):
             actor.embed(batch)
     finally:
         del hog
+
+
+def test_budget_that_cannot_fit_fails_at_start_up(tmp_path):
+    """The actor tries the plan's largest batch before it reports ready: a budget too big for the GPU
+    fails there, with the out-of-memory report, before any batch is dealt."""
+    from actors.embedder import BatchError, Embedder
+    from virnucpro.models import resolve_model
+
+    path = write_esm2_checkpoint(tmp_path / "esm2_oom.pt", 2, 2560, 40, seed=1)
+    torch.cuda.empty_cache()  # what earlier tests left cached in this process counts as used
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(free - (6 << 30), dtype=torch.uint8, device="cuda")  # leaves ~6 GiB
+    try:
+        with pytest.raises(BatchError, match=r"CUDA out of memory .*largest batch .*tried at start-up.*"
+                                             r"Try --toks-per-batch \d+"):
+            Embedder(resolve_model(path), str(tmp_path), "cuda", "bfloat16", compile=False,
+                     largest_batch=np.full(400, 1024))
+        actor = Embedder(resolve_model(path), str(tmp_path), "cuda", "bfloat16", compile=False,
+                         largest_batch=np.full(4, 1024))  # a budget that fits starts
+        assert actor.info()["dim"] == 2560
+    finally:
+        del hog

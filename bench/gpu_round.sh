@@ -1,0 +1,29 @@
+#!/bin/bash
+# One device call's worth of GPU work: `bash bench/gpu_round.sh STEP...`, results and logs under $OUT.
+# Steps: tests, profile, attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+tag="nvidia-${gpu}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    tests) python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests-$tag.log" | tail -15 ;;
+    profile) python3 bench/bench_profile.py --out "$OUT/profile-$tag.json" --trace-dir /tmp/traces 2>&1 | grep -v Warning
+             (cd /tmp/traces && tar czf "$OUT/traces-$tag.tgz" .) ;;
+    e2e-dnabert) TORCH_LOGS=recompiles python3 bench/bench_e2e.py --model dnabert_s -n "${N_DNA:-60000}" --work /tmp/dna \
+                   --out "$OUT/e2e-dnabert_s-1x-$tag.json" ${E2E_ARGS:-} 2>&1 | grep -v "Warning\|warn(" | tail -30 ;;
+    e2e-dnabert-large) python3 bench/bench_e2e.py --model dnabert_s -n 300000 --work /tmp/dna-large \
+                   --out "$OUT/e2e-dnabert_s-1x-$tag-300k.json" 2>&1 | grep -v "Warning\|warn(" | tail -4 ;;
+    e2e-dnabert-streams) for s in ${STREAMS:-3}; do python3 bench/bench_e2e.py --model dnabert_s -n 300000 --work /tmp/dna-large \
+                   --skip-bare --cuda-streams $s --out "$OUT/e2e-dnabert_s-1x-$tag-300k-streams$s.json" 2>&1 | grep "end to end"; done ;;
+    e2e-esm) python3 bench/bench_e2e.py --model esm2_3B -n "${N_ESM:-20000}" --work /tmp/esm \
+                   --out "$OUT/e2e-esm2_3B-${n}x-$tag.json" 2>&1 | grep -v "Warning\|warn(" | tail -8 ;;
+    attention) python3 bench/bench_attention.py --out "$OUT/attention-$tag.json" 2>&1 | grep -v "Warning\|warn(" ;;
+    fp8) python3 bench/bench_fp8.py --out "$OUT/fp8-$tag.json" 2>&1 | grep -v "Warning\|warn(" | tail -12 ;;
+    models) python3 bench/bench_models.py --out "$OUT/models-$tag.json" 2>&1 | tee "$OUT/models-$tag.txt" | grep -v Warn ;;
+  esac
+done
+echo "=== done $(date +%T)"
