@@ -188,7 +188,7 @@ class PaddedLayout:
         keep = torch.arange(L, device=device)[None, :] < lengths[:, None]  # [B', L']
         # A padding slot is filled from some real token: any finite value does, since its key is masked
         # (its weight is exactly zero) and its query's output row is never read. A gather of whole rows
-        # runs ~10x faster than scattering tokens into a zeroed grid.
+        # took a fifth of the GPU time of scattering tokens into a zeroed grid (profile-*.json).
         starts = F.pad(packing.cu_seqlens[:-1].long(), (0, B - packing.num_sequences))
         gather = (starts[:, None] + torch.arange(L, device=device)[None, :]).masked_fill_(
             ~keep | (torch.arange(B, device=device) >= packing.num_sequences)[:, None], 0)
