@@ -207,19 +207,20 @@ class Embedder:
         start = time.perf_counter()
         self.model.compile_layers()
         for lengths in ([9, 6, 4], [7]):
-            lengths_d = torch.tensor(lengths, device=self.device)
-            tokens = torch.randint(5, 20, (sum(lengths),), device=self.device)
-            with torch.inference_mode():
-                self.model.embed(tokens, Packing.from_lengths(lengths_d, max(lengths)))
+            self._run_random(np.array(lengths))
         log.info("actor %s: layers compiled in %.0f s", self.name, time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def _run_random(self, seq_tokens: np.ndarray) -> None:
+        """One forward pass over random tokens, sequences of the given token counts (warm-ups)."""
+        lengths = torch.tensor(seq_tokens, device=self.device)  # a copy: Ray hands over read-only arrays
+        tokens = torch.randint(5, 20, (int(seq_tokens.sum()),), device=self.device)
+        self.model.embed(tokens, Packing.from_lengths(lengths, int(seq_tokens.max())))
 
     def _warm_up(self, seq_tokens: np.ndarray) -> None:
         start = time.perf_counter()
-        lengths = torch.tensor(seq_tokens, device=self.device)  # (Ray hands over a read-only array)
-        tokens = torch.randint(5, 20, (int(seq_tokens.sum()),), device=self.device)
         try:
-            with torch.inference_mode():
-                self.model.embed(tokens, Packing.from_lengths(lengths, int(seq_tokens.max())))
+            self._run_random(seq_tokens)
             torch.cuda.synchronize(self.device)
         except torch.cuda.OutOfMemoryError:
             raise BatchError(self._oom_report(f"the plan's largest batch ({len(seq_tokens)} sequences, "

@@ -115,6 +115,28 @@ def random_init_(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32) * 0.02)
 
 
+def random_esm2(name: str) -> ESM2:
+    """Our ESM-2 of a real shape on the GPU in bf16, random weights, eval mode, its kernel selected."""
+    layers, d, heads = ESM_SHAPES[name]
+    with torch.device("cuda"):
+        model = ESM2(ESM2Config(layers, d, heads)).to(torch.bfloat16)
+    random_init_(model)
+    model.eval().requires_grad_(False)
+    model.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=False)
+    return model
+
+
+def random_dnabert_s(dtype: torch.dtype) -> DNABERTS:
+    """Our DNABERT-S (the real shape) on the GPU in `dtype`, random weights, eval mode, its kernel selected."""
+    with torch.device("cuda"):
+        model = DNABERTS(DNABERTSConfig()).to(dtype)
+    random_init_(model)
+    model.alibi_slopes = model.alibi_slopes.cuda()
+    model.eval().requires_grad_(False)
+    model.backend = select_backend(torch.device("cuda"), dtype, alibi=True)
+    return model
+
+
 def run_ours(model, batches: list[np.ndarray], vocab: int) -> float:
     """Seconds for one pass over all batches through model.embed (packed), tokens pre-staged on the GPU."""
     staged = []
@@ -165,11 +187,7 @@ def bench_esm(name: str, workload: str, lengths: np.ndarray, ceiling: float, bud
     tokens_per_seq = lengths + 2
     flops = esm_flops(tokens_per_seq, layers, d)
     rows = []
-    with torch.device("cuda"):
-        model = ESM2(ESM2Config(layers, d, heads)).to(torch.bfloat16)
-    random_init_(model)
-    model.eval().requires_grad_(False)
-    model.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=False)
+    model = random_esm2(name)
     batches = token_batches(lengths, budget, 2)
     t = run_ours(model, batches, 33)
     rows.append(row(f"ours bf16 packed {model.backend.name} (toks {budget})", t, tokens_per_seq, flops, ceiling))
@@ -228,12 +246,7 @@ def bench_dnabert(lengths_tokens: np.ndarray, ceiling: float, budget: int) -> li
     rows = []
     for dtype, toks, compiled in ((torch.bfloat16, budget, True), (torch.bfloat16, budget, False),
                                   (torch.float32, 128 * 127, False)):
-        with torch.device("cuda"):
-            model = DNABERTS(c).to(dtype)
-        random_init_(model)
-        model.alibi_slopes = model.alibi_slopes.cuda()
-        model.eval().requires_grad_(False)
-        model.backend = select_backend(torch.device("cuda"), dtype, alibi=True)
+        model = random_dnabert_s(dtype)
         if compiled:
             model.compile_layers()
         if dtype == torch.float32:

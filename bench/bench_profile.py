@@ -24,10 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_models import (ESM_SHAPES, dna_token_lengths, dnabert_flops, esm_flops, matmul_ceiling,  # noqa: E402
-                                random_init_, token_batches, virnucpro_lengths)
-from virnucpro.attention import Packing, select_backend  # noqa: E402
-from virnucpro.models.dnabert_s import DNABERTS, DNABERTSConfig  # noqa: E402
-from virnucpro.models.esm2 import ESM2, ESM2Config  # noqa: E402
+                                random_dnabert_s, random_esm2, token_batches, virnucpro_lengths)
+from virnucpro.attention import Packing  # noqa: E402
 
 
 def kind(name: str) -> str:
@@ -105,11 +103,7 @@ def main() -> None:
                "ceiling_tflops": ceiling / 1e12, "date": time.strftime("%Y-%m-%d"), "workloads": {}}
 
     layers, d, heads = ESM_SHAPES["esm2_3B"]
-    with torch.device("cuda"):
-        esm = ESM2(ESM2Config(layers, d, heads)).to(torch.bfloat16)
-    random_init_(esm)
-    esm.eval().requires_grad_(False)
-    esm.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=False)
+    esm = random_esm2("esm2_3B")
     esm.compile_layers()
     batches = token_batches(virnucpro_lengths(1500, rng), 65536, 2)[:4]
     # linear-layer FLOPs only: what the GEMM kernels do
@@ -119,13 +113,8 @@ def main() -> None:
     del esm
     torch.cuda.empty_cache()
 
-    c = DNABERTSConfig()
-    with torch.device("cuda"):
-        dna = DNABERTS(c).to(torch.bfloat16)
-    random_init_(dna)
-    dna.alibi_slopes = dna.alibi_slopes.cuda()
-    dna.eval().requires_grad_(False)
-    dna.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=True)
+    dna = random_dnabert_s(torch.bfloat16)
+    c = dna.config
     dna.compile_layers()
     batches = token_batches(dna_token_lengths(12000, rng) - 2, 262144, 2)[:4]
     linear = [dnabert_flops(b, c) - float((4 * b.astype(float) ** 2 * c.hidden_size * c.num_hidden_layers).sum())

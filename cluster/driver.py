@@ -66,6 +66,8 @@ def default_toks_per_batch(source: ModelSource, device: str) -> int:
     if device == "cuda" and source.family == DNABERT_S_FAMILY:
         return DEFAULT_TOKS_DNABERT_S_CUDA
     return DEFAULT_TOKS[device]
+
+
 MAX_BATCH_RETRIES = 3  # a batch whose actor died this many times in a row fails the run
 MAX_ACTOR_RESTARTS = 3  # Ray restarts a dead actor this many times, then the pool replaces it
 MAX_REPLACEMENTS_PER_ACTOR = 3  # new actors the pool may start, per actor of the run
@@ -197,7 +199,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions) 
         workers = opts.dataloader_workers or default_dataloader_workers(int(cluster_gpus) if device == "cuda" else 0)
         dispatcher = _Dispatcher(pool, index, tokenizer, plan, workers,
                                  opts.cuda_streams if device == "cuda" else 1, opts.actor_wait_seconds)
-        dispatcher.prefetch(todo, num_actors)  # the first batches are read and tokenised while the actors load
+        dispatcher.prefetch(todo)  # the first batches are read and tokenised while the actors load
         infos = pool.start() if len(todo) else []
         progress = _Progress(int(plan.tokens.sum()), len(index), int(plan.tokens[done].sum()),
                              manifest.rows_done, opts.progress, opts.verbose)
@@ -595,9 +597,9 @@ class _Dispatcher:
         self.loading: deque[tuple[int, Future]] = deque()  # batches being read and tokenised, in order
         self.cursor = 0  # todo[cursor:] not yet submitted to the loader
 
-    def _window(self, actors: int) -> int:
+    def _window(self) -> int:
         """Batches read ahead of the actors: as many as they can take, plus one per loader thread."""
-        return actors * self.per_actor + self.workers
+        return self.pool.num_actors * self.per_actor + self.workers
 
     def _load_ahead(self, todo: np.ndarray, window: int, held: int) -> None:
         while self.cursor < len(todo) and len(self.loading) + held < window:
@@ -609,9 +611,9 @@ class _Dispatcher:
         """Stop the loader threads: queued loads are dropped, running ones end on their own."""
         self.loader.shutdown(wait=False, cancel_futures=True)
 
-    def prefetch(self, todo: np.ndarray, actors: int) -> None:
+    def prefetch(self, todo: np.ndarray) -> None:
         """Start reading and tokenising the first window of batches (call while the actors load)."""
-        self._load_ahead(todo, self._window(actors), 0)
+        self._load_ahead(todo, self._window(), 0)
 
     def run(self, todo: np.ndarray):
         """Yield PartResults as batches finish; raise EmbedError on a failure that retrying won't fix."""
@@ -626,7 +628,7 @@ class _Dispatcher:
         try:
             while remaining:
                 # backpressure: read ahead only as far as the actors can take
-                self._load_ahead(todo, self._window(len(self.pool.slots)), len(ready))
+                self._load_ahead(todo, self._window(), len(ready))
                 while loading and loading[0][1].done():
                     b, fut = loading.popleft()
                     ready.append((b, ray.put(self._loaded(b, fut))))

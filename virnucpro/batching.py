@@ -124,7 +124,6 @@ class Plan:
         return cls(order, bounds, tokens)
 
 
-
 def _int64_array(n: int, scratch_dir: str | Path | None) -> np.ndarray:
     if scratch_dir is None or n == 0:
         return np.empty(n, np.int64)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Backend, Packing, alibi_slopes, attention, select_backend
-from .esm2 import CheckpointError, check_state_dict, load_error
+from .esm2 import CheckpointError, check_state_dict, load_error, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +234,7 @@ def read_weights(model_dir: Path, shapes_only: bool = False) -> dict[str, torch.
             else:
                 state = load_file(str(path))
         else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
-            except RuntimeError as e:
-                if not shapes_only or "mmap" not in str(e):
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+            state = load_weights_only(path, mmap=shapes_only)
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise CheckpointError(f"{path}: not a state dict of tensors")
             if shapes_only:

@@ -220,6 +220,17 @@ def load_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+def load_weights_only(path: Path, mmap: bool) -> object:
+    """`torch.load` with weights_only, memory-mapped when asked (nothing is read until used), except
+    for legacy (pre-zip) files, which cannot be memory-mapped and are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as e:
+        if not mmap or "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_checkpoint(path: str | Path) -> tuple[ESM2Config, dict[str, torch.Tensor]]:
     """Read a fair-esm ESM-2 `.pt` checkpoint without unpickling anything but tensors and its cfg."""
     path = Path(path)
@@ -228,12 +239,7 @@ def read_checkpoint(path: str | Path) -> tuple[ESM2Config, dict[str, torch.Tenso
     # fair-esm stores its config as an argparse.Namespace: allow exactly that class, nothing else.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            try:
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+            data = load_weights_only(path, mmap=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
             raise CheckpointError(f"{path}: not a readable fair-esm checkpoint ({load_error(e)})") from None
     if not isinstance(data, dict) or "model" not in data:
