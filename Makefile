@@ -14,6 +14,7 @@ demo: install
 	$(PYTHON) -m cluster.demo
 
 test: install
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q tests
 
 clean:

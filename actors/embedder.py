@@ -12,14 +12,13 @@ per batch, its tokens/s, GPU memory, failures.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 from virnucpro.attention import Packing
 from virnucpro.batching import TokenBatch
 from virnucpro.models import ModelSource, load_model
+from virnucpro.options import EmbedOptions
 from virnucpro.output import OutputLocation, write_part
 
 log = logging.getLogger(__name__)
@@ -79,41 +79,6 @@ class PartResult:
     write_seconds: float = 0.0  # the Parquet part, encoded and written
 
 
-# Test hooks, read from the actor's environment (the driver forwards VIRNUCPRO_TEST_* variables to its
-# actors). Only the fault-tolerance tests set them: a per-batch delay so that a kill lands mid-run,
-# and a batch id whose computation raises, to check how a permanent failure is reported.
-TEST_BATCH_DELAY = "VIRNUCPRO_TEST_BATCH_DELAY"
-TEST_FAIL_BATCH = "VIRNUCPRO_TEST_FAIL_BATCH"
-# a batch id whose first attempt raises (a transient error: the driver deals it again)
-TEST_FAIL_BATCH_ONCE = "VIRNUCPRO_TEST_FAIL_BATCH_ONCE"
-# "BATCH:ERRNO" (e.g. "2:ENOSPC"): writing that batch's part fails with that OSError, after part of
-# the temporary file is written (a disk that fills up, a permission taken away mid-run)
-TEST_WRITE_ERROR = "VIRNUCPRO_TEST_WRITE_ERROR"
-
-
-class _FailingWrites(OutputLocation):
-    """The test hook's output location: every write starts, then fails with `code`."""
-
-    code: int = errno.ENOSPC
-
-    def write_atomic(self, name: str, write) -> None:
-        def partial(f) -> None:
-            f.write(b"PAR1" + bytes(4096))
-            raise OSError(self.code, os.strerror(self.code), self.join(name))
-
-        super().write_atomic(name, partial)
-
-
-def _output_for(out: OutputLocation, batch_id: int) -> OutputLocation:
-    hook = os.environ.get(TEST_WRITE_ERROR, "")
-    which, _, code = hook.partition(":")
-    if not hook or which != str(batch_id):
-        return out
-    failing = _FailingWrites(out.fs, out.path, out.uri)
-    object.__setattr__(failing, "code", getattr(errno, code or "ENOSPC"))
-    return failing
-
-
 class _Metrics:
     """The actor's Ray metrics (`ray.util.metrics`), exported by each node's metrics agent to Prometheus
     (names get Ray's `ray_` prefix, counters a `_total` suffix) and so to the dashboard's Grafana."""
@@ -161,40 +126,56 @@ def _ray_context() -> tuple[str, list]:
     return "", []
 
 
-class Embedder:
-    """Loads a model on this worker's device; `embed` computes pooled embeddings and writes a part."""
+@dataclass(frozen=True)
+class ActorConfig:
+    """Everything an `Embedder` is built from: one picklable object the driver hands to each actor."""
 
-    def __init__(self, source: ModelSource, out_dir: str, device: str = "auto", dtype: str = "auto",
-                 cuda_streams: int = 2, pin_memory: bool = True, attention_backend: str = "auto",
-                 compile: bool | None = None, log_level: int = logging.INFO, profile_dir: str | None = None,
-                 profile_batches: int = 3, largest_batch: np.ndarray | None = None):
-        """`largest_batch`: token counts of the plan's most demanding batch (its longest sequences). On
-        a GPU the actor runs one batch of that shape before it reports ready, so that memory is grown,
-        kernels are chosen and shape-specific attention plans are built before the first real batch,
-        and so that a budget that cannot fit fails here, with the out-of-memory report, not mid-run."""
-        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.source = source
-        self.out_dir = OutputLocation.parse(out_dir)  # parsed once: an s3:// URI resolves its region
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+    source: ModelSource
+    out_dir: str  # a local path or a URI (see OutputLocation); each actor parses it itself
+    device: str = "auto"  # "cuda", "cpu" or "auto"
+    options: EmbedOptions = field(default_factory=EmbedOptions)  # dtype, streams, attention, compile, ...
+    # token counts of the plan's most demanding batch (its longest sequences). On a GPU the actor runs
+    # one batch of that shape before it reports ready, so that memory is grown, kernels are chosen and
+    # shape-specific attention plans are built before the first real batch, and so that a budget that
+    # cannot fit fails here, with the out-of-memory report, not mid-run.
+    largest_batch: np.ndarray | None = None
+    profile_batches: int = 3  # batches traced with --profile
+
+
+class Embedder:
+    """Loads a model on this worker's device; `embed` computes pooled embeddings and writes a part.
+
+    >>> actor = Embedder(ActorConfig(resolve_model("esm2_t33_650M_UR50D"), "out/", "cuda"))
+    >>> actor.embed(batch)  # a TokenBatch from virnucpro.batching.make_batch
+    PartResult(batch_id=0, file='part-000000.parquet', rows=..., ...)
+    """
+
+    def __init__(self, config: ActorConfig):
+        opts = config.options
+        logging.basicConfig(level=logging.DEBUG if opts.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.source = source = config.source
+        self.out_dir = OutputLocation.parse(config.out_dir)  # parsed once: an s3:// URI resolves its region
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(opts.dtype, self.device)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.node_id, self.gpu_ids = _ray_context()
         self.metrics = _Metrics(source.name, self.device.type) if self.node_id else None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
-        self.model = load_model(source, self.device, self.dtype, attention_backend)
-        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self.model = load_model(source, self.device, self.dtype, opts.attention)
+        self.compiled = self.device.type == "cuda" if opts.compile is None else opts.compile
         if self.compiled:
             self._compile_and_warm_up()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        if largest_batch is not None and self.device.type == "cuda":
-            self._warm_up(np.asarray(largest_batch, np.int64))
-        self.pin_memory = pin_memory and self.device.type == "cuda"
-        self.profile_dir, self.profile_left = profile_dir, profile_batches if profile_dir else 0
+        if config.largest_batch is not None and self.device.type == "cuda":
+            self._warm_up(np.asarray(config.largest_batch, np.int64))
+        self.pin_memory = opts.pin_memory and self.device.type == "cuda"
+        self.profile_dir, self.profile_left = opts.profile, config.profile_batches if opts.profile else 0
         self.profile_lock = threading.Lock()  # the torch profiler is per process: one batch at a time
         self.streams: queue.Queue = queue.Queue()
-        for _ in range(max(1, cuda_streams) if self.device.type == "cuda" else 1):
+        for _ in range(opts.cuda_streams if self.device.type == "cuda" else 1):
             pair = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)) if self.device.type == "cuda" else None
             self.streams.put(pair)
         if self.device.type == "cuda":
@@ -243,13 +224,13 @@ class Embedder:
     def embed(self, batch: TokenBatch, attempt: int = 0) -> PartResult:
         """Compute one batch and write its part; `attempt` counts the times the driver dealt it before."""
         start = time.perf_counter()
+        if attempt:
+            log.debug("actor %s: %s, attempt %d", self.name, batch.describe(), attempt + 1)
         try:
             with self._profiled(batch.batch_id):
                 pooled, forward_seconds = self._compute(batch, attempt)
             written = time.perf_counter()
-            file, rows = write_part(_output_for(self.out_dir, batch.batch_id), batch.batch_id, batch.ids,
-                                    batch.index, batch.length, batch.truncated, pooled, self.source.name,
-                                    {"actor": self.name, "node_id": self.node_id, "batch_id": batch.batch_id})
+            file, rows = self._write(batch, pooled)
         except BatchError:
             self._failed("out_of_memory")
             raise
@@ -262,6 +243,12 @@ class Embedder:
             self.metrics.batch_done(rows, batch.num_tokens, seconds, self.device)
         return PartResult(batch.batch_id, file, rows, batch.num_tokens, seconds, self.name, self.node_id,
                           forward_seconds, end - written)
+
+    def _write(self, batch: TokenBatch, pooled: np.ndarray) -> tuple[str, int]:
+        """Write the batch's Parquet part (atomically); returns (file name, rows)."""
+        return write_part(self.out_dir, batch.batch_id, batch.ids, batch.index, batch.length, batch.truncated,
+                          pooled, self.source.name,
+                          {"actor": self.name, "node_id": self.node_id, "batch_id": batch.batch_id})
 
     @contextlib.contextmanager
     def _profiled(self, batch_id: int):
@@ -285,14 +272,8 @@ class Embedder:
             self.profile_lock.release()
 
     def _compute(self, batch: TokenBatch, attempt: int = 0) -> tuple[np.ndarray, float]:
-        """Pooled embeddings [B, D] float32, and the seconds the forward took once it had its streams."""
-        delay = float(os.environ.get(TEST_BATCH_DELAY) or 0)
-        if delay:
-            time.sleep(delay)
-        if os.environ.get(TEST_FAIL_BATCH) == str(batch.batch_id):
-            raise ValueError(f"injected failure ({TEST_FAIL_BATCH}={batch.batch_id})")
-        if attempt == 0 and os.environ.get(TEST_FAIL_BATCH_ONCE) == str(batch.batch_id):
-            raise RuntimeError(f"injected transient failure ({TEST_FAIL_BATCH_ONCE}={batch.batch_id})")
+        """Pooled embeddings [B, D] float32, and the seconds the forward took once it had its streams.
+        `attempt`: times the driver dealt this batch before (0 the first time)."""
         streams = self.streams.get()
         try:
             start = time.perf_counter()

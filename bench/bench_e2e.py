@@ -82,7 +82,7 @@ def bare_model(ckpt: Path, fasta: Path, toks: int, work: Path) -> dict:
     seconds = cuda_time(one_pass, warmup=1, repeat=2)
     out = {"tokens": int(seq_tokens.sum()), "sequences": len(index), "seconds": seconds,
            "tokens_per_s": int(seq_tokens.sum()) / seconds, "batches": len(plan)}
-    del model, staged
+    model = staged = None  # free the GPU memory before the end-to-end run
     torch.cuda.empty_cache()
     return out
 

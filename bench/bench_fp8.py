@@ -106,7 +106,7 @@ def main() -> None:
             bl = torch.from_numpy(b).cuda()
             staged.append((torch.randint(4, 29, (int(b.sum()),), device="cuda"), Packing.from_lengths(bl, int(b.max()))))
 
-        def one_pass():
+        def one_pass(m=m, staged=staged):  # this variant's model and batches
             with torch.inference_mode():
                 for t, p in staged:
                     m.embed(t, p)

@@ -212,7 +212,7 @@ def bench_esm(name: str, workload: str, lengths: np.ndarray, ceiling: float, bud
             ref(tokens, repr_layers=[layers])
         t = run_padded(fair, token_batches(lengths, 32768, 2), 33, 1)
         rows.append(row("fair-esm fp16 padded (toks 32768)", t, tokens_per_seq, flops, ceiling))
-        del ref
+        ref = None  # free its GPU memory
         torch.cuda.empty_cache()
     except ImportError as e:
         print(f"skip fair-esm: {e}")
@@ -232,7 +232,7 @@ def bench_esm(name: str, workload: str, lengths: np.ndarray, ceiling: float, bud
             hf(input_ids=tokens, attention_mask=mask)
         t = run_padded(hf_forward, token_batches(lengths, budget, 2), 33, 1)
         rows.append(row(f"transformers EsmModel bf16 sdpa padded (toks {budget})", t, tokens_per_seq, flops, ceiling))
-        del hf
+        hf = None  # free its GPU memory
         torch.cuda.empty_cache()
     except Exception as e:  # noqa: BLE001
         torch.set_default_dtype(torch.float32)

@@ -1,6 +1,21 @@
-"""Driver side of VirNucPro: the `virnucpro` CLI, the embedding driver and the cluster configs."""
+"""Driver side of VirNucPro: the `virnucpro` CLI, the embedding driver, predict and the cluster configs.
 
-from .driver import EmbedOptions, EmbedResult, EmbedError, embed
-from .predict import PredictError, PredictResult, predict
+    from cluster import embed, predict
 
-__all__ = ["embed", "EmbedOptions", "EmbedResult", "EmbedError", "predict", "PredictResult", "PredictError"]
+Names are imported on first use, so that `virnucpro --help` does not wait for torch and Ray.
+"""
+
+import importlib
+
+_EXPORTS = {"embed": "cluster.driver", "EmbedResult": "cluster.driver", "EmbedError": "cluster.scheduling",
+            "EmbedOptions": "virnucpro.options", "predict": "cluster.predict",
+            "PredictResult": "cluster.predict", "PredictError": "cluster.predict"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

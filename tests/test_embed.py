@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.driver import EmbedError, embed
+from tests import faults
 from tests.conftest import fair_esm_pooled, fair_esm_reference, random_dna, random_proteins, write_fasta
 from tests.reference_dnabert import reference_dnabert_embed
 from virnucpro.output import MANIFEST, read_embeddings
@@ -126,22 +127,20 @@ def test_model_of_wrong_family_for_input_is_reported(tmp_path, dnabert_tiny, loc
         embed(tmp_path / "p.faa", tmp_path / "out", dnabert_tiny, device="cpu")
 
 
-def test_permanent_batch_failure_names_batch_and_cause_then_resume(tmp_path, esm_tiny, local_ray, monkeypatch):
+def test_permanent_batch_failure_names_batch_and_cause_then_resume(tmp_path, esm_tiny, local_ray):
     """A batch that raises in the actor is not retried: the run stops naming the batch and the cause,
     the manifest stays incomplete, and --resume (cause fixed) computes only what is missing."""
     ids = write_fasta(tmp_path / "f.faa", random_proteins(60, 10, 100, seed=8))
     out = tmp_path / "out"
     opts = dict(device="cpu", toks_per_batch=512, progress=False)
-    monkeypatch.setenv("VIRNUCPRO_TEST_FAIL_BATCH", "2")
     with pytest.raises(EmbedError, match=r"batch 2 \(\d+ sequences, \d+ tokens, .*first id 'seq\d+'\) failed: "
                                          r"ValueError: injected failure"):
-        embed(tmp_path / "f.faa", out, esm_tiny, **opts)
+        embed(tmp_path / "f.faa", out, esm_tiny, actor_class=faults.failing_batch(2), **opts)
     manifest = json.loads((out / MANIFEST).read_text())
     assert not manifest["complete"] and "part-000002.parquet" not in manifest["parts"]
     assert not (out / "part-000002.parquet").exists()
     with pytest.raises(FileNotFoundError, match="no complete run"):
         read_embeddings(out)
-    monkeypatch.delenv("VIRNUCPRO_TEST_FAIL_BATCH")
     done_before = len(list(out.glob("part-*.parquet")))
     resumed = embed(tmp_path / "f.faa", out, esm_tiny, resume=True, **opts)
     assert resumed.batches_computed == resumed.num_batches - done_before
@@ -180,13 +179,13 @@ def test_output_location_on_an_fsspec_filesystem():
 
 
 def test_progress_bar_quiet_without_terminal(capsys):
-    from cluster.driver import _Progress
+    from cluster.progress import Progress
 
-    quiet = _Progress(1000, 10, 0, 0, enabled=None)  # stderr is captured: not a terminal
+    quiet = Progress(1000, 10, 0, 0, enabled=None)  # stderr is captured: not a terminal
     quiet.advance(500, 5)
     quiet.close()
     assert capsys.readouterr().err == ""
-    bar = _Progress(1000, 10, 0, 0, enabled=True)
+    bar = Progress(1000, 10, 0, 0, enabled=True)
     bar.advance(1000, 10, 3, 4)
     bar.close()
     err = capsys.readouterr().err

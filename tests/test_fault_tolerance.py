@@ -2,8 +2,8 @@
 
 Nodes advertise fake GPU resources; actors compute on CPU (`device="cpu"`) but reserve
 `gpus_per_actor` of Ray's GPU resource, so placement (fractional GPUs, spread over nodes) is what it
-would be on GPU nodes. A test hook (VIRNUCPRO_TEST_BATCH_DELAY) slows every batch so that kills land
-mid-run.
+would be on GPU nodes. A slow actor (`tests.faults.slow`) makes every batch take longer, so that kills
+land mid-run.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 import ray
 
 from cluster.driver import embed
+from tests import faults
 from tests.conftest import random_proteins, write_fasta
 from virnucpro.output import part_metadata, read_embeddings
 
@@ -73,12 +74,12 @@ def _assert_exactly_once(out: Path, ids: list[str]) -> None:
     assert pq.read_table(out).num_rows == len(ids)
 
 
-def test_fractional_gpus_spread_and_sigkilled_actor(cluster, tmp_path, esm_tiny, monkeypatch):
+def test_fractional_gpus_spread_and_sigkilled_actor(cluster, tmp_path, esm_tiny):
     c, nodes = cluster
     ids = write_fasta(tmp_path / "x.faa", random_proteins(240, 5, 60, seed=21))
     out = tmp_path / "out"
-    monkeypatch.setenv("VIRNUCPRO_TEST_BATCH_DELAY", "0.1")
-    t, box = _run_in_thread(input=tmp_path / "x.faa", out_dir=out, model=esm_tiny, device="cpu",
+    slow = faults.slow(0.1)
+    t, box = _run_in_thread(actor_class=slow, input=tmp_path / "x.faa", out_dir=out, model=esm_tiny, device="cpu",
                             gpus_per_actor=0.5, toks_per_batch=256, progress=False)
     parts = _wait_for_parts(out, 3)
     victim = part_metadata(out, parts[0].name)["actor"]  # host:pid of the actor that wrote it
@@ -96,16 +97,16 @@ def test_fractional_gpus_spread_and_sigkilled_actor(cluster, tmp_path, esm_tiny,
     _assert_exactly_once(out, ids)
 
 
-def test_node_removed_mid_run(cluster, tmp_path, esm_tiny, monkeypatch):
+def test_node_removed_mid_run(cluster, tmp_path, esm_tiny):
     c, nodes = cluster
     spare = c.add_node(num_cpus=2, num_gpus=1)
     c.wait_for_nodes()
     ids = write_fasta(tmp_path / "y.faa", random_proteins(150, 5, 60, seed=22))
     out = tmp_path / "out"
-    monkeypatch.setenv("VIRNUCPRO_TEST_BATCH_DELAY", "0.05")
+    slow = faults.slow(0.05)
     # one actor with a whole (fake) GPU: when its node goes, the run can only finish if Ray restarts
     # it on a node with a free GPU and the driver takes it back into the pool
-    t, box = _run_in_thread(input=tmp_path / "y.faa", out_dir=out, model=esm_tiny, device="cpu",
+    t, box = _run_in_thread(actor_class=slow, input=tmp_path / "y.faa", out_dir=out, model=esm_tiny, device="cpu",
                             gpus_per_actor=1, num_actors=1, toks_per_batch=256, progress=False)
     parts = _wait_for_parts(out, 3)
     node_id = part_metadata(out, parts[0].name)["node_id"]
@@ -121,12 +122,12 @@ def test_node_removed_mid_run(cluster, tmp_path, esm_tiny, monkeypatch):
     assert node_id in writers and len(writers) == 2  # the actor came back on another node
 
 
-def test_actor_ray_gives_up_on_is_replaced(cluster, tmp_path, esm_tiny, monkeypatch):
+def test_actor_ray_gives_up_on_is_replaced(cluster, tmp_path, esm_tiny):
     ids = write_fasta(tmp_path / "z.faa", random_proteins(120, 5, 60, seed=23))
     out = tmp_path / "out"
-    monkeypatch.setenv("VIRNUCPRO_TEST_BATCH_DELAY", "0.05")
+    slow = faults.slow(0.05)
     # no restarts by Ray: a killed actor is dead for good, and the pool starts a new one
-    t, box = _run_in_thread(input=tmp_path / "z.faa", out_dir=out, model=esm_tiny, device="cpu",
+    t, box = _run_in_thread(actor_class=slow, input=tmp_path / "z.faa", out_dir=out, model=esm_tiny, device="cpu",
                             gpus_per_actor=1, num_actors=1, toks_per_batch=256, progress=False,
                             max_actor_restarts=0)
     parts = _wait_for_parts(out, 2)

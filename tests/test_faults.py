@@ -5,9 +5,9 @@
   * a batch that fails on every attempt (named with its cause, then `--resume`):
     tests/test_embed.py::test_permanent_batch_failure_names_batch_and_cause_then_resume
 
-Here: a part write failing with a full disk or a permission error (test hook VIRNUCPRO_TEST_WRITE_ERROR,
-which makes the actor's write of one batch's part fail after writing part of its temporary file), and
-a transient error in an actor (VIRNUCPRO_TEST_FAIL_BATCH_ONCE, the batch's first attempt raises). After
+Here: a part write failing with a full disk or a permission error (`tests.faults.failing_write`: the
+actor's write of one batch's part fails after writing part of its temporary file), and a transient
+error in an actor (`tests.faults.failing_batch(..., first_attempt_only=True)`). After
 each: every input id exactly once in the output, or a failed run that says so, and never a manifest
 that claims completeness over missing rows.
 """
@@ -22,11 +22,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from actors.embedder import BatchError
-from cluster.driver import EmbedError, embed, failure_kind
+from cluster.driver import EmbedError, embed
+from tests import faults
 from tests.conftest import random_proteins, write_fasta
 from virnucpro.output import MANIFEST, read_embeddings
-from virnucpro.sequences import SequenceError
 
 pytestmark = pytest.mark.slow
 
@@ -52,20 +51,18 @@ def _assert_incomplete(out: Path, missing_part: str) -> dict:
 
 
 @pytest.mark.parametrize("code,message", [("ENOSPC", "No space left on device"), ("EACCES", "Permission denied")])
-def test_part_write_fails_then_resume_after_the_cause_is_fixed(tmp_path, esm_tiny, local_ray, monkeypatch,
+def test_part_write_fails_then_resume_after_the_cause_is_fixed(tmp_path, esm_tiny, local_ray,
                                                                code, message):
     ids = write_fasta(tmp_path / "in.faa", random_proteins(80, 10, 100, seed=41))
     out = tmp_path / "out"
-    monkeypatch.setenv("VIRNUCPRO_TEST_WRITE_ERROR", f"3:{code}")
     with pytest.raises(EmbedError) as info:
-        embed(tmp_path / "in.faa", out, esm_tiny, **OPTS)
+        embed(tmp_path / "in.faa", out, esm_tiny, actor_class=faults.failing_write(3, getattr(errno, code)), **OPTS)
     text = str(info.value)
     assert "\n" not in text
     assert text.startswith("batch 3 (") and "writing its part failed" in text and message in text, text
     assert "part-000003.parquet" in text and "--resume" in text
     _assert_incomplete(out, "part-000003.parquet")
     # the disk has room again: --resume computes what is missing, keeps what was written
-    monkeypatch.delenv("VIRNUCPRO_TEST_WRITE_ERROR")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     resumed = embed(tmp_path / "in.faa", out, esm_tiny, resume=True, **OPTS)
     assert resumed.batches_computed == resumed.num_batches - len(before)
@@ -73,23 +70,12 @@ def test_part_write_fails_then_resume_after_the_cause_is_fixed(tmp_path, esm_tin
     _assert_exactly_once(out, ids)
 
 
-def test_transient_error_is_retried_and_the_run_completes(tmp_path, esm_tiny, local_ray, monkeypatch, caplog):
+def test_transient_error_is_retried_and_the_run_completes(tmp_path, esm_tiny, local_ray, caplog):
     ids = write_fasta(tmp_path / "in.faa", random_proteins(80, 10, 100, seed=42))
     out = tmp_path / "out"
-    monkeypatch.setenv("VIRNUCPRO_TEST_FAIL_BATCH_ONCE", "2")
-    result = embed(tmp_path / "in.faa", out, esm_tiny, **OPTS)
+    result = embed(tmp_path / "in.faa", out, esm_tiny, actor_class=faults.failing_batch(2, first_attempt_only=True),
+                   **OPTS)
     assert result.batches_retried_after_errors == 1 and result.batches_computed == result.num_batches
     assert "1 batch(es) retried after errors" in result.summary()
     assert "batch 2 failed on actor" in caplog.text and "injected transient failure" in caplog.text
     _assert_exactly_once(out, ids)
-
-
-def test_which_errors_are_retried():
-    """BatchError (out of memory) and bad input are permanent; a full disk, a quota, a permission error,
-    a read-only filesystem stop the run (resumable); anything else is dealt again, then fails."""
-    assert failure_kind(BatchError("CUDA out of memory")) == "permanent"
-    assert failure_kind(SequenceError("in.fa: record 'x': character '1'")) == "permanent"
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
-        assert failure_kind(OSError(code, "x")) == "storage"
-    for e in (OSError(errno.EIO, "x"), ConnectionResetError(), TimeoutError(), RuntimeError("x"), ValueError("x"), None):
-        assert failure_kind(e) == "retry"

@@ -102,7 +102,8 @@ def test_embed_through_ray_on_gpu(tmp_path):
 
 
 def test_out_of_memory_is_reported_with_a_recommendation(tmp_path):
-    from actors.embedder import BatchError, Embedder
+    from actors.embedder import ActorConfig, BatchError, Embedder
+    from virnucpro.options import EmbedOptions
     from virnucpro.batching import make_batch
     from virnucpro.models import resolve_model
     from virnucpro.sequences import FastaIndex
@@ -110,7 +111,7 @@ def test_out_of_memory_is_reported_with_a_recommendation(tmp_path):
     path = write_esm2_checkpoint(tmp_path / "esm2_oom.pt", 2, 2560, 40, seed=1)
     write_fasta(tmp_path / "in.faa", random_proteins(64, 1000, 1022, seed=1))
     index = FastaIndex.build(tmp_path / "in.faa", "protein", tmp_path)
-    actor = Embedder(resolve_model(path), str(tmp_path), "cuda", "bfloat16")
+    actor = Embedder(ActorConfig(resolve_model(path), str(tmp_path), "cuda", EmbedOptions(dtype="bfloat16")))
     batch = make_batch(index, np.arange(len(index)), ESM2Tokenizer(), 0)
     free, _ = torch.cuda.mem_get_info()
     hog = torch.empty(free - (actor.weight_bytes // 2 + (1 << 30)), dtype=torch.uint8, device="cuda")
@@ -124,20 +125,21 @@ def test_out_of_memory_is_reported_with_a_recommendation(tmp_path):
 def test_budget_that_cannot_fit_fails_at_start_up(tmp_path):
     """The actor tries the plan's largest batch before it reports ready: a budget too big for the GPU
     fails there, with the out-of-memory report, before any batch is dealt."""
-    from actors.embedder import BatchError, Embedder
+    from actors.embedder import ActorConfig, BatchError, Embedder
+    from virnucpro.options import EmbedOptions
     from virnucpro.models import resolve_model
 
     path = write_esm2_checkpoint(tmp_path / "esm2_oom.pt", 2, 2560, 40, seed=1)
     torch.cuda.empty_cache()  # what earlier tests left cached in this process counts as used
     free, _ = torch.cuda.mem_get_info()
     hog = torch.empty(free - (6 << 30), dtype=torch.uint8, device="cuda")  # leaves ~6 GiB
+    opts = EmbedOptions(dtype="bfloat16", compile=False)
     try:
         with pytest.raises(BatchError, match=r"CUDA out of memory .*largest batch .*tried at start-up.*"
                                              r"Try --toks-per-batch \d+"):
-            Embedder(resolve_model(path), str(tmp_path), "cuda", "bfloat16", compile=False,
-                     largest_batch=np.full(400, 1024))
-        actor = Embedder(resolve_model(path), str(tmp_path), "cuda", "bfloat16", compile=False,
-                         largest_batch=np.full(4, 1024))  # a budget that fits starts
+            Embedder(ActorConfig(resolve_model(path), str(tmp_path), "cuda", opts, np.full(400, 1024)))
+        actor = Embedder(ActorConfig(resolve_model(path), str(tmp_path), "cuda", opts,
+                                     np.full(4, 1024)))  # a budget that fits starts
         assert actor.info()["dim"] == 2560
     finally:
         del hog

@@ -144,6 +144,11 @@ def _virnucpro() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "cluster.cli"]
 
 
+def _slow_virnucpro(delay: float) -> list[str]:
+    """`virnucpro` whose batches each take `delay` s longer (tests/faults.py), so a run is caught mid-way."""
+    return [sys.executable, "-m", "tests.faults", str(delay)]
+
+
 def _wait_job(client, job_id: str) -> str:
     from ray.job_submission import JobStatus
 
@@ -180,11 +185,11 @@ def test_job_submission_client_with_token_and_metrics(head, tmp_path, esm_tiny):
     with pytest.raises(Exception, match="(?i)auth|401|token"):
         JobSubmissionClient(head.dashboard).list_jobs()  # no token: refused
     client = head.client()
-    cmd = " ".join([*_virnucpro(), "embed", str(tmp_path / "in.faa"), "-o", str(out), "--model", str(esm_tiny),
+    cmd = " ".join([*_slow_virnucpro(0.4), "embed", str(tmp_path / "in.faa"), "-o", str(out), "--model", str(esm_tiny),
                     "--device", "cpu", "--num-actors", "1", "--toks-per-batch", "512"])
     # the metrics are read while the job runs, kept alive for several reports (1 s apart) by a delay per
     # batch: a process that exits within a report of setting a gauge may never export it
-    job = client.submit_job(entrypoint=cmd, runtime_env={"env_vars": {"VIRNUCPRO_TEST_BATCH_DELAY": "0.4"}})
+    job = client.submit_job(entrypoint=cmd)
     seen: set[str] = set()
     deadline = time.monotonic() + JOB_TIMEOUT
     while not client.get_job_status(job).is_terminal() and time.monotonic() < deadline:
@@ -231,11 +236,10 @@ def test_ray_job_submit_cli_with_working_dir(head, tmp_path, esm_tiny):
 def test_driver_killed_then_resumed(head, tmp_path, esm_tiny):
     ids = write_fasta(tmp_path / "in.faa", random_proteins(200, 5, 40, seed=33))
     out = tmp_path / "out"
-    args = [*_virnucpro(), "embed", str(tmp_path / "in.faa"), "-o", str(out), "--model", str(esm_tiny),
+    args = ["embed", str(tmp_path / "in.faa"), "-o", str(out), "--model", str(esm_tiny),
             "--device", "cpu", "--address", head.gcs, "--num-actors", "2", "--toks-per-batch", "128"]
-    env = {**head.env, "VIRNUCPRO_TEST_BATCH_DELAY": "0.2"}
     with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(_slow_virnucpro(0.2) + args, env=head.env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 120
             while len(list(out.glob("part-*.parquet"))) < 6:
@@ -256,7 +260,7 @@ def test_driver_killed_then_resumed(head, tmp_path, esm_tiny):
     assert manifest is not None and not manifest.complete
     assert 6 <= len(seen) < manifest.num_batches, (len(seen), manifest.num_batches)
 
-    proc = subprocess.run(args + ["--resume"], env=head.env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    proc = subprocess.run(_virnucpro() + args + ["--resume"], env=head.env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = re.search(r"(\d+) of (\d+) batches computed", proc.stdout)
     assert m, proc.stdout

@@ -31,7 +31,7 @@ PACKAGES = ("virnucpro", "cluster", "actors")
 PROBE = r"""
 import json, os, time, urllib.error, urllib.request
 import ray
-from cluster.driver import EmbedOptions, _init_ray, token_auth_enabled
+from cluster.session import init_ray, token_auth_enabled
 
 def status(url, token=None):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -54,7 +54,7 @@ def listening(port):
                 found.append(address)
     return found
 
-assert _init_ray(EmbedOptions())
+assert init_ray()
 token_file = os.path.expanduser("~/.ray/auth_token")
 url = ray._private.worker.global_worker.node.address_info["webui_url"]
 token = open(token_file).read().strip() if os.path.exists(token_file) else None
@@ -93,32 +93,33 @@ def test_local_ray_has_token_auth_and_a_loopback_dashboard(tmp_path):
 
 
 def test_init_ray_binds_loopback_unless_told_and_warns_without_auth(monkeypatch, caplog, tmp_path):
-    import cluster.driver as driver
+    import cluster.session as session
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("0" * 32)
     (tmp_path / ".ray" / "auth_token").chmod(0o644)
     calls = []
-    monkeypatch.setattr(driver.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(driver.ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(session.ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(driver, "token_auth_enabled", lambda: True)
-    assert driver._init_ray(driver.EmbedOptions())
+    monkeypatch.setattr(session, "token_auth_enabled", lambda: True)
+    assert session.init_ray()
     assert calls[-1]["dashboard_host"] == "127.0.0.1"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600  # the token is private
-    monkeypatch.setattr(driver, "token_auth_enabled", lambda: False)
+    monkeypatch.setattr(session, "token_auth_enabled", lambda: False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with caplog.at_level(logging.WARNING, "virnucpro"):
-        driver._init_ray(driver.EmbedOptions(dashboard_host="0.0.0.0"))
+        session.init_ray(dashboard_host="0.0.0.0")
     assert calls[-1]["dashboard_host"] == "0.0.0.0"
     assert "listen on 0.0.0.0, not only on loopback" in caplog.text
     assert "without token authentication (RAY_AUTH_MODE=disabled" in caplog.text
     # the option reaches the driver from the command line
-    from cluster.cli import _run_kwargs, build_parser
-    args = build_parser().parse_args(["embed", "in.faa", "-o", "out", "--model", "m"])
-    assert _run_kwargs(args)["dashboard_host"] == "127.0.0.1"
+    from cluster.cli import create_parser
+    from virnucpro.options import EmbedOptions, from_args
+    args = create_parser().parse_args(["embed", "in.faa", "-o", "out", "--model", "m"])
+    assert from_args(EmbedOptions, args).dashboard_host == "127.0.0.1"
 
 
 # --- no unpickling of untrusted files -------------------------------------------------------------------

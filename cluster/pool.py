@@ -1,0 +1,173 @@
+"""The embedding actors of one run: acquire a free one, release it, and keep the pool whole.
+
+Like Ray's `ray.util.ActorPool`, the surface is small; unlike it, the pool survives its actors. Ray
+restarts a dead actor (`max_restarts`) where resources allow; the pool notices through a probe (the
+actor's `info`) that never blocks the caller, and replaces an actor Ray has given up on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from .scheduling import EmbedError
+
+log = logging.getLogger("virnucpro")
+
+MAX_REPLACEMENTS_PER_ACTOR = 3  # new actors the pool may start, per actor of the run
+STARTING, READY, PROBING, DEAD = "starting", "ready", "probing", "dead"
+
+
+def cause(e: Exception) -> str:
+    """One line saying why a Ray call failed: the remote exception if there is one."""
+    inner = getattr(e, "cause", None)
+    if inner is not None and not isinstance(inner, RayActorError):
+        return f"{type(inner).__name__}: {inner}"
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+class _Slot:
+    """One place in the pool: the current actor for it and what the driver knows about it."""
+
+    def __init__(self, number: int, actor):
+        self.number, self.actor = number, actor
+        self.generation = 0  # bumped when the actor is replaced: results of the old one don't count here
+        self.state = STARTING  # starting -> ready; ready -> probing (after a failure) -> ready | replaced
+        self.busy = 0  # batches dealt to it and not finished
+        self.probe: ray.ObjectRef | None = None
+        self.probe_after = 0.0  # next probe time while Ray restarts the actor
+        self.info: dict = {}
+        self.seen_generation = 0  # the generation `info` came from
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An actor handed out by `acquire`, as it was then (a replaced actor's late results are told apart)."""
+
+    slot: _Slot
+    generation: int
+
+    @property
+    def actor(self):
+        return self.slot.actor
+
+    @property
+    def number(self) -> int:
+        return self.slot.number
+
+
+class ActorPool:
+    """A fixed number of actor slots, each taking up to `per_actor` batches at once.
+
+    >>> pool = ActorPool(lambda i: Embedder.remote(config), size=2, per_actor=3, name="esm2")
+    >>> infos = pool.start()              # blocks until every actor has loaded its model
+    >>> lease = pool.acquire()            # a ready actor with room, or None
+    >>> ref = lease.actor.embed.remote(batch_ref)
+    >>> pool.release(lease)               # when ref is done (or pool.actor_died(lease) if it died)
+    """
+
+    def __init__(self, new_actor: Callable[[int], object], size: int, per_actor: int, name: str = "model"):
+        self.new_actor, self.size, self.per_actor, self.name = new_actor, size, per_actor, name
+        self.slots: list[_Slot] = []
+        self.replaced = 0
+
+    def start(self) -> list[dict]:
+        """Start the actors and wait until each has loaded its model; returns their `info()`."""
+        self.slots = [_Slot(i, self.new_actor(i)) for i in range(self.size)]
+        try:
+            infos = ray.get([s.actor.info.remote() for s in self.slots])
+        except (RayTaskError, RayActorError) as e:
+            self.shutdown()
+            raise EmbedError(f"an actor could not load model '{self.name}': {cause(e)}") from None
+        for s, info in zip(self.slots, infos):
+            s.state, s.info = READY, info
+        first = infos[0]
+        nodes = len({i["node_id"] for i in infos})
+        log.info("%d actor(s) on %d node(s), %s, %s%s, %s", len(infos), nodes, first["gpu"], first["dtype"],
+                 ", compiled" if first["compiled"] else "", first["attention"])
+        return infos
+
+    def acquire(self) -> Lease | None:
+        """A ready actor with room for one more batch (the least busy), or None."""
+        free = [s for s in self.slots if s.state == READY and s.busy < self.per_actor]
+        if not free:
+            return None
+        slot = min(free, key=lambda s: s.busy)
+        slot.busy += 1
+        return Lease(slot, slot.generation)
+
+    def release(self, lease: Lease) -> None:
+        """The batch dealt under `lease` has ended (finished or failed)."""
+        if lease.generation == lease.slot.generation:
+            lease.slot.busy -= 1
+
+    def actor_died(self, lease: Lease) -> None:
+        """A batch under `lease` failed because its actor died: stop dealing to it and probe it."""
+        slot = lease.slot
+        if lease.generation == slot.generation and slot.state == READY:
+            slot.state, slot.probe, slot.probe_after = PROBING, None, 0.0
+
+    @property
+    def usable(self) -> int:
+        return sum(s.state == READY for s in self.slots)
+
+    @property
+    def all_dead(self) -> bool:
+        return all(s.state == DEAD for s in self.slots)
+
+    def states(self) -> str:
+        return ", ".join(f"actor {s.number}: {s.state}" for s in self.slots)
+
+    def probes(self) -> list:
+        """Send the probes that are due; return the outstanding ones (for ray.wait)."""
+        now = time.monotonic()
+        for s in self.slots:
+            if s.state == PROBING and s.probe is None and now >= s.probe_after:
+                s.probe = s.actor.info.remote()  # queued by Ray until the actor is back
+        return [s.probe for s in self.slots if s.probe is not None]
+
+    def probe_done(self, ref) -> None:
+        """A probe returned: the actor is back, still restarting, or gone (then it is replaced)."""
+        slot = next((s for s in self.slots if s.probe is not None and s.probe == ref), None)
+        if slot is None:
+            return
+        slot.probe = None
+        try:
+            info = ray.get(ref)
+        except ActorUnavailableError:  # still restarting: ask again shortly
+            slot.probe_after = time.monotonic() + 1.0
+        except (ActorDiedError, RayActorError, RayTaskError) as e:
+            self._replace(slot, e)
+        else:
+            moved = info.get("node_id") != slot.info.get("node_id")
+            what = "its replacement is up" if slot.generation and slot.seen_generation != slot.generation else "is back"
+            slot.state, slot.info, slot.seen_generation = READY, info, slot.generation
+            log.warning("actor %d: %s (%s%s)", slot.number, what, info["actor"], ", on another node" if moved else "")
+
+    def _replace(self, slot: _Slot, e: Exception) -> None:
+        if self.replaced >= self.size * MAX_REPLACEMENTS_PER_ACTOR:
+            slot.state = DEAD
+            log.warning("actor %d is gone for good (%s); %d usable", slot.number, cause(e), self.usable)
+            return
+        self.replaced += 1
+        log.warning("actor %d is gone for good (%s); starting a replacement", slot.number, cause(e))
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        slot.actor, slot.state, slot.busy = self.new_actor(slot.number), PROBING, 0
+        slot.generation += 1
+        slot.probe_after = 0.0
+
+    def shutdown(self) -> None:
+        for s in self.slots:
+            try:
+                ray.kill(s.actor, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass

@@ -1,0 +1,110 @@
+"""The Ray session of a run: joining a cluster or starting a local Ray, and where the actors go.
+
+`init_ray` joins the given cluster or RAY_ADDRESS (a `ray job submit` entry point finds it set), or
+starts a local Ray with token authentication and a loopback dashboard. `Placement.of` turns the
+options and the cluster's resources into a device, an actor count and each actor's GPU share; the
+embedding driver and `predict` both place their actors through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from virnucpro.options import EmbedOptions
+
+from .scheduling import EmbedError
+
+log = logging.getLogger("virnucpro")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def init_ray(address: str | None = None, dashboard_host: str = "127.0.0.1") -> bool:
+    """Connect to Ray unless this process already is; True when this call connected (and so should
+    disconnect at the end).
+
+    A local Ray keeps token authentication on (Ray >= 2.52 turns it on for a new local cluster unless
+    RAY_AUTH_MODE says otherwise; the token is ~/.ray/auth_token, created if missing) and serves its
+    dashboard and job API on loopback unless `dashboard_host` says otherwise. Turning either off is the
+    user's explicit choice, and is logged."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    if dashboard_host not in _LOOPBACK:
+        log.warning("the Ray dashboard and job API listen on %s, not only on loopback", dashboard_host)
+    ray.init(include_dashboard=None, dashboard_host=dashboard_host, logging_level=logging.WARNING,
+             log_to_driver=True)
+    if not token_auth_enabled():
+        log.warning("the local Ray runs without token authentication (RAY_AUTH_MODE=%s, Ray %s): any process "
+                    "that reaches its ports can run code as you", os.environ.get("RAY_AUTH_MODE", "unset"),
+                    ray.__version__)
+    _protect_token_file(Path.home() / ".ray" / "auth_token")
+    return True
+
+
+def _protect_token_file(path: Path) -> None:
+    """Ray writes ~/.ray/auth_token with the default umask (often world-readable): anyone who can read
+    it can run code on the cluster as you. Make it readable by its owner alone."""
+    try:
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            path.chmod(0o600)
+            log.info("%s: made readable by its owner only (it was mode %o)", path, st.st_mode & 0o777)
+    except OSError:
+        pass
+
+
+def token_auth_enabled() -> bool:
+    """Whether this process's Ray uses token authentication (False on Ray versions without it)."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:
+        return False
+    return bool(is_token_auth_enabled())
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's actors go: device, how many, and the Ray GPU resource each reserves."""
+
+    device: str  # "cuda" or "cpu"
+    num_actors: int
+    gpus_per_actor: float
+    cluster_gpus: float
+    cluster_cpus: float
+
+    @classmethod
+    def of(cls, opts: EmbedOptions) -> Placement:
+        """Resolve `auto` against the connected cluster's resources; default: one actor per GPU (or per
+        `gpus_per_actor` share of one), one on CPU."""
+        resources = ray.cluster_resources()
+        gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+        device = opts.device if opts.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+        if device == "cuda" and gpus == 0:
+            raise EmbedError("--device cuda, but the Ray cluster has no GPU resources")
+        share = opts.gpus_per_actor
+        if share is None:
+            share = 1.0 if device == "cuda" else 0.0
+        if device == "cuda" and share == 0:
+            raise EmbedError("--device cuda needs --gpus-per-actor > 0 (Ray assigns GPUs by that resource)")
+        if share > gpus:
+            raise EmbedError(f"--gpus-per-actor {share:g}, but the Ray cluster has {gpus:g} GPU(s)")
+        if opts.num_actors:
+            n = opts.num_actors
+        elif share > 0:
+            n = max(1, int(gpus / share + 1e-9))
+        else:
+            n = 1
+        return cls(device, n, share, gpus, cpus)
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs the run can use (0 on CPU): what the dataloader-worker default divides by."""
+        return int(self.cluster_gpus) if self.device == "cuda" else 0

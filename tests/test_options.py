@@ -1,0 +1,88 @@
+"""Options are defined once (virnucpro/options.py): the CLI and the keyword API are built from the same
+fields, and out-of-range values are refused in one line before Ray or any model starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import create_parser, main
+from virnucpro.options import EmbedOptions, OptionError, PredictOptions, from_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.metadata["cli"]}
+
+
+@pytest.mark.parametrize("command", ["embed", "predict"])
+def test_every_option_has_a_flag_and_defaults_match_the_api(command):
+    argv = [command, "in.fa", "-o", "out"] + (["--model", "m"] if command == "embed" else
+                                             ["--classifier", "c.pth", "--chunk-size", "500"])
+    args = create_parser().parse_args(argv)
+    assert _cli_fields(EmbedOptions) <= set(vars(args))
+    assert from_args(EmbedOptions, args) == EmbedOptions()  # the parser's defaults are the dataclass's
+    if command == "predict":
+        assert from_args(PredictOptions, args) == PredictOptions()
+
+
+def test_flags_reach_the_options():
+    args = create_parser().parse_args(
+        ["embed", "in.fa", "-o", "out", "--model", "m", "--toks-per-batch", "8192", "--no-pin-memory",
+         "--no-progress", "--compile", "--gpus-per-actor", "0.5", "-v", "--attention", "flex"])
+    opts = from_args(EmbedOptions, args)
+    assert (opts.toks_per_batch, opts.pin_memory, opts.progress, opts.compile, opts.gpus_per_actor,
+            opts.verbose, opts.attention) == (8192, False, False, True, 0.5, True, "flex")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("truncation_seq_length", 0, "--truncation-seq-length 0: must be at least 1"),
+    ("truncation_seq_length", -5, "--truncation-seq-length -5: must be at least 1"),
+    ("num_actors", 0, "--num-actors 0: must be at least 1"),
+    ("toks_per_batch", 0, "--toks-per-batch 0: must be at least 1"),
+    ("cuda_streams", 0, "--cuda-streams 0: must be at least 1"),
+    ("dataloader_workers", 0, "--dataloader-workers 0: must be at least 1"),
+    ("gpus_per_actor", 1.5, "--gpus-per-actor 1.5: give a fraction of one GPU (0.5) or a whole number"),
+    ("gpus_per_actor", -1.0, "--gpus-per-actor -1.0: must be at least 0"),
+    ("dtype", "fp8", "--dtype 'fp8': choose from auto, float32, bfloat16, float16"),
+    ("actor_wait_seconds", 0.0, "--actor-wait-seconds 0.0: must be positive"),
+    ("max_actor_restarts", -2, "--max-actor-restarts -2: must be at least -1"),
+])
+def test_out_of_range_values_are_refused_in_one_line(field, value, message):
+    with pytest.raises(OptionError) as info:
+        EmbedOptions(**{field: value})
+    assert str(info.value) == message
+
+
+def test_predict_options_are_checked_too():
+    with pytest.raises(OptionError, match=r"--threshold 1.5: must be within \[0, 1\]"):
+        PredictOptions(threshold=1.5)
+    with pytest.raises(OptionError, match="--resume and --overwrite exclude each other"):
+        EmbedOptions(resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("flag", [["--truncation-seq-length", "0"], ["--truncation-seq-length", "-5"],
+                                  ["--num-actors", "0"]])
+def test_cli_refuses_before_anything_starts(tmp_path, capsys, flag):
+    """Tried as a new user would: no Ray, no model, no output directory; exit 2 with one line."""
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    code = main(["embed", str(tmp_path / "missing.faa"), "-o", str(out), "--model", "nope", *flag])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"{flag[0]} {flag[1]}: must be at least 1" in err
+    assert not out.exists() and time.perf_counter() - start < 5
+
+
+def test_help_is_fast_and_imports_neither_torch_nor_ray():
+    code = ("import sys, time; t = time.perf_counter(); from cluster.cli import create_parser; "
+            "create_parser().format_help(); print(time.perf_counter() - t, 'torch' in sys.modules, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    seconds, torch_loaded, ray_loaded = out.split()
+    assert torch_loaded == "False" and ray_loaded == "False"
+    assert float(seconds) < 1.0

@@ -1,0 +1,195 @@
+"""The options of `virnucpro embed` and `predict`, each defined once.
+
+An option is a dataclass field whose metadata holds its help text, choices and bounds. From these the
+command line is built (`add_arguments`, `from_args`), the keyword API is the dataclass itself
+(`EmbedOptions(toks_per_batch=8192)`), and `__post_init__` refuses an out-of-range value with a
+one-line `OptionError` before anything starts, whichever way the options came in. Adding an option is
+one field here and the code that uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class OptionError(ValueError):
+    """An option value out of range: one line naming the option, the value and what is allowed."""
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+           check: Callable[[Any], str | None] | None = None, short: str | None = None,
+           metavar: str | None = None, cli: bool = True) -> Any:
+    """A dataclass field with what the command line and the range check need.
+
+    `min`: the smallest value allowed (None, meaning "the default", is always allowed). `check`: a
+    function returning what is wrong with a value, or None. `cli=False`: Python API only."""
+    meta = dict(help=help, choices=choices, min=min, check=check, short=short, metavar=metavar, cli=cli)
+    return field(default=default, metadata=meta)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _validate(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        if value is None or not meta:
+            continue
+        problem = None
+        if meta["choices"] is not None and value not in meta["choices"]:
+            problem = f"choose from {', '.join(map(str, meta['choices']))}"
+        elif meta["min"] is not None and value < meta["min"]:
+            problem = f"must be at least {meta['min']:g}"
+        elif meta["check"] is not None:
+            problem = meta["check"](value)
+        if problem:
+            raise OptionError(f"{_flag(f.name)} {value!r}: {problem}")
+
+
+def _base_type(annotation: Any) -> type:
+    """int for `int | None`, and so on; Callable and other non-CLI types come back as they are."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 else annotation
+
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
+                  only: tuple[str, ...] | None = None, required: tuple[str, ...] = ()) -> None:
+    """Add one command-line flag per CLI field of the options dataclass `cls` (or those in `only`)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta or not meta["cli"] or (only is not None and f.name not in only):
+            continue
+        kind = _base_type(hints[f.name])
+        names = [_flag(f.name)] + ([meta["short"]] if meta["short"] else [])
+        kw: dict[str, Any] = dict(dest=f.name, help=meta["help"])
+        if kind is bool:
+            kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
+            kw["default"] = f.default
+        else:
+            metavar = meta["metavar"] or {int: "N", float: "X"}.get(kind)
+            kw.update(type=kind, choices=meta["choices"], metavar=metavar)
+            if f.name in required:
+                kw["required"] = True
+            else:
+                kw["default"] = f.default
+                if f.default is not None and meta["choices"] is None:
+                    kw["help"] += " (default: %(default)s)"
+        parser.add_argument(*names, **kw)
+
+
+def from_args(cls: type, args: argparse.Namespace, **overrides: Any):
+    """The options dataclass `cls` from a parsed namespace (fields the parser lacks keep their default)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
+
+
+def _gpu_share(share: float) -> str | None:
+    if share > 1 and share != int(share):
+        return "give a fraction of one GPU (0.5) or a whole number"
+    return None
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How an embedding run computes: `virnucpro embed` flags and `cluster.embed(...)` keywords alike."""
+
+    device: str = option("auto", "where actors run (auto: GPUs when the Ray cluster has any)",
+                         choices=("auto", "cuda", "cpu"))
+    dtype: str = option("auto", "auto: bfloat16 on Ampere or newer GPUs, float16 on older ones, float32 on CPU",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    num_actors: int | None = option(None, "model replicas (default: one per visible GPU, or one on CPU)", min=1)
+    # Ray's GPU resource each actor reserves. Honoured with device cpu too: placement follows Ray
+    # resources alone, which is how placement is tested on machines without GPUs (fake GPU resources).
+    gpus_per_actor: float | None = option(
+        None, "Ray GPU resource each actor reserves (default 1 with --device cuda, 0 on CPU); 0.5 puts two "
+              "actors of a small model on one GPU", min=0, check=_gpu_share)
+    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS if set, else start a local Ray)")
+    dashboard_host: str = option(
+        "127.0.0.1", "where a local Ray started by this command serves its dashboard and job API; 0.0.0.0 "
+                     "exposes it to the network (token authentication stays on)")
+    toks_per_batch: int | None = option(
+        None, "token budget of a packed batch (default: 4096 on CPU; on GPU 65536 for ESM-2, 262144 for "
+              "DNABERT-S)", min=1)
+    truncation_seq_length: int = option(
+        1022, "longest sequence embedded, in residues (ESM-2) or tokens (DNABERT-S); longer ones are "
+              "truncated and flagged in the 'truncated' column", min=1)
+    dataloader_workers: int | None = option(
+        None, "threads that read and tokenise batches ahead of the actors (default min(cpu_count // "
+              "num_gpus, 8))", min=1)
+    pin_memory: bool = option(True, "page-locked host buffers for asynchronous host-to-GPU copies")
+    expandable_segments: bool = option(
+        False, "set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the actors: less fragmentation with "
+               "varying batch shapes, most useful on GPUs with little memory headroom")
+    cuda_streams: int = option(2, "concurrent batches per GPU actor, each on its own copy and compute streams",
+                               min=1)
+    attention: str = option(
+        "auto", "auto: FlashAttention where the GPU supports it (ESM-2), SDPA with the ALiBi bias for "
+                "DNABERT-S; sdpa: force the PyTorch SDPA fallback; flex: FlexAttention for DNABERT-S",
+        choices=("auto", "sdpa", "flex"))
+    compile: bool | None = option(None, "torch.compile the model layers (default: on for CUDA, off on CPU)")
+    profile: str | None = option(
+        None, "write torch profiler traces of each actor's first 3 batches to DIR on the actor's node (open "
+              "them in Perfetto)", metavar="DIR")
+    resume: bool = option(False, "finish a previous run in OUT_DIR")
+    overwrite: bool = option(False, "replace a previous run in OUT_DIR")
+    progress: bool | None = option(None, "progress line on the terminal (default: when stderr is a terminal)")
+    verbose: bool = option(False, "debug logging (streams, batches)", short="-v")
+    actor_wait_seconds: float = option(
+        900.0, "give up when no actor is usable for this long (all restarting, none schedulable)",
+        check=_positive)
+    max_actor_restarts: int = option(3, "Ray's restarts of one dead actor (-1: no limit), then the pool "
+                                        "starts a new one", min=-1)
+    # Python API only: extra Ray actor options for actor i, merged over the defaults (e.g. a
+    # placement-group bundle, so that two embed jobs share GPUs as `cluster.predict` arranges)
+    actor_options: Callable[[int], dict] | None = option(None, "extra Ray actor options for actor i", cli=False)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.resume and self.overwrite:
+            raise OptionError("--resume and --overwrite exclude each other")
+
+    def replace(self, **changes: Any) -> EmbedOptions:
+        return dataclasses.replace(self, **changes)
+
+
+def default_dataloader_workers(num_gpus: int) -> int:
+    """min(cpu_count // num_gpus, 8), at least 1."""
+    return max(1, min((os.cpu_count() or 1) // max(1, num_gpus), 8))
+
+
+def _threshold(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be within [0, 1]"
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What `virnucpro predict` (and `preprocess`) adds to the embedding options."""
+
+    chunk_size: int = option(500, "chunk length the classifier was trained on (300_model.pth / 500_model.pth)",
+                             choices=(300, 500))
+    chunking: str = option("compat", "compat: upstream VirNucPro's split, quirks included; even: overlap "
+                                     "spread evenly", choices=("compat", "even"))
+    workers: int | None = option(None, "preprocessing processes (default: 1 below ~64 Mbp of input, else one "
+                                       "per CPU, at most 8)", min=1)
+    threshold: float = option(0.5, "contig verdict: virus when the mean chunk virus score >= this; a chunk's "
+                                   "score is its best frame's P(virus)", check=_threshold)
+    keep_embeddings: bool = option(False, "keep OUT_DIR/embeddings/{dnabert_s,esm2} (Parquet) for reuse")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+__all__ = ["EmbedOptions", "PredictOptions", "OptionError", "add_arguments", "from_args", "option",
+           "default_dataloader_workers"]
