@@ -140,7 +140,8 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions,
                           opts.dataloader_workers or default_dataloader_workers(place.num_gpus),
                           opts.actor_wait_seconds)
         run.prefetch()  # the first batches are read and tokenised while the actors load
-        infos = run.pool.start() if len(todo) else []
+        if len(todo):
+            run.pool.start(opts.actor_wait_seconds)
         progress = Progress(int(plan.tokens.sum()), len(index), int(plan.tokens[done].sum()),
                             manifest.rows_done, opts.progress, opts.verbose)
         totals = _Totals()
@@ -169,7 +170,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions,
     _complete(out, manifest, len(index), len(plan))
     shutil.rmtree(scratch, ignore_errors=True)
     result = EmbedResult(out.local_path or out.uri, len(index), len(plan), len(todo), totals.tokens,
-                         totals.elapsed(), time.perf_counter() - start, infos,
+                         totals.elapsed(), time.perf_counter() - start, run.pool.infos(),
                          batches_retried=run.scheduler.retried, actors_replaced=run.pool.replaced,
                          batches_retried_after_errors=run.scheduler.retried_after_errors,
                          forward_seconds=totals.forward, write_seconds=totals.write,
@@ -223,7 +224,8 @@ def _new_pool(actor_class: type, config: ActorConfig, place: Placement, opts: Em
         extra = opts.actor_options(i) if opts.actor_options else {}
         return remote.options(**{**options, **extra}).remote(config)
 
-    return ActorPool(new_actor, place.num_actors, streams + 1, config.source.name)
+    resources = {"CPU": options["num_cpus"], **({"GPU": place.gpus_per_actor} if place.gpus_per_actor else {})}
+    return ActorPool(new_actor, place.num_actors, streams + 1, config.source.name, resources)
 
 
 # --- output location, manifest and resume ---------------------------------------------------------------

@@ -66,32 +66,64 @@ class ActorPool:
     """A fixed number of actor slots, each taking up to `per_actor` batches at once.
 
     >>> pool = ActorPool(lambda i: Embedder.remote(config), size=2, per_actor=3, name="esm2")
-    >>> infos = pool.start()              # blocks until every actor has loaded its model
+    >>> infos = pool.start()              # returns once an actor has loaded its model
     >>> lease = pool.acquire()            # a ready actor with room, or None
     >>> ref = lease.actor.embed.remote(batch_ref)
     >>> pool.release(lease)               # when ref is done (or pool.actor_died(lease) if it died)
     """
 
-    def __init__(self, new_actor: Callable[[int], object], size: int, per_actor: int, name: str = "model"):
+    def __init__(self, new_actor: Callable[[int], object], size: int, per_actor: int, name: str = "model",
+                 resources: dict | None = None):
         self.new_actor, self.size, self.per_actor, self.name = new_actor, size, per_actor, name
+        self.resources = resources or {}  # what each actor asks Ray for (shown while one waits)
         self.slots: list[_Slot] = []
         self.replaced = 0
 
-    def start(self) -> list[dict]:
-        """Start the actors and wait until each has loaded its model; returns their `info()`."""
+    def start(self, wait_seconds: float = 900.0) -> list[dict]:
+        """Start the actors and return once one has loaded its model, with the `info()` of those ready.
+
+        The others join as Ray places them (an autoscaling cluster adds nodes); until then they are
+        logged as pending, with what they wait for. A model that fails to load fails the start; no
+        actor placed within `wait_seconds` fails it too, in one line."""
         self.slots = [_Slot(i, self.new_actor(i)) for i in range(self.size)]
-        try:
-            infos = ray.get([s.actor.info.remote() for s in self.slots])
-        except (RayTaskError, RayActorError) as e:
-            self.shutdown()
-            raise EmbedError(f"an actor could not load model '{self.name}': {cause(e)}") from None
-        for s, info in zip(self.slots, infos):
-            s.state, s.info = READY, info
+        for s in self.slots:
+            s.probe = s.actor.info.remote()
+        start = time.monotonic()
+        report = start + 10.0
+        while not self.usable:
+            ready, _ = ray.wait([s.probe for s in self.slots if s.probe is not None], num_returns=1, timeout=1.0)
+            for ref in ready:
+                self.probe_done(ref)
+            now = time.monotonic()
+            if not self.usable and now > start + wait_seconds:
+                self.shutdown()
+                raise EmbedError(f"no actor could be placed in {wait_seconds:.0f} s: {self.pending_text()}; "
+                                 f"see `ray status`, or ask for fewer actors (--num-actors)")
+            if not self.usable and now > report:
+                report = now + 30.0
+                log.warning("waiting for an actor to be placed: %s", self.pending_text())
+        infos = self.infos()
         first = infos[0]
-        nodes = len({i["node_id"] for i in infos})
-        log.info("%d actor(s) on %d node(s), %s, %s%s, %s", len(infos), nodes, first["gpu"], first["dtype"],
+        log.info("%d of %d actor(s) ready on %d node(s), %s, %s%s, %s", len(infos), self.size,
+                 len({i["node_id"] for i in infos}), first["gpu"], first["dtype"],
                  ", compiled" if first["compiled"] else "", first["attention"])
+        if len(infos) < self.size:
+            log.warning("starting with %d of %d actors; the others join when Ray places them: %s", len(infos),
+                        self.size, self.pending_text())
         return infos
+
+    def infos(self) -> list[dict]:
+        """`info()` of every actor that has been ready, in slot order."""
+        return [s.info for s in self.slots if s.info]
+
+    def pending_text(self) -> str:
+        """Which actors are not ready (waiting to be placed, or loading the model) and what each needs,
+        beside what the cluster has free."""
+        waiting = [s.number for s in self.slots if s.state == STARTING]
+        free = {k: round(v, 2) for k, v in sorted(ray.available_resources().items()) if k in ("CPU", "GPU")}
+        return (f"actor(s) {', '.join(map(str, waiting))} of {self.size} not ready (being placed or loading the "
+                f"model), each needs "
+                f"{self.resources}; the cluster has {free or 'nothing'} free")
 
     def acquire(self) -> Lease | None:
         """A ready actor with room for one more batch (the least busy), or None."""
@@ -143,8 +175,22 @@ class ActorPool:
         except ActorUnavailableError:  # still restarting: ask again shortly
             slot.probe_after = time.monotonic() + 1.0
         except (ActorDiedError, RayActorError, RayTaskError) as e:
-            self._replace(slot, e)
+            if slot.state != STARTING:
+                self._replace(slot, e)
+            elif not self.usable:  # the model does not load: every actor would fail the same way
+                self.shutdown()
+                raise EmbedError(f"an actor could not load model '{self.name}': {cause(e)}") from None
+            else:
+                slot.state = DEAD
+                log.warning("actor %d could not load model '%s' (%s); going on with %d", slot.number,
+                            self.name, cause(e), self.usable)
         else:
+            if slot.state == STARTING:
+                slot.state, slot.info = READY, info
+                if self.usable > 1:
+                    log.info("actor %d joined (%s); %d of %d ready", slot.number, info["actor"], self.usable,
+                             self.size)
+                return
             moved = info.get("node_id") != slot.info.get("node_id")
             what = "its replacement is up" if slot.generation and slot.seen_generation != slot.generation else "is back"
             slot.state, slot.info, slot.seen_generation = READY, info, slot.generation

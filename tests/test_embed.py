@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -201,3 +202,22 @@ def test_profile_writes_traces_of_first_batches(tmp_path, esm_tiny, local_ray):
     assert len(traces) == 3  # the first three batches of the one actor
     trace = json.loads(traces[0].read_text())
     assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])
+
+
+def test_more_actors_than_the_cluster_can_place_starts_with_those_placed(tmp_path, esm_tiny, local_ray, caplog):
+    """Three CPU actors of one CPU each on a two-CPU Ray: the run starts with the first actor ready,
+    says which ones wait and for what, and finishes (it used to wait forever for the third)."""
+    ids = write_fasta(tmp_path / "a.faa", random_proteins(60, 10, 100, seed=13))
+    result = embed(tmp_path / "a.faa", tmp_path / "out", esm_tiny, device="cpu", num_actors=3, toks_per_batch=512,
+                   progress=False)
+    assert sorted(read_embeddings(tmp_path / "out").column("id").to_pylist()) == sorted(ids)
+    assert 1 <= len(result.actors) <= 2  # the third never gets a CPU; the second may join in time
+    assert re.search(r"starting with [12] of 3 actors.*actor\(s\) (\d, )?\d of 3 not ready \(being placed or "
+                     r"loading the model\), each needs \{'CPU': 1\}", caplog.text), caplog.text
+
+
+def test_no_actor_placed_fails_in_one_line_after_the_wait(tmp_path, esm_tiny, local_ray):
+    write_fasta(tmp_path / "b.faa", random_proteins(10, 10, 50, seed=14))
+    with pytest.raises(EmbedError, match=r"^no actor could be placed in 2 s: actor\(s\) 0 of 1 not ready.*ray status"):
+        embed(tmp_path / "b.faa", tmp_path / "out", esm_tiny, device="cpu", num_actors=1, progress=False,
+              actor_wait_seconds=2, actor_options=lambda i: {"resources": {"no_such_resource": 1}})
