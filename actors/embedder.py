@@ -151,6 +151,8 @@ class Embedder:
     """
 
     def __init__(self, config: ActorConfig):
+        # wall-clock times of the start-up phases (the driver lines them up with its own: bench_startup)
+        self.timeline = {"actor_placed": time.time()}
         opts = config.options
         logging.basicConfig(level=logging.DEBUG if opts.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -165,12 +167,15 @@ class Embedder:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
         self.model = load_model(source, self.device, self.dtype, opts.attention)
+        self.timeline["weights_loaded"] = time.time()
         self.compiled = self.device.type == "cuda" if opts.compile is None else opts.compile
         if self.compiled:
             self._compile_and_warm_up()
+        self.timeline["compiled"] = time.time()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if config.largest_batch is not None and self.device.type == "cuda":
             self._warm_up(np.asarray(config.largest_batch, np.int64))
+        self.timeline["warmed_up"] = time.time()
         self.pin_memory = opts.pin_memory and self.device.type == "cuda"
         self.profile_dir, self.profile_left = opts.profile, config.profile_batches if opts.profile else 0
         self.profile_lock = threading.Lock()  # the torch profiler is per process: one batch at a time
@@ -212,14 +217,14 @@ class Embedder:
                  torch.cuda.max_memory_allocated(self.device) / (1 << 30))
 
     def info(self) -> dict:
-        """What this actor runs: shown by the driver once all actors are up."""
+        """What this actor runs, and when its start-up phases ended (wall clock): shown by the driver."""
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"actor": self.name, "device": str(self.device), "gpu": gpu,
                 "dtype": str(self.dtype).removeprefix("torch."), "attention": self.model.backend.describe(),
                 "compiled": self.compiled,
                 "streams": self.streams.qsize(), "dim": self.model.dim,
                 "pid": os.getpid(), "node_id": self.node_id, "gpu_ids": self.gpu_ids,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "timeline": self.timeline}
 
     def embed(self, batch: TokenBatch, attempt: int = 0) -> PartResult:
         """Compute one batch and write its part; `attempt` counts the times the driver dealt it before."""

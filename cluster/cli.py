@@ -60,10 +60,12 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
     """Run the parsed command; returns its one-line summary."""
     if args.command == "embed":
         from .driver import embed
+        from .progress import Timeline, process_start_time
 
         extra = {"actor_class": actor_class} if actor_class else {}
         opts = from_args(EmbedOptions, args)
-        return embed(args.input, args.out_dir, args.model, **extra, **_fields(opts)).summary()
+        return embed(args.input, args.out_dir, args.model, timeline=Timeline(process_start_time()), **extra,
+                     **_fields(opts)).summary()
     if args.command == "preprocess":
         from virnucpro.preprocess import default_workers, preprocess_fasta
 

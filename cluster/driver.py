@@ -48,7 +48,7 @@ from virnucpro.output import MANIFEST, Manifest, OutputLocation
 from virnucpro.sequences import FastaIndex
 
 from .pool import ActorPool, Lease, cause
-from .progress import DriverMetrics, Progress
+from .progress import DriverMetrics, Progress, Timeline
 from .scheduling import ACTOR_DIED, STORAGE, EmbedError, Scheduler, failure_kind
 from .session import Placement, init_ray
 
@@ -77,6 +77,8 @@ class EmbedResult:
     forward_seconds: float = 0.0  # copy to the device, forward pass, embeddings back to the host
     write_seconds: float = 0.0  # Parquet parts encoded and written
     first_part_seconds: float = 0.0  # from the first batch read to the first part written (pipeline fill)
+    # seconds from the process's start to the end of each start-up phase, up to the first part written
+    timeline: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -89,37 +91,44 @@ class EmbedResult:
                       f"{self.actors_replaced} actor(s) replaced")
         if self.batches_retried_after_errors:
             faults += f"; {self.batches_retried_after_errors} batch(es) retried after errors"
+        first = f" (first part after {self.timeline['first_part']:.1f} s)" if "first_part" in self.timeline else ""
         return (f"{self.num_sequences} sequences ({self.batches_computed} of {self.num_batches} batches "
-                f"computed, {self.tokens_computed} tokens) in {self.seconds:.1f} s; embedding "
+                f"computed, {self.tokens_computed} tokens) in {self.seconds:.1f} s{first}; embedding "
                 f"{self.tokens_per_second / 1e3:.1f} K tokens/s on {len(self.actors)} actor(s){faults} "
                 f"-> {self.out_dir}")
 
 
 def embed(input: str | Path, out_dir: str | Path, model: str | Path, *, actor_class: type = Embedder,
-          **options) -> EmbedResult:
+          timeline: Timeline | None = None, **options) -> EmbedResult:
     """Embed every sequence of a FASTA file into Parquet under out_dir (the Python API of `virnucpro embed`).
 
     out_dir is a local directory or a URI on any pyarrow/fsspec filesystem (`s3://bucket/run`).
     Options are the fields of `virnucpro.options.EmbedOptions`; a value out of range raises
     `OptionError` before anything starts. `actor_class`: the actor run on each worker, `Embedder` or a
-    subclass of it (the tests inject faults this way). Returns an `EmbedResult`; read the rows with
+    subclass of it (the tests inject faults this way). `timeline`: where start-up phases are marked
+    (default: from this call's start). Returns an `EmbedResult`; read the rows with
     `virnucpro.output.read_embeddings(out_dir)` or `pyarrow.parquet.read_table(out_dir)`.
     """
-    return run_embed(Path(input), out_dir, str(model), EmbedOptions(**options), actor_class)
+    return run_embed(Path(input), out_dir, str(model), EmbedOptions(**options), actor_class, timeline)
 
 
-def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions,
-              actor_class: type = Embedder) -> EmbedResult:
+def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, actor_class: type = Embedder,
+              timeline: Timeline | None = None) -> EmbedResult:
     start = time.perf_counter()
+    timeline = timeline or Timeline()
+    timeline.mark("driver_started")  # imports done, arguments parsed
     source = resolve_model(model)
     tokenizer = load_tokenizer(source, opts.truncation_seq_length)
     dim = check_model(source)  # a wrong or damaged checkpoint fails here, before Ray and the actors
+    timeline.mark("model_checked")
     out = OutputLocation.parse(out_dir)
     _prepare_out_dir(out, opts)
     scratch = _scratch_dir(out)
     index = FastaIndex.build(input, source.sequence_kind, scratch)
+    timeline.mark("indexed")
 
     started_ray = init_ray(opts.address, opts.dashboard_host)
+    timeline.mark("ray_up")
     run: _Dispatcher | None = None
     manifest: Manifest | None = None
     try:
@@ -140,14 +149,19 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions,
                           opts.dataloader_workers or default_dataloader_workers(place.num_gpus),
                           opts.actor_wait_seconds)
         run.prefetch()  # the first batches are read and tokenised while the actors load
+        timeline.mark("planned")
         if len(todo):
-            run.pool.start(opts.actor_wait_seconds)
+            for phase, at in run.pool.start(opts.actor_wait_seconds)[0]["timeline"].items():
+                timeline.mark(phase, at)  # the first actor ready: when it was placed, loaded, ...
         progress = Progress(int(plan.tokens.sum()), len(index), int(plan.tokens[done].sum()),
                             manifest.rows_done, opts.progress, opts.verbose)
         totals = _Totals()
         for result in run.results():
             manifest.parts[result.file] = result.rows
             totals.add(result)
+            if "first_part" not in timeline.marks:
+                timeline.mark("first_part")
+                log.info("first part written; start-up: %s", timeline.text())
             progress.advance(result.tokens, result.rows, run.pool.usable, run.pool.size)
             if progress.due_for_save():
                 manifest.save(out)
@@ -174,7 +188,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions,
                          batches_retried=run.scheduler.retried, actors_replaced=run.pool.replaced,
                          batches_retried_after_errors=run.scheduler.retried_after_errors,
                          forward_seconds=totals.forward, write_seconds=totals.write,
-                         first_part_seconds=totals.first_part)
+                         first_part_seconds=totals.first_part, timeline=timeline.marks)
     log.info("done: %s", result.summary())
     return result
 

@@ -56,7 +56,8 @@ from virnucpro.output import Manifest, atomic_write
 from virnucpro.preprocess import (CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds,
                                   default_workers, preprocess_fasta)
 
-from .driver import EmbedOptions, EmbedResult, _init_ray, embed
+from .driver import EmbedOptions, EmbedResult, embed
+from .session import init_ray
 
 log = logging.getLogger("virnucpro")
 
@@ -271,7 +272,7 @@ class _Run:
                 todo.append(family)
         if not todo:
             return
-        started_ray = _init_ray(self.opts)
+        started_ray = init_ray(self.opts.address, self.opts.dashboard_host)
         pg = None
         try:
             layout, pg = self._layout(len(todo))

@@ -1,12 +1,47 @@
-"""What the user and the dashboard see of a run while it goes: a progress line and the driver's Ray metrics."""
+"""What the user and the dashboard see of a run: a progress line, the driver's Ray metrics, and the
+start-up timeline (when each phase before the first result ended, from the process's start)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
 log = logging.getLogger("virnucpro")
+
+
+def process_start_time() -> float:
+    """When this process started (wall clock), from /proc on Linux: what a user's wait begins with.
+    Elsewhere, when this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+class Timeline:
+    """Seconds from the start (of the `virnucpro` process, or of the API call) to the end of each
+    start-up phase (`mark("ray_up")` -> `marks == {"ray_up": 1.92}`): what a user waits for before the
+    first result, phase by phase."""
+
+    def __init__(self, origin: float | None = None):
+        self.origin = time.time() if origin is None else origin  # wall clock; the command line's: process start
+        self.marks: dict[str, float] = {}
+
+    def mark(self, phase: str, at: float | None = None) -> None:
+        """`phase` ended now, or at wall-clock time `at` (an actor's own clock)."""
+        self.marks[phase] = round((time.time() if at is None else at) - self.origin, 3)
+
+    def text(self) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in sorted(self.marks.items(), key=lambda kv: kv[1]))
 
 
 class Progress:
