@@ -1,0 +1,98 @@
+"""Time to the first result, as a user waits for it: `virnucpro embed` from its start to the first part.
+
+    python bench/bench_startup.py --out bench/results/startup-<gpu>.json [--models esm2_3B dnabert_s] [-n 2000]
+
+For each model, writes a random-weight checkpoint of the real shape in the real format (fair-esm `.pt`
+in bf16, or a DNABERT-S directory; written here, so in the OS page cache) and a seeded FASTA, then runs
+`python -m cluster.cli embed` in a fresh process twice with its own compile cache:
+  first   an empty compile cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), as on a new machine;
+  second  the cache the first run left, as on every later run.
+Each run reports its wall clock from the process's spawn and the start-up timeline the driver logs
+(seconds from the process's start to: driver started (imports, arguments), model checked, indexed,
+Ray up, planned, actor placed, weights loaded, compiled, warmed up, first part). Also `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_e2e import write_inputs  # noqa: E402
+
+_PHASE = re.compile(r"([a-z][a-z ]*?) (\d+(?:\.\d+)?) s")
+
+
+def timeline_of(log: str) -> dict[str, float]:
+    """The driver's 'start-up: driver started 4.7 s, ..., first part 18.4 s' line, as a dict."""
+    line = next((ln for ln in log.splitlines() if "first part written; start-up:" in ln), "")
+    return {k.replace(" ", "_"): float(v) for k, v in _PHASE.findall(line.split("start-up:", 1)[-1])}
+
+
+def run_embed(fasta: Path, ckpt: Path, out: Path, cache: Path, extra: list[str]) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "cluster.cli", "embed", str(fasta), "-o", str(out), "--model", str(ckpt),
+           "--overwrite", "--no-progress", *extra]
+    start = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    wall = time.time() - start
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    timeline = timeline_of(proc.stderr)
+    print(f"  {wall:6.1f} s wall; {timeline}", flush=True)
+    return {"wall_seconds": round(wall, 2), "timeline": timeline, "summary": proc.stdout.strip().splitlines()[-1]}
+
+
+def help_seconds(repeat: int = 3) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.time()
+        subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, check=True, cwd=ROOT)
+        times.append(round(time.time() - start, 3))
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--models", nargs="+", default=["esm2_3B", "dnabert_s"])
+    ap.add_argument("-n", type=int, default=2000, help="sequences per input (a small job: start-up dominates)")
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--embed-args", default="", help="extra `virnucpro embed` arguments, e.g. '--num-actors 1'")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="startup-"))
+    import torch
+
+    result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "gpus": torch.cuda.device_count(), "torch": torch.__version__, "host": platform.node(),
+              "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "n": args.n,
+              "help_seconds": help_seconds(), "models": {}}
+    print(f"--help: {result['help_seconds']} s", flush=True)
+    for model in args.models:
+        dir_ = work / model
+        dir_.mkdir(parents=True, exist_ok=True)
+        t = time.time()
+        fasta, ckpt = write_inputs(model, args.n, dir_)
+        print(f"{model}: inputs written in {time.time() - t:.0f} s", flush=True)
+        runs = {}
+        for name in ("first", "second"):
+            print(f"{model}, {name} run:", flush=True)
+            runs[name] = run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", args.embed_args.split())
+        result["models"][model] = runs
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
