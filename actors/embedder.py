@@ -134,11 +134,6 @@ class ActorConfig:
     out_dir: str  # a local path or a URI (see OutputLocation); each actor parses it itself
     device: str = "auto"  # "cuda", "cpu" or "auto"
     options: EmbedOptions = field(default_factory=EmbedOptions)  # dtype, streams, attention, compile, ...
-    # token counts of the plan's most demanding batch (its longest sequences). On a GPU the actor runs
-    # one batch of that shape before it reports ready, so that memory is grown, kernels are chosen and
-    # shape-specific attention plans are built before the first real batch, and so that a budget that
-    # cannot fit fails here, with the out-of-memory report, not mid-run.
-    largest_batch: np.ndarray | None = None
     profile_batches: int = 3  # batches traced with --profile
 
 
@@ -173,9 +168,6 @@ class Embedder:
             self._compile_and_warm_up()
         self.timeline["compiled"] = time.time()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        if config.largest_batch is not None and self.device.type == "cuda":
-            self._warm_up(np.asarray(config.largest_batch, np.int64))
-        self.timeline["warmed_up"] = time.time()
         self.pin_memory = opts.pin_memory and self.device.type == "cuda"
         self.profile_dir, self.profile_left = opts.profile, config.profile_batches if opts.profile else 0
         self.profile_lock = threading.Lock()  # the torch profiler is per process: one batch at a time
@@ -215,6 +207,18 @@ class Embedder:
         log.info("actor %s: warmed up on the plan's largest batch (%d tokens) in %.1f s, peak %.1f GiB",
                  self.name, int(seq_tokens.sum()), time.perf_counter() - start,
                  torch.cuda.max_memory_allocated(self.device) / (1 << 30))
+
+    def prepare(self, largest_batch: np.ndarray | None = None) -> dict:
+        """Get ready for a plan whose most demanding batch has these token counts, then return `info()`.
+
+        On a GPU the actor runs one batch of that shape first, so that memory is grown, kernels are
+        chosen and shape-specific attention plans are built before the first real batch, and so that
+        a budget that cannot fit fails here, with the out-of-memory report, not mid-run. The driver
+        calls this once its plan exists; the constructor (model load, compile) runs meanwhile."""
+        if largest_batch is not None and self.device.type == "cuda":
+            self._warm_up(np.asarray(largest_batch, np.int64))
+        self.timeline.setdefault("warmed_up", time.time())
+        return self.info()
 
     def info(self) -> dict:
         """What this actor runs, and when its start-up phases ended (wall clock): shown by the driver."""

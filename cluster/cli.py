@@ -17,6 +17,8 @@ from pathlib import Path
 
 from virnucpro.options import EmbedOptions, OptionError, PredictOptions, add_arguments, from_args
 
+from .session import start_ray
+
 log = logging.getLogger("virnucpro")
 
 MODEL_HELP = ("a fair-esm checkpoint name (esm2_t36_3B_UR50D, from the torch hub cache) or .pt path; a Hugging "
@@ -59,13 +61,13 @@ def create_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
     """Run the parsed command; returns its one-line summary."""
     if args.command == "embed":
-        from .driver import embed
+        opts = from_args(EmbedOptions, args)
+        ray_up = start_ray(opts.address, opts.dashboard_host)  # starts while the driver imports torch
+        from .driver import run_embed
         from .progress import Timeline, process_start_time
 
-        extra = {"actor_class": actor_class} if actor_class else {}
-        opts = from_args(EmbedOptions, args)
-        return embed(args.input, args.out_dir, args.model, timeline=Timeline(process_start_time()), **extra,
-                     **_fields(opts)).summary()
+        return run_embed(args.input, args.out_dir, args.model, opts, actor_class or _embedder(),
+                         Timeline(process_start_time()), ray_up).summary()
     if args.command == "preprocess":
         from virnucpro.preprocess import default_workers, preprocess_fasta
 
@@ -79,6 +81,12 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
     popts, eopts = from_args(PredictOptions, args), from_args(EmbedOptions, args)
     return predict(args.input, args.out_dir, args.classifier, args.esm_model, args.dnabert_model,
                    **_fields(popts), **_fields(eopts)).summary()
+
+
+def _embedder() -> type:
+    from actors.embedder import Embedder
+
+    return Embedder
 
 
 def _fields(opts) -> dict:

@@ -50,7 +50,7 @@ from virnucpro.sequences import FastaIndex
 from .pool import ActorPool, Lease, cause
 from .progress import DriverMetrics, Progress, Timeline
 from .scheduling import ACTOR_DIED, STORAGE, EmbedError, Scheduler, failure_kind
-from .session import Placement, init_ray
+from .session import Placement, start_ray
 
 log = logging.getLogger("virnucpro")
 
@@ -113,26 +113,33 @@ def embed(input: str | Path, out_dir: str | Path, model: str | Path, *, actor_cl
 
 
 def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, actor_class: type = Embedder,
-              timeline: Timeline | None = None) -> EmbedResult:
+              timeline: Timeline | None = None, ray_up: Future | None = None) -> EmbedResult:
+    """`embed` with its options parsed. `ray_up`: Ray being started in the background (`start_ray`),
+    as the command line does before its imports; by default it is started here, at once."""
     start = time.perf_counter()
     timeline = timeline or Timeline()
     timeline.mark("driver_started")  # imports done, arguments parsed
-    source = resolve_model(model)
-    tokenizer = load_tokenizer(source, opts.truncation_seq_length)
-    dim = check_model(source)  # a wrong or damaged checkpoint fails here, before Ray and the actors
-    timeline.mark("model_checked")
-    out = OutputLocation.parse(out_dir)
-    _prepare_out_dir(out, opts)
-    scratch = _scratch_dir(out)
-    index = FastaIndex.build(input, source.sequence_kind, scratch)
-    timeline.mark("indexed")
-
-    started_ray = init_ray(opts.address, opts.dashboard_host)
-    timeline.mark("ray_up")
-    run: _Dispatcher | None = None
-    manifest: Manifest | None = None
+    ray_up = ray_up or start_ray(opts.address, opts.dashboard_host)  # meanwhile the model is checked
     try:
+        source = resolve_model(model)
+        tokenizer = load_tokenizer(source, opts.truncation_seq_length)
+        dim = check_model(source)  # a wrong or damaged checkpoint fails here, before any actor starts
+        timeline.mark("model_checked")
+        out = OutputLocation.parse(out_dir)
+        _prepare_out_dir(out, opts)
+    except BaseException:
+        _close_ray(ray_up)
+        raise
+    scratch = _scratch_dir(out)
+    started_ray, pool, run, manifest = False, None, None, None
+    try:
+        started_ray = ray_up.result()
+        timeline.mark("ray_up")
         place = Placement.of(opts)
+        pool = _new_pool(actor_class, ActorConfig(source, out.uri, place.device, opts), place, opts)
+        pool.launch()  # the actors load their model while the input is indexed and planned
+        index = FastaIndex.build(input, source.sequence_kind, scratch)
+        timeline.mark("indexed")
         toks = opts.toks_per_batch or default_toks_per_batch(source, place.device)
         plan = Plan.build(lambda a, b: token_counts(tokenizer, index.lengths[a:b]), toks, len(index), scratch)
         fingerprint = plan_fingerprint(source.name, source.family, opts.truncation_seq_length, toks,
@@ -142,30 +149,18 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
         todo = np.flatnonzero(~done)
         if done.any():
             log.info("resuming: %d of %d batches already done, %d to go", int(done.sum()), len(plan), len(todo))
-        # the plan's first batch holds its longest sequences: the one most demanding of GPU memory
-        largest = token_counts(tokenizer, index.lengths[plan[0]]) if len(plan) else None
-        config = ActorConfig(source, out.uri, place.device, opts, largest)
-        run = _Dispatcher(_new_pool(actor_class, config, place, opts), index, tokenizer, plan, todo,
+        run = _Dispatcher(pool, index, tokenizer, plan, todo,
                           opts.dataloader_workers or default_dataloader_workers(place.num_gpus),
                           opts.actor_wait_seconds)
         run.prefetch()  # the first batches are read and tokenised while the actors load
         timeline.mark("planned")
         if len(todo):
-            for phase, at in run.pool.start(opts.actor_wait_seconds)[0]["timeline"].items():
+            # the plan's first batch holds its longest sequences: each actor warms up on its shape
+            largest = token_counts(tokenizer, index.lengths[plan[0]])
+            infos = pool.start(opts.actor_wait_seconds, ready_call=lambda actor: actor.prepare.remote(largest))
+            for phase, at in infos[0]["timeline"].items():
                 timeline.mark(phase, at)  # the first actor ready: when it was placed, loaded, ...
-        progress = Progress(int(plan.tokens.sum()), len(index), int(plan.tokens[done].sum()),
-                            manifest.rows_done, opts.progress, opts.verbose)
-        totals = _Totals()
-        for result in run.results():
-            manifest.parts[result.file] = result.rows
-            totals.add(result)
-            if "first_part" not in timeline.marks:
-                timeline.mark("first_part")
-                log.info("first part written; start-up: %s", timeline.text())
-            progress.advance(result.tokens, result.rows, run.pool.usable, run.pool.size)
-            if progress.due_for_save():
-                manifest.save(out)
-        progress.close()
+        totals = _collect(run, manifest, out, plan, done, len(index), opts, timeline)
     except BaseException:
         if manifest is not None:  # what finished stays finished: --resume starts from here
             try:
@@ -176,6 +171,8 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
     finally:
         if run is not None:
             run.close()
+        elif pool is not None:
+            pool.shutdown()
         if started_ray:
             ray.shutdown()
         if out.local_path is None:  # a temporary scratch directory: nothing in it is worth keeping
@@ -184,13 +181,41 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
     _complete(out, manifest, len(index), len(plan))
     shutil.rmtree(scratch, ignore_errors=True)
     result = EmbedResult(out.local_path or out.uri, len(index), len(plan), len(todo), totals.tokens,
-                         totals.elapsed(), time.perf_counter() - start, run.pool.infos(),
-                         batches_retried=run.scheduler.retried, actors_replaced=run.pool.replaced,
+                         totals.elapsed(), time.perf_counter() - start, pool.infos(),
+                         batches_retried=run.scheduler.retried, actors_replaced=pool.replaced,
                          batches_retried_after_errors=run.scheduler.retried_after_errors,
                          forward_seconds=totals.forward, write_seconds=totals.write,
                          first_part_seconds=totals.first_part, timeline=timeline.marks)
     log.info("done: %s", result.summary())
     return result
+
+
+def _close_ray(ray_up: Future) -> None:
+    """A run that failed before it needed Ray: disconnect once the background start is done."""
+    try:
+        if ray_up.result():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - the run's own error is the one to report
+        log.debug("Ray start failed too", exc_info=True)
+
+
+def _collect(run: _Dispatcher, manifest: Manifest, out: OutputLocation, plan: Plan, done: np.ndarray,
+             num_sequences: int, opts: EmbedOptions, timeline: Timeline) -> _Totals:
+    """Record each part in the manifest as it comes (saved every few seconds), with progress."""
+    progress = Progress(int(plan.tokens.sum()), num_sequences, int(plan.tokens[done].sum()), manifest.rows_done,
+                        opts.progress, opts.verbose)
+    totals = _Totals()
+    for result in run.results():
+        manifest.parts[result.file] = result.rows
+        totals.add(result)
+        if "first_part" not in timeline.marks:
+            timeline.mark("first_part")
+            log.info("first part written; start-up: %s", timeline.text())
+        progress.advance(result.tokens, result.rows, run.pool.usable, run.pool.size)
+        if progress.due_for_save():
+            manifest.save(out)
+    progress.close()
+    return totals
 
 
 def default_toks_per_batch(source, device):  # TEMP until virnucpro.models has it

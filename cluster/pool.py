@@ -66,7 +66,8 @@ class ActorPool:
     """A fixed number of actor slots, each taking up to `per_actor` batches at once.
 
     >>> pool = ActorPool(lambda i: Embedder.remote(config), size=2, per_actor=3, name="esm2")
-    >>> infos = pool.start()              # returns once an actor has loaded its model
+    >>> pool.launch()                     # actors start loading their model; go on meanwhile
+    >>> infos = pool.start()              # returns once an actor is ready
     >>> lease = pool.acquire()            # a ready actor with room, or None
     >>> ref = lease.actor.embed.remote(batch_ref)
     >>> pool.release(lease)               # when ref is done (or pool.actor_died(lease) if it died)
@@ -78,16 +79,24 @@ class ActorPool:
         self.resources = resources or {}  # what each actor asks Ray for (shown while one waits)
         self.slots: list[_Slot] = []
         self.replaced = 0
+        self.ready_call = lambda actor: actor.info.remote()  # what says an actor is ready (returns its info)
 
-    def start(self, wait_seconds: float = 900.0) -> list[dict]:
-        """Start the actors and return once one has loaded its model, with the `info()` of those ready.
+    def launch(self) -> None:
+        """Create the actors: Ray places them and they load their model while the caller goes on."""
+        if not self.slots:
+            self.slots = [_Slot(i, self.new_actor(i)) for i in range(self.size)]
 
-        The others join as Ray places them (an autoscaling cluster adds nodes); until then they are
-        logged as pending, with what they wait for. A model that fails to load fails the start; no
-        actor placed within `wait_seconds` fails it too, in one line."""
-        self.slots = [_Slot(i, self.new_actor(i)) for i in range(self.size)]
+    def start(self, wait_seconds: float = 900.0, ready_call: Callable | None = None) -> list[dict]:
+        """Launch the actors if not yet done and return once one is ready, with the `info()` of those ready.
+
+        `ready_call(actor)`: the call whose result says an actor is ready (default `actor.info.remote()`);
+        also used to probe actors after a failure. The others join as Ray places them (an autoscaling
+        cluster adds nodes); until then they are logged as pending, with what they wait for. A model
+        that fails to load fails the start; no actor placed within `wait_seconds` fails it too."""
+        self.ready_call = ready_call or self.ready_call
+        self.launch()
         for s in self.slots:
-            s.probe = s.actor.info.remote()
+            s.probe = self.ready_call(s.actor)
         start = time.monotonic()
         report = start + 10.0
         while not self.usable:
@@ -161,7 +170,7 @@ class ActorPool:
         now = time.monotonic()
         for s in self.slots:
             if s.state == PROBING and s.probe is None and now >= s.probe_after:
-                s.probe = s.actor.info.remote()  # queued by Ray until the actor is back
+                s.probe = self.ready_call(s.actor)  # queued by Ray until the actor is back
         return [s.probe for s in self.slots if s.probe is not None]
 
     def probe_done(self, ref) -> None:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
-
 from virnucpro.options import EmbedOptions
-
-from .scheduling import EmbedError
 
 log = logging.getLogger("virnucpro")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -31,6 +29,8 @@ def init_ray(address: str | None = None, dashboard_host: str = "127.0.0.1") -> b
     RAY_AUTH_MODE says otherwise; the token is ~/.ray/auth_token, created if missing) and serves its
     dashboard and job API on loopback unless `dashboard_host` says otherwise. Turning either off is the
     user's explicit choice, and is logged."""
+    import ray  # here, not at the top: `start_ray` pays for this import in its thread
+
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -47,6 +47,25 @@ def init_ray(address: str | None = None, dashboard_host: str = "127.0.0.1") -> b
                     ray.__version__)
     _protect_token_file(Path.home() / ".ray" / "auth_token")
     return True
+
+
+def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1") -> Future:
+    """`init_ray` in the background: Ray takes seconds to start (and to import), time the caller spends
+    on its own imports, checking the model and indexing the input. The future says whether it connected.
+
+    The thread stays alive until the process ends: Ray's local processes (GCS, raylet) die with the
+    thread that started them (Linux's parent-death signal is per thread)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(init_ray(address, dashboard_host))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for Ray
+            future.set_exception(e)
+        threading.Event().wait()  # never set: keep Ray's child processes' parent thread alive
+
+    threading.Thread(target=run, name="virnucpro-ray", daemon=True).start()
+    return future
 
 
 def _protect_token_file(path: Path) -> None:
@@ -84,6 +103,10 @@ class Placement:
     def of(cls, opts: EmbedOptions) -> Placement:
         """Resolve `auto` against the connected cluster's resources; default: one actor per GPU (or per
         `gpus_per_actor` share of one), one on CPU."""
+        import ray
+
+        from .scheduling import EmbedError
+
         resources = ray.cluster_resources()
         gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
         device = opts.device if opts.device != "auto" else ("cuda" if gpus > 0 else "cpu")

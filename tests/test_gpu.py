@@ -137,9 +137,8 @@ def test_budget_that_cannot_fit_fails_at_start_up(tmp_path):
     try:
         with pytest.raises(BatchError, match=r"CUDA out of memory .*largest batch .*tried at start-up.*"
                                              r"Try --toks-per-batch \d+"):
-            Embedder(ActorConfig(resolve_model(path), str(tmp_path), "cuda", opts, np.full(400, 1024)))
-        actor = Embedder(ActorConfig(resolve_model(path), str(tmp_path), "cuda", opts,
-                                     np.full(4, 1024)))  # a budget that fits starts
-        assert actor.info()["dim"] == 2560
+            Embedder(ActorConfig(resolve_model(path), str(tmp_path), "cuda", opts)).prepare(np.full(400, 1024))
+        actor = Embedder(ActorConfig(resolve_model(path), str(tmp_path), "cuda", opts))
+        assert actor.prepare(np.full(4, 1024))["dim"] == 2560  # a budget that fits starts
     finally:
         del hog

@@ -93,6 +93,8 @@ def test_local_ray_has_token_auth_and_a_loopback_dashboard(tmp_path):
 
 
 def test_init_ray_binds_loopback_unless_told_and_warns_without_auth(monkeypatch, caplog, tmp_path):
+    import ray
+
     import cluster.session as session
 
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -100,8 +102,8 @@ def test_init_ray_binds_loopback_unless_told_and_warns_without_auth(monkeypatch,
     (tmp_path / ".ray" / "auth_token").write_text("0" * 32)
     (tmp_path / ".ray" / "auth_token").chmod(0o644)
     calls = []
-    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(session.ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(session, "token_auth_enabled", lambda: True)
     assert session.init_ray()
