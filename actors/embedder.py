@@ -131,7 +131,7 @@ class ActorConfig:
     """Everything an `Embedder` is built from: one picklable object the driver hands to each actor."""
 
     source: ModelSource
-    out_dir: str  # a local path or a URI (see OutputLocation); each actor parses it itself
+    out_dir: str | None  # a local path or a URI (see OutputLocation), or None: given with each batch
     device: str = "auto"  # "cuda", "cpu" or "auto"
     options: EmbedOptions = field(default_factory=EmbedOptions)  # dtype, streams, attention, compile, ...
     profile_batches: int = 3  # batches traced with --profile
@@ -152,7 +152,8 @@ class Embedder:
         logging.basicConfig(level=logging.DEBUG if opts.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.source = source = config.source
-        self.out_dir = OutputLocation.parse(config.out_dir)  # parsed once: an s3:// URI resolves its region
+        self.locations: dict[str, OutputLocation] = {}
+        self.out_dir = self._location(config.out_dir) if config.out_dir else None
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(opts.dtype, self.device)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -230,16 +231,18 @@ class Embedder:
                 "pid": os.getpid(), "node_id": self.node_id, "gpu_ids": self.gpu_ids,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "timeline": self.timeline}
 
-    def embed(self, batch: TokenBatch, attempt: int = 0) -> PartResult:
-        """Compute one batch and write its part; `attempt` counts the times the driver dealt it before."""
+    def embed(self, batch: TokenBatch, attempt: int = 0, out_dir: str | None = None) -> PartResult:
+        """Compute one batch and write its part; `attempt` counts the times the driver dealt it before.
+        `out_dir`: where the part goes, if not the actor's own output location (a service's jobs)."""
         start = time.perf_counter()
+        out = self.out_dir if out_dir is None else self._location(out_dir)
         if attempt:
             log.debug("actor %s: %s, attempt %d", self.name, batch.describe(), attempt + 1)
         try:
             with self._profiled(batch.batch_id):
                 pooled, forward_seconds = self._compute(batch, attempt)
             written = time.perf_counter()
-            file, rows = self._write(batch, pooled)
+            file, rows = self._write(batch, pooled, out)
         except BatchError:
             self._failed("out_of_memory")
             raise
@@ -253,9 +256,19 @@ class Embedder:
         return PartResult(batch.batch_id, file, rows, batch.num_tokens, seconds, self.name, self.node_id,
                           forward_seconds, end - written)
 
-    def _write(self, batch: TokenBatch, pooled: np.ndarray) -> tuple[str, int]:
-        """Write the batch's Parquet part (atomically); returns (file name, rows)."""
-        return write_part(self.out_dir, batch.batch_id, batch.ids, batch.index, batch.length, batch.truncated,
+    def compute(self, batch: TokenBatch) -> np.ndarray:
+        """Pooled embeddings [B, D] float32 of one batch, nothing written (a service's HTTP requests)."""
+        return self._compute(batch)[0]
+
+    def _location(self, uri: str) -> OutputLocation:
+        """Each job's output location, parsed once (an s3:// URI resolves its region)."""
+        if uri not in self.locations:
+            self.locations[uri] = OutputLocation.parse(uri)
+        return self.locations[uri]
+
+    def _write(self, batch: TokenBatch, pooled: np.ndarray, out: OutputLocation) -> tuple[str, int]:
+        """Write the batch's Parquet part to `out` (atomically); returns (file name, rows)."""
+        return write_part(out, batch.batch_id, batch.ids, batch.index, batch.length, batch.truncated,
                           pooled, self.source.name,
                           {"actor": self.name, "node_id": self.node_id, "batch_id": batch.batch_id})
 

@@ -33,8 +33,34 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="FASTA file, plain or gzip")
     p.add_argument("-o", "--out-dir", required=True,
                    help="output directory: a local path or a URI (s3://bucket/run, gs://..., file:///...)")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--model", help=MODEL_HELP + " (not with --service: the service's model)")
     add_arguments(p.add_argument_group("compute"), EmbedOptions)
+
+    p = sub.add_parser("serve", help="a long-lived embedding service: models stay loaded between jobs",
+                       description="Start, list or stop embedding services on the Ray cluster (RAY_ADDRESS, "
+                                   "--address, or the Ray on this machine; `serve start` starts one if none "
+                                   "runs). Jobs use a service with `virnucpro embed --service NAME`; HTTP "
+                                   "clients POST to http://HOST:PORT/NAME with the cluster's token.")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    v = verbs.add_parser("start", help="load MODEL on N replicas and keep it loaded")
+    v.add_argument("--model", required=True, help=MODEL_HELP)
+    v.add_argument("--name", default="virnucpro", help="service name (default: %(default)s)")
+    v.add_argument("--replicas", type=int, default=1, help="model replicas (default: %(default)s)")
+    v.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="Ray GPU resource of each replica (default 1 on a GPU cluster; 0.5 shares a GPU)")
+    v.add_argument("--http-host", default="127.0.0.1", help="where Serve's HTTP proxy listens (default: "
+                   "%(default)s, this machine only)")
+    v.add_argument("--http-port", type=int, default=8000, help="(default: %(default)s)")
+    add_arguments(v.add_argument_group("model"), EmbedOptions,
+                  only=("device", "dtype", "toks_per_batch", "truncation_seq_length", "cuda_streams",
+                        "attention", "compile", "pin_memory", "expandable_segments", "address", "dashboard_host",
+                        "verbose"))
+    for verb, text in (("status", "list the services and their replicas"), ("stop", "stop a service")):
+        v = verbs.add_parser(verb, help=text)
+        v.add_argument("--name", default=None if verb == "status" else "virnucpro",
+                       help="service name" + ("" if verb == "status" else " (default: %(default)s)"))
+        v.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or this machine)")
+        v.add_argument("--verbose", "-v", action="store_true")
 
     p = sub.add_parser("preprocess", help="VirNucPro chunking and six-frame translation")
     p.add_argument("input", type=Path, help="nucleotide FASTA (contigs or reads), plain or gzip")
@@ -60,8 +86,12 @@ def create_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
     """Run the parsed command; returns its one-line summary."""
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "embed":
         opts = from_args(EmbedOptions, args)
+        if (args.model is None) == (opts.service is None):
+            raise OptionError("give --model, or --service NAME to use a running service's model")
         ray_up = start_ray(opts.address, opts.dashboard_host)  # starts while the driver imports torch
         from .driver import run_embed
         from .progress import Timeline, process_start_time
@@ -81,6 +111,25 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
     popts, eopts = from_args(PredictOptions, args), from_args(EmbedOptions, args)
     return predict(args.input, args.out_dir, args.classifier, args.esm_model, args.dnabert_model,
                    **_fields(popts), **_fields(eopts)).summary()
+
+
+def _serve(args: argparse.Namespace) -> str:
+    from .service import connect, service_status, start_service, stop_service
+
+    if args.verb == "start":
+        opts = from_args(EmbedOptions, args)
+        connect(opts.address, start_if_missing=True, dashboard_host=opts.dashboard_host)
+        s = start_service(args.model, args.name, args.replicas, args.gpus_per_replica, opts, args.http_host,
+                          args.http_port)
+        return (f"service '{s['name']}' {s['status']}: {s['model']} on {s['replicas']} replica(s); jobs: virnucpro "
+                f"embed IN -o OUT --service {s['name']}; HTTP: http://{args.http_host}:{args.http_port}{s['route']}")
+    connect(args.address)
+    if args.verb == "stop":
+        stop_service(args.name)
+        return f"service '{args.name}' stopped"
+    rows = service_status(args.name)
+    return "\n".join(f"{s['name']}\t{s['status']}\t{s['model']}\treplicas {s['replicas']}\t{s['route']}"
+                     for s in rows) or "no virnucpro service is running"
 
 
 def _embedder() -> type:

@@ -119,11 +119,10 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
     start = time.perf_counter()
     timeline = timeline or Timeline()
     timeline.mark("driver_started")  # imports done, arguments parsed
-    ray_up = ray_up or start_ray(opts.address, opts.dashboard_host)  # meanwhile the model is checked
+    # Ray takes seconds to start: meanwhile the model is checked. A service runs on this machine's Ray.
+    ray_up = ray_up or start_ray(opts.address or ("auto" if opts.service else None), opts.dashboard_host)
     try:
-        source = resolve_model(model)
-        tokenizer = load_tokenizer(source, opts.truncation_seq_length)
-        dim = check_model(source)  # a wrong or damaged checkpoint fails here, before any actor starts
+        target = None if opts.service else _Target.local(model, opts)  # a bad checkpoint fails here
         timeline.mark("model_checked")
         out = OutputLocation.parse(out_dir)
         _prepare_out_dir(out, opts)
@@ -135,14 +134,18 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
     try:
         started_ray = ray_up.result()
         timeline.mark("ray_up")
-        place = Placement.of(opts)
-        pool = _new_pool(actor_class, ActorConfig(source, out.uri, place.device, opts), place, opts)
-        pool.launch()  # the actors load their model while the input is indexed and planned
+        if opts.service:
+            target, pool = _Target.service(opts, out)
+        else:
+            target.place(opts)
+            pool = _new_pool(actor_class, ActorConfig(target.source, out.uri, target.device, opts), target, opts)
+            pool.launch()  # the actors load their model while the input is indexed and planned
+        source, tokenizer, dim = target.source, target.tokenizer, target.dim
         index = FastaIndex.build(input, source.sequence_kind, scratch)
         timeline.mark("indexed")
-        toks = opts.toks_per_batch or default_toks_per_batch(source, place.device)
+        toks = opts.toks_per_batch or target.toks_per_batch
         plan = Plan.build(lambda a, b: token_counts(tokenizer, index.lengths[a:b]), toks, len(index), scratch)
-        fingerprint = plan_fingerprint(source.name, source.family, opts.truncation_seq_length, toks,
+        fingerprint = plan_fingerprint(source.name, source.family, target.truncation, toks,
                                        index.lengths, index.offsets)
         manifest = _open_manifest(out, opts, source, dim, input, fingerprint, index, len(plan), toks)
         done = _finished_batches(out, manifest, plan)
@@ -150,7 +153,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
         if done.any():
             log.info("resuming: %d of %d batches already done, %d to go", int(done.sum()), len(plan), len(todo))
         run = _Dispatcher(pool, index, tokenizer, plan, todo,
-                          opts.dataloader_workers or default_dataloader_workers(place.num_gpus),
+                          opts.dataloader_workers or default_dataloader_workers(target.num_gpus),
                           opts.actor_wait_seconds)
         run.prefetch()  # the first batches are read and tokenised while the actors load
         timeline.mark("planned")
@@ -158,7 +161,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
             # the plan's first batch holds its longest sequences: each actor warms up on its shape
             largest = token_counts(tokenizer, index.lengths[plan[0]])
             infos = pool.start(opts.actor_wait_seconds, ready_call=lambda actor: actor.prepare.remote(largest))
-            for phase, at in infos[0]["timeline"].items():
+            for phase, at in infos[0]["timeline"].items() if not opts.service else ():
                 timeline.mark(phase, at)  # the first actor ready: when it was placed, loaded, ...
         totals = _collect(run, manifest, out, plan, done, len(index), opts, timeline)
     except BaseException:
@@ -241,9 +244,53 @@ class _Totals:
         return time.perf_counter() - self.start
 
 
-def _new_pool(actor_class: type, config: ActorConfig, place: Placement, opts: EmbedOptions) -> ActorPool:
+@dataclass
+class _Target:
+    """What the batches go to: the model (to tokenise, plan and fingerprint) and where it runs."""
+
+    source: ModelSource
+    tokenizer: object
+    dim: int
+    truncation: int  # --truncation-seq-length the tokenizer applies
+    toks_per_batch: int  # the default budget for this model on this device
+    device: str = "cpu"
+    num_gpus: int = 0  # what the dataloader-worker default divides by
+    placement: Placement | None = None
+
+    @classmethod
+    def local(cls, model: str, opts: EmbedOptions) -> _Target:
+        """The job's own actors will load `model`; checked here (names and shapes), before they start."""
+        source = resolve_model(model)
+        return cls(source, load_tokenizer(source, opts.truncation_seq_length), check_model(source),
+                   opts.truncation_seq_length, 0)
+
+    def place(self, opts: EmbedOptions) -> None:
+        """Once Ray is up: the device and actor count from the cluster's resources."""
+        self.placement = place = Placement.of(opts)
+        self.device, self.num_gpus = place.device, place.num_gpus
+        self.toks_per_batch = default_toks_per_batch(self.source, place.device)
+
+    @classmethod
+    def service(cls, opts: EmbedOptions, out: OutputLocation) -> tuple[_Target, ActorPool]:
+        """A running service's model, and a pool over its replicas."""
+        from .service import describe_service, service_pool
+
+        info = describe_service(opts.service)
+        source, options = info["source"], info["options"]
+        if options.truncation_seq_length != opts.truncation_seq_length:
+            log.info("service '%s' truncates at %d (its own --truncation-seq-length)", opts.service,
+                     options.truncation_seq_length)
+        pool = service_pool(opts.service, out.uri, options.cuda_streams + 1)
+        target = cls(source, info["tokenizer"], info["dim"], options.truncation_seq_length,
+                     info["labels"].get("toks_per_batch") or 65536, info["info"]["device"].split(":")[0], pool.size)
+        log.info("service '%s': %s on %d replica(s)", opts.service, source.name, pool.size)
+        return target, pool
+
+
+def _new_pool(actor_class: type, config: ActorConfig, target: _Target, opts: EmbedOptions) -> ActorPool:
     """The run's actors: `place.num_actors` of `actor_class`, each taking its CUDA streams' worth of
     batches plus one queued behind them (which hides the dispatch latency)."""
+    place = target.placement
     streams = opts.cuda_streams if place.device == "cuda" else 1
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if opts.expandable_segments else {}
     if place.device == "cpu":  # torch's intra-op threads in each CPU actor: its share of the node

@@ -74,8 +74,9 @@ class ActorPool:
     """
 
     def __init__(self, new_actor: Callable[[int], object], size: int, per_actor: int, name: str = "model",
-                 resources: dict | None = None):
+                 resources: dict | None = None, kill: Callable[[object], None] | None = None):
         self.new_actor, self.size, self.per_actor, self.name = new_actor, size, per_actor, name
+        self.kill = kill or (lambda actor: ray.kill(actor, no_restart=True))
         self.resources = resources or {}  # what each actor asks Ray for (shown while one waits)
         self.slots: list[_Slot] = []
         self.replaced = 0
@@ -116,7 +117,7 @@ class ActorPool:
         log.info("%d of %d actor(s) ready on %d node(s), %s, %s%s, %s", len(infos), self.size,
                  len({i["node_id"] for i in infos}), first["gpu"], first["dtype"],
                  ", compiled" if first["compiled"] else "", first["attention"])
-        if len(infos) < self.size:
+        if len(infos) < self.size and self.resources:  # (a service's replicas are all running: no warning)
             log.warning("starting with %d of %d actors; the others join when Ray places them: %s", len(infos),
                         self.size, self.pending_text())
         return infos
@@ -213,7 +214,7 @@ class ActorPool:
         self.replaced += 1
         log.warning("actor %d is gone for good (%s); starting a replacement", slot.number, cause(e))
         try:
-            ray.kill(slot.actor, no_restart=True)
+            self.kill(slot.actor)
         except Exception:  # noqa: BLE001 - already dead
             pass
         slot.actor, slot.state, slot.busy = self.new_actor(slot.number), PROBING, 0
@@ -223,6 +224,6 @@ class ActorPool:
     def shutdown(self) -> None:
         for s in self.slots:
             try:
-                ray.kill(s.actor, no_restart=True)
-            except Exception:  # noqa: BLE001
+                self.kill(s.actor)
+            except Exception:  # noqa: BLE001 - already dead
                 pass

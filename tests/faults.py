@@ -52,17 +52,17 @@ class _FailingWrite(Embedder):
     batch_id = -1
     code = errno.ENOSPC
 
-    def _write(self, batch, pooled):
+    def _write(self, batch, pooled, out):
         if batch.batch_id != self.batch_id:
-            return super()._write(batch, pooled)
+            return super()._write(batch, pooled, out)
 
         name = part_name(batch.batch_id)
 
         def partial(f) -> None:  # part of the temporary file is written, then the disk fills up
             f.write(b"PAR1" + bytes(4096))
-            raise OSError(self.code, os.strerror(self.code), self.out_dir.join(name))
+            raise OSError(self.code, os.strerror(self.code), out.join(name))
 
-        self.out_dir.write_atomic(name, partial)
+        out.write_atomic(name, partial)
 
 
 def slow(delay: float) -> type:

@@ -115,7 +115,11 @@ class EmbedOptions:
     gpus_per_actor: float | None = option(
         None, "Ray GPU resource each actor reserves (default 1 with --device cuda, 0 on CPU); 0.5 puts two "
               "actors of a small model on one GPU", min=0, check=_gpu_share)
-    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS if set, else start a local Ray)")
+    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS if set, else start a local Ray; "
+                                       "with --service, the Ray running on this machine)")
+    service: str | None = option(None, "send the batches to the running service NAME (virnucpro serve start), "
+                                       "whose replicas keep the model loaded, instead of starting actors",
+                                 metavar="NAME")
     dashboard_host: str = option(
         "127.0.0.1", "where a local Ray started by this command serves its dashboard and job API; 0.0.0.0 "
                      "exposes it to the network (token authentication stays on)")

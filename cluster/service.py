@@ -1,0 +1,159 @@
+"""`virnucpro serve start|status|stop`, and the pool through which a job uses a running service.
+
+A service is a Ray Serve application named NAME whose deployment (`actors.service.EmbeddingService`)
+keeps one model loaded on N replicas. `virnucpro embed --service NAME` deals its batches to it through
+`service_pool`, which has the surface of the job's own `ActorPool`: Serve routes each batch to a
+replica, restarts replicas that die (the batch is dealt again, as with a dead actor), and shares the
+replicas among jobs. Each job keeps at most a few batches per replica in flight, so a job of 10^6
+sequences and one of 100 take turns at the replicas' queues: the small one waits for a few batches,
+not for the large one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from actors.embedder import ActorConfig
+from virnucpro.models import check_model, resolve_model
+from virnucpro.options import EmbedOptions
+
+from .pool import ActorPool
+from .scheduling import EmbedError
+
+log = logging.getLogger("virnucpro")
+
+DEPLOYMENT = "EmbeddingService"
+DEFAULT_NAME = "virnucpro"
+DEFAULT_HTTP_PORT = 8000
+MAX_ONGOING_REQUESTS = 64  # queued batches a replica accepts, all jobs together
+
+
+def connect(address: str | None = None, start_if_missing: bool = False, dashboard_host: str = "127.0.0.1") -> None:
+    """Join the cluster that holds the services: `address`, RAY_ADDRESS, or the Ray running on this
+    machine. With `start_if_missing`, start one (`ray start --head`, token authentication on, dashboard
+    on `dashboard_host`) that outlives this command, as a service must."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    except ConnectionError:
+        if address != "auto" or not start_if_missing:
+            raise EmbedError("no Ray cluster is running here: start a service first (virnucpro serve start), or "
+                             "give --address") from None
+    ray_cli = shutil.which("ray") or None
+    cmd = [ray_cli] if ray_cli else [sys.executable, "-m", "ray.scripts.scripts"]
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    log.info("starting a local Ray cluster for the service (ray start --head; stop it with `ray stop`)")
+    subprocess.run([*cmd, "start", "--head", f"--dashboard-host={dashboard_host}", "--disable-usage-stats"],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    ray.init(address="auto", logging_level=logging.WARNING)
+
+
+def start_service(model: str, name: str = DEFAULT_NAME, replicas: int = 1, gpus_per_replica: float | None = None,
+                  opts: EmbedOptions | None = None, http_host: str = "127.0.0.1",
+                  http_port: int = DEFAULT_HTTP_PORT, actor_class: type | None = None) -> dict:
+    """Deploy `model` as service `name` on the connected cluster and wait until its replicas are up.
+    `actor_class`: what each replica runs, `Embedder` or a subclass (the tests inject faults with it)."""
+    from ray import serve
+
+    from actors.service import EmbeddingService, ServiceConfig
+
+    from .session import Placement
+
+    opts = opts or EmbedOptions()
+    source = resolve_model(model)
+    check_model(source)  # a bad checkpoint fails here, not in every replica
+    place = Placement.of(opts.replace(gpus_per_actor=gpus_per_replica, num_actors=replicas))
+    toks = opts.toks_per_batch or _default_toks(source, place.device)
+    config = ServiceConfig(ActorConfig(source, None, place.device, opts), toks_per_batch=toks,
+                           labels={"model": source.name, "family": source.family, "created": time.time(),
+                                   "toks_per_batch": toks}, **({"actor_class": actor_class} if actor_class else {}))
+    serve.start(http_options={"host": http_host, "port": http_port})
+    deployment = serve.deployment(EmbeddingService).options(
+        name=DEPLOYMENT, num_replicas=replicas, max_ongoing_requests=MAX_ONGOING_REQUESTS,
+        ray_actor_options={"num_gpus": place.gpus_per_actor, "num_cpus": 1},
+        health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=30)
+    log.info("starting service '%s': %d replica(s) of %s on %s", name, replicas, source.name, place.device)
+    serve.run(deployment.bind(config), name=name, route_prefix=f"/{name}", blocking=False)
+    return next(s for s in service_status() if s["name"] == name)
+
+
+def _default_toks(source, device: str) -> int:
+    from .driver import default_toks_per_batch
+
+    return default_toks_per_batch(source, device)
+
+
+def service_status(name: str | None = None) -> list[dict]:
+    """The virnucpro services on the connected cluster: name, status, replicas by state, model, route."""
+    from ray import serve
+
+    out = []
+    for app_name, app in serve.status().applications.items():
+        deployment = app.deployments.get(DEPLOYMENT)
+        if deployment is None or (name is not None and app_name != name):
+            continue
+        labels = {}
+        if deployment.status == "HEALTHY":
+            labels = serve.get_app_handle(app_name).describe.remote().result(timeout_s=30).get("labels", {})
+        out.append({"name": app_name, "status": str(app.status), "replicas": dict(deployment.replica_states),
+                    "route": f"/{app_name}", "model": labels.get("model"), "toks_per_batch": labels.get("toks_per_batch")})
+    return out
+
+
+def stop_service(name: str = DEFAULT_NAME) -> None:
+    from ray import serve
+
+    if not any(s["name"] == name for s in service_status()):
+        raise EmbedError(f"no virnucpro service named '{name}' is running (virnucpro serve status lists them)")
+    serve.delete(name)
+
+
+def describe_service(name: str) -> dict:
+    """What a job needs from the service (model source, tokenizer, width), from one of its replicas."""
+    from ray import serve
+
+    try:
+        handle = serve.get_deployment_handle(DEPLOYMENT, app_name=name)
+        return handle.describe.remote().result(timeout_s=120)
+    except Exception as e:  # noqa: BLE001 - Serve raises several kinds for a missing app
+        raise EmbedError(f"service '{name}' is not running or not answering ({type(e).__name__}: {e}); "
+                         f"virnucpro serve status lists the services") from None
+
+
+class _Call:
+    def __init__(self, send):
+        self.send = send
+
+    def remote(self, *args):
+        return self.send(*args)._to_object_ref_sync()  # blocks only until a replica accepts it
+
+
+class _Replicas:
+    """Stands in for an actor in the job's pool: each call goes to the service, which routes it to a
+    replica; the result is an ObjectRef, so the job's `ray.wait` loop is the same for both."""
+
+    def __init__(self, handle, out_uri: str):
+        self.embed = _Call(lambda batch, attempt: handle.embed.remote(batch, attempt, out_uri))
+        self.prepare = _Call(handle.prepare.remote)
+        self.info = _Call(lambda: handle.prepare.remote(None))
+
+
+def service_pool(name: str, out_uri: str, per_replica: int) -> ActorPool:
+    """The job's pool over service `name`: one slot per running replica, `per_replica` batches each."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name=name)
+    status = service_status(name)
+    replicas = max(1, status[0]["replicas"].get("RUNNING", 0) if status else 1)
+    return ActorPool(lambda i: _Replicas(handle, out_uri), replicas, per_replica, f"service '{name}'",
+                     kill=lambda actor: None)  # the replicas are the service's, not the job's

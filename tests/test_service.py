@@ -1,0 +1,187 @@
+"""The embedding service on Ray Serve, on CPU with a tiny model: start, status and stop; jobs through it
+(the same rows as a job's own actors, two jobs at once, a replica killed mid-job); HTTP with the
+cluster's token, bad input and size limits."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+
+from cluster.cli import main
+from cluster.driver import embed
+from cluster.service import service_status, start_service, stop_service
+from tests import faults
+from tests.conftest import random_proteins, write_fasta
+from virnucpro.options import EmbedOptions
+from virnucpro.output import part_metadata, read_embeddings
+
+pytestmark = pytest.mark.slow
+
+PORT = 8931
+
+
+@pytest.fixture(scope="module")
+def serve_ray():
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service(serve_ray, esm_tiny):
+    """Two replicas of the tiny ESM-2 whose batches each take 0.1 s longer (so a kill lands mid-job)."""
+    start_service(str(esm_tiny), "svc", replicas=2, opts=EmbedOptions(device="cpu", toks_per_batch=512),
+                  http_port=PORT, actor_class=faults.slow(0.1))
+    yield "svc"
+    stop_service("svc")
+
+
+def _embeddings(out: Path) -> dict[str, np.ndarray]:
+    t = read_embeddings(out)
+    return dict(zip(t.column("id").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False))))
+
+
+def _assert_exactly_once(out: Path, ids: list[str]) -> None:
+    counts = Counter(read_embeddings(out).column("id").to_pylist())
+    assert sorted(counts) == sorted(ids) and max(counts.values()) == 1
+
+
+def test_status_lists_the_service(service, esm_tiny):
+    [s] = service_status("svc")
+    assert s["replicas"] == {"RUNNING": 2} and s["model"] == str(esm_tiny) and s["route"] == "/svc"
+
+
+def test_job_through_the_service_matches_its_own_actors(service, esm_tiny, tmp_path):
+    ids = write_fasta(tmp_path / "in.faa", random_proteins(60, 5, 120, seed=51))
+    result = embed(tmp_path / "in.faa", tmp_path / "svc", None, service="svc", progress=False)
+    assert result.num_sequences == 60 and len(result.actors) == 2
+    own = embed(tmp_path / "in.faa", tmp_path / "own", esm_tiny, device="cpu", toks_per_batch=512, progress=False)
+    assert own.num_batches == result.num_batches  # the service's budget (512) planned the same batches
+    a, b = _embeddings(tmp_path / "svc"), _embeddings(tmp_path / "own")
+    assert sorted(a) == sorted(ids) and all(np.array_equal(a[k], b[k]) for k in ids)
+    # resume works as for a job's own actors: nothing left to do
+    again = embed(tmp_path / "in.faa", tmp_path / "svc", None, service="svc", resume=True, progress=False)
+    assert again.batches_computed == 0
+
+
+def test_two_jobs_at_once_share_the_replicas(service, tmp_path):
+    """A large job and a small one started just after it: the small one is not starved (it finishes
+    long before the large one), and both are complete, each sequence once."""
+    big = write_fasta(tmp_path / "big.faa", random_proteins(600, 20, 120, seed=52))
+    small = write_fasta(tmp_path / "small.faa", random_proteins(10, 20, 60, seed=53), prefix="s")
+    done: dict[str, float] = {}
+
+    def run(name: str) -> None:
+        embed(tmp_path / f"{name}.faa", tmp_path / name, None, service="svc", progress=False)
+        done[name] = time.monotonic()
+
+    t = threading.Thread(target=run, args=("big",))
+    t.start()
+    while not list((tmp_path / "big").glob("part-*.parquet")):  # the large job is under way
+        time.sleep(0.05)
+    run("small")
+    assert t.is_alive(), "the small job waited for the large one to finish"
+    t.join(300)
+    assert done["small"] < done["big"]
+    _assert_exactly_once(tmp_path / "big", big)
+    _assert_exactly_once(tmp_path / "small", small)
+
+
+def test_replica_killed_mid_job(service, tmp_path):
+    ids = write_fasta(tmp_path / "k.faa", random_proteins(300, 20, 120, seed=54))
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(result=embed(tmp_path / "k.faa", tmp_path / "k", None,
+                                                                service="svc", progress=False)))
+    t.start()
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "k").glob("part-*.parquet")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first = sorted((tmp_path / "k").glob("part-*.parquet"))[0]
+    os.kill(int(part_metadata(tmp_path / "k", first.name)["actor"].rsplit(":", 1)[1]), signal.SIGKILL)
+    t.join(300)
+    assert "result" in box, "the job did not finish after a replica was killed"
+    assert box["result"].batches_retried >= 1
+    _assert_exactly_once(tmp_path / "k", ids)
+    deadline = time.monotonic() + 120  # Serve replaces the replica
+    while service_status("svc")[0]["replicas"] != {"RUNNING": 2}:
+        assert time.monotonic() < deadline, service_status("svc")
+        time.sleep(1)
+
+
+def _post(body: bytes, content_type: str, token: str | None, accept: str = "application/json"):
+    headers = {"Content-Type": content_type, "Accept": accept}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/svc", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _token() -> str:
+    return (Path.home() / ".ray" / "auth_token").read_text().strip()
+
+
+def test_http_needs_the_token_and_answers_json_and_arrow(service, tmp_path):
+    seqs = {"p1": "MKTAYIAKQRQISFVKSHFSRQ", "p2": "MKV"}
+    body = json.dumps({"sequences": [{"id": k, "sequence": v} for k, v in seqs.items()]}).encode()
+    assert _post(body, "application/json", None)[0] == 401
+    assert _post(body, "application/json", "0" * 64)[0] == 401
+    status, data = _post(body, "application/json", _token())
+    assert status == 200
+    reply = json.loads(data)
+    assert reply["ids"] == ["p1", "p2"] and len(reply["embeddings"]) == 2 and reply["dim"] == 64
+    # the same vectors as a job writes, for the same sequences
+    write_fasta(tmp_path / "h.faa", list(seqs.values()), prefix="p")
+    (tmp_path / "h.faa").write_text("".join(f">{k}\n{v}\n" for k, v in seqs.items()))
+    embed(tmp_path / "h.faa", tmp_path / "h", None, service="svc", progress=False)
+    rows = _embeddings(tmp_path / "h")
+    np.testing.assert_allclose(np.array(reply["embeddings"], np.float32), np.stack([rows["p1"], rows["p2"]]),
+                               rtol=1e-5, atol=1e-6)
+    fasta = "".join(f">{k}\n{v}\n" for k, v in seqs.items()).encode()
+    status, data = _post(fasta, "text/x-fasta", _token(), accept="application/vnd.apache.arrow.stream")
+    assert status == 200
+    table = pa.ipc.open_stream(io.BytesIO(data)).read_all()
+    assert table.column("id").to_pylist() == ["p1", "p2"] and table.schema.field("embedding").type.list_size == 64
+    np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
+                               np.array(reply["embeddings"], np.float32), rtol=1e-6)
+
+
+def test_http_bad_input_and_limits(service):
+    status, data = _post(b">x\nMK1V\n", "text/x-fasta", _token())
+    assert status == 400
+    message = json.loads(data)["error"]
+    assert message == "request: record 'x': character '1' at position 3 is not a valid protein letter"
+    assert _post(b"{not json", "application/json", _token())[0] == 400
+    many = json.dumps({"sequences": ["MK"] * 10_001}).encode()
+    assert _post(many, "application/json", _token())[0] == 413
+
+
+def test_cli_serve_status_and_stop(service, esm_tiny, capsys):
+    assert main(["serve", "status"]) == 0
+    assert "svc\tApplicationStatus.RUNNING" in capsys.readouterr().out
+    assert main(["serve", "start", "--model", str(esm_tiny), "--name", "second", "--device", "cpu",
+                 "--http-port", str(PORT)]) == 0
+    assert "service 'second' ApplicationStatus.RUNNING" in capsys.readouterr().out
+    assert main(["serve", "stop", "--name", "second"]) == 0
+    assert main(["serve", "stop", "--name", "second"]) == 1
+    assert "no virnucpro service named 'second'" in capsys.readouterr().err
