@@ -134,7 +134,6 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
     return Backend("flash", f"varlen_attn over packed sequences, {gpu}, {str(dtype).removeprefix('torch.')}")
 
 
-@torch.compiler.disable
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, backend: Backend,
               scale: float, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Non-causal attention within each packed sequence.
@@ -142,16 +141,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packin
     q, k, v: [T, H, hd]; alibi: float32 [H] slopes, adding -slope * |i - j| to the scores. Returns
     [T, H, hd].
 
-    Kept out of torch.compile: the kernels here are already fused, and what they take (cu_seqlens,
-    max_seqlen, padded shapes, cached masks) would make compiled layers guard on and recompile for
-    every new batch shape; the compiled graphs around it see only [T, D] tensors.
+    Kept out of torch.compile (`keep_out_of_compile`): the kernels here are already fused, and what
+    they take (cu_seqlens, max_seqlen, padded shapes, cached masks) would make compiled layers guard on
+    and recompile for every new batch shape; the compiled graphs around it see only [T, D] tensors.
     """
+    return _kernels(q, k, v, packing, backend, scale, alibi)
+
+
+def keep_out_of_compile() -> None:
+    """Make torch.compile leave the attention kernels alone (a graph break around them). The models'
+    `compile_layers` call this; it is not done at import because `torch.compiler.disable` imports
+    torch._dynamo (4 s on an H200 host), which a process that never compiles (the driver) should skip."""
+    global _kernels
+    if _kernels is _attention_kernels:
+        _kernels = torch.compiler.disable(_attention_kernels)
+
+
+def _attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, backend: Backend,
+                       scale: float, alibi: torch.Tensor | None) -> torch.Tensor:
     if backend.name == "flash":
         cu, m = packing.cu_seqlens, packing.max_seqlen
         return _varlen_attn()(q, k, v, cu, cu, m, m, scale=scale)
     if backend.name == "flex":
         return _flex_attention(q, k, v, packing, scale, alibi)
     return _sdpa_attention(q, k, v, packing, scale, alibi)
+
+
+_kernels = _attention_kernels  # torch.compiler.disable'd by keep_out_of_compile()
 
 
 @dataclass

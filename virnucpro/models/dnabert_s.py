@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, alibi_slopes, attention, select_backend
+from ..attention import Backend, Packing, alibi_slopes, attention, keep_out_of_compile, select_backend
 from .esm2 import CheckpointError, check_state_dict, load_error, load_weights_only
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,7 @@ class DNABERTS(nn.Module):
 
     def compile_layers(self) -> None:
         """torch.compile each layer for dynamic token counts (fuses the post-LN, GELU gate, residuals)."""
+        keep_out_of_compile()
         for layer in self.encoder.layer:
             layer.compile(dynamic=True)
 

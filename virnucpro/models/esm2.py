@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, attention, select_backend
+from ..attention import Backend, Packing, attention, keep_out_of_compile, select_backend
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class ESM2(nn.Module):
     def compile_layers(self) -> None:
         """torch.compile each layer for dynamic token counts: fuses norms, rotary, GELU and residual
         adds around the GEMMs and the flash kernel (+20-35% tokens/s on H200, bench/results)."""
+        keep_out_of_compile()
         for layer in self.layers:
             layer.compile(dynamic=True)
 
