@@ -2,8 +2,8 @@
 
 Writes a tiny ESM-2 checkpoint (fair-esm `.pt` format) and a tiny DNABERT-S directory (config.json,
 weights, tokenizer.json), then embeds the FASTA files in `examples/` through a local Ray with two
-actors, exactly as `virnucpro embed` does with real checkpoints. Then runs `virnucpro predict` end to
-end on examples/contigs.fasta with the same models and a random classifier of matching width: every
+actors on CPU (one per GPU on a GPU machine), exactly as `virnucpro embed` does with real
+checkpoints. Then runs `virnucpro predict` end to end on examples/contigs.fasta with the same models and a random classifier of matching width: every
 output file is real, but the embeddings and the virus verdicts are meaningless, since the weights
 are random. See README.md for real models.
 """
@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [("ESM-2", ROOT / "examples" / "proteins.faa", esm, args.out / "proteins_esm2"),
             ("DNABERT-S", ROOT / "examples" / "contigs.fasta", dnabert, args.out / "contigs_dnabert_s")]
     ray.init(include_dashboard=False, logging_level=logging.WARNING)  # one local Ray for both jobs
+    # two actors on CPU show batches dealt to several actors; on GPUs, one per GPU (the default)
+    actors = None if ray.cluster_resources().get("GPU") else 2
     for label, fasta, model, out in jobs:
-        result = embed(fasta, out, model, device=args.device, num_actors=2, toks_per_batch=4096,
+        result = embed(fasta, out, model, device=args.device, num_actors=actors, toks_per_batch=4096,
                        overwrite=True, progress=False)
         table = pq.read_table(out)
         print(f"demo: {label}: {result.summary()}")
