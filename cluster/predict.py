@@ -51,6 +51,7 @@ import ray
 
 from virnucpro.classifier import (LABELS, ChunkMaxima, PREDICTION_HEADER, load_classifier,
                                   predict_proba, prediction_lines, write_highest_score_rows)
+from virnucpro.fasta import fasta_ids
 from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, check_model, resolve_model
 from virnucpro.output import Manifest, atomic_write
 from virnucpro.preprocess import (CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds,
@@ -558,15 +559,6 @@ def contig_rows(chunk_ids, maxima: ChunkMaxima, threshold: float) -> Iterator[tu
             scores.append(float(m[1]))
     if current is not None:
         yield row(current, scores, n)
-
-
-def fasta_ids(path: Path) -> Iterator[str]:
-    """Record ids (the header's first word) of a FASTA file, without reading sequences into Python."""
-    with open(path, "rb") as f:
-        for line in f:
-            if line.startswith(b">"):
-                words = line[1:].split(None, 1)
-                yield words[0].decode("utf-8") if words else ""
 
 
 def _blocks(items: Iterator[str], size: int) -> Iterator[list[str]]:

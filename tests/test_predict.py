@@ -27,7 +27,8 @@ from cluster.predict import (CONTIG_COLUMNS, EMBED_DIRS, PredictError, contig_ro
 from tests.conftest import UPSTREAM_CLASSIFIER_CLASS
 from virnucpro.classifier import ChunkMaxima, MLPClassifier
 from virnucpro.output import MANIFEST, read_embeddings
-from virnucpro.preprocess import chunk_bounds, iter_fasta
+from virnucpro.fasta import iter_records
+from virnucpro.preprocess import chunk_bounds
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +100,7 @@ def mlp_forward(tensors: dict, x: np.ndarray) -> np.ndarray:
 
 def expected_scores(out: Path, classifier: Path) -> tuple[list[str], np.ndarray]:
     """Frame ids from protein.faa and their scores from the kept embeddings, joined by id."""
-    ids = [rid for rid, _ in iter_fasta(out / "protein.faa")]
+    ids = [rid for rid, _ in iter_records(out / "protein.faa")]
     by_id = {}
     for family in ("dnabert_s", "esm2"):
         table = read_embeddings(out / EMBED_DIRS[family])
@@ -159,7 +160,7 @@ def test_contig_table(run1, contigs):
     out, result = run1
     rows = read_tsv(out / "contig_predictions.tsv")
     assert tuple(rows[0]) == CONTIG_COLUMNS
-    records = [(rid, seq) for rid, seq in iter_fasta(contigs)]
+    records = [(rid, seq) for rid, seq in iter_records(contigs)]
     assert [r[0] for r in rows[1:]] == [rid for rid, seq in records if seq]
     frames = read_tsv(out / "prediction_results.txt")[1:]
     chunk_score: dict[str, float] = {}

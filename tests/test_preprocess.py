@@ -22,6 +22,7 @@ from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
 
 from virnucpro import preprocess as pp
+from virnucpro.fasta import iter_records
 
 # -----------------------------------------------------------------------------
 # reference transcription (deliberately naive)
@@ -308,7 +309,7 @@ def test_iter_fasta_parses_like_biopython(tmp_path, text):
     bio_input = io.StringIO(text.lstrip("\n"), newline=None)
     want = [(r.id, str(r.seq)) for r in SeqIO.parse(bio_input, "fasta")]
     for block_size in (1, 2, 3, 5, 7, 64, 1 << 20):  # records, headers and lines cut anywhere
-        assert list(pp.iter_fasta(path, block_size=block_size)) == want, block_size
+        assert list(iter_records(path, block_size=block_size)) == want, block_size
 
 
 def test_iter_fasta_random_files_any_block_size(tmp_path):
@@ -317,17 +318,17 @@ def test_iter_fasta_random_files_any_block_size(tmp_path):
     path = tmp_path / "x.fasta"
     _write_fasta(path, records, rng)
     for block_size in (1, 13, 61, 4096):
-        assert list(pp.iter_fasta(path, block_size=block_size)) == records
+        assert list(iter_records(path, block_size=block_size)) == records
 
 
 def test_iter_fasta_rejects_bad_input(tmp_path):
     path = tmp_path / "x.fasta"
     path.write_text("junk before\n>a\nACGT\n")
     with pytest.raises(ValueError, match="before the first FASTA header"):
-        list(pp.iter_fasta(path))
+        list(iter_records(path))
     path.write_text(">a\nACGT\u00e9\n", encoding="utf-8")
     with pytest.raises(ValueError, match="non-ASCII"):
-        list(pp.iter_fasta(path))
+        list(iter_records(path))
 
 
 def test_empty_records_are_counted_but_yield_nothing(tmp_path):

@@ -25,7 +25,6 @@ through in batches, optionally over a process pool, in input order.
 
 from __future__ import annotations
 
-import gzip
 import multiprocessing
 import os
 from collections import deque
@@ -35,10 +34,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from Bio.Data import CodonTable, IUPACData
+
+from .fasta import iter_records, is_gzip
 
 CHUNKING_MODES = ("compat", "even")
 FASTA_WRAP = 60  # Bio.SeqIO's "fasta" writer wraps at 60; upstream writes chunks through it
@@ -46,7 +47,6 @@ CHUNKS_FASTA = "chunks.fasta"
 NUCLEOTIDE_FASTA = "nucleotide.fasta"
 PROTEIN_FASTA = "protein.faa"
 _BATCH_BASES = 1_000_000  # bases per unit of work: amortises numpy calls and process-pool IPC
-_READ_BLOCK = 1 << 22  # bytes per read of the input
 
 
 # -----------------------------------------------------------------------------
@@ -305,84 +305,6 @@ def iter_frames(records: Iterable[tuple[str, str]], chunk_size: int,
 
 
 # -----------------------------------------------------------------------------
-# FASTA input
-
-def _open_binary(path: str | os.PathLike) -> BinaryIO:
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
-
-
-def _raw_records(handle: BinaryIO, block_size: int) -> Iterator[tuple[bytes, list[bytes]]]:
-    """(header line after '>', sequence pieces with line ends) per record, read in blocks.
-
-    Python touches each record and block, not each line. A header starts at a line start only, so
-    a block that ends mid-line is remembered (`mid_line`) and a '>' continuing it is sequence.
-    """
-    title: bytes | None = None
-    parts: list[bytes] = []
-    pending = b""  # a header line cut by the block end
-    mid_line = False
-    while True:
-        raw = handle.read(block_size)
-        block, pending = pending + raw, b""
-        if not block:
-            break
-        pos = 0
-        if mid_line:
-            nl = block.find(b"\n")
-            pos = len(block) if nl < 0 else nl + 1
-            _add_sequence(title, parts, block[:pos])
-            mid_line = nl < 0
-        while pos < len(block):  # pos is at a line start
-            if block.startswith(b">", pos):
-                eol = block.find(b"\n", pos)
-                if eol < 0 and raw:  # header continues in the next block
-                    pending = block[pos:]
-                    break
-                eol = len(block) if eol < 0 else eol
-                if title is not None:
-                    yield title, parts
-                title, parts, pos = block[pos + 1:eol], [], eol + 1
-                continue
-            nxt = block.find(b"\n>", pos)
-            end = len(block) if nxt < 0 else nxt + 1
-            _add_sequence(title, parts, block[pos:end])
-            mid_line = nxt < 0 and not block.endswith(b"\n")
-            pos = end
-    if title is not None:
-        yield title, parts
-
-
-def _add_sequence(title: bytes | None, parts: list[bytes], data: bytes) -> None:
-    if title is not None:
-        parts.append(data)
-    elif data.strip():
-        raise ValueError(f"text before the first FASTA header: {data[:60]!r}")
-
-
-def iter_fasta(path: str | os.PathLike, block_size: int = _READ_BLOCK) -> Iterator[tuple[str, str]]:
-    """Stream (id, sequence) from a plain or gzip FASTA file, one record at a time.
-
-    Parsed as Bio.SeqIO's "fasta" format does (Biopython 1.88): the id is the first word of the
-    header; spaces, tabs and line ends inside the sequence are removed; text other than blank lines
-    before the first '>' is an error. Headers are UTF-8; sequences must be ASCII.
-    """
-    with _open_binary(path) as handle:
-        try:
-            for title, parts in _raw_records(handle, block_size):
-                words = title.decode("utf-8").split(None, 1)
-                record_id = words[0] if words else ""
-                seq = b"".join(parts).translate(None, b" \t\r\n")
-                try:
-                    yield record_id, seq.decode("ascii")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"record {record_id!r}: sequence has a non-ASCII byte") from e
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
-
-
-# -----------------------------------------------------------------------------
 # FASTA output, batched and optionally parallel
 
 @lru_cache(maxsize=64)
@@ -475,9 +397,8 @@ def default_workers(input_path: str | os.PathLike) -> int:
     """Translation processes worth starting for this input: 1 (no pool) below ~64 Mbp, where one
     process takes about a second; else one per CPU, at most 8 (gzip input counted as 4x its size)."""
     size = os.path.getsize(input_path)
-    with open(input_path, "rb") as f:
-        if f.read(2) == b"\x1f\x8b":
-            size *= 4
+    if is_gzip(input_path):
+        size *= 4
     if size < 64 * _BATCH_BASES:
         return 1
     return max(1, min(os.cpu_count() or 1, 8, size // _BATCH_BASES))
@@ -498,7 +419,7 @@ def preprocess_fasta(input_path: str | os.PathLike, out_dir: str | os.PathLike, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = (out / CHUNKS_FASTA, out / NUCLEOTIDE_FASTA, out / PROTEIN_FASTA)
-    batches = _batched(iter_fasta(input_path), _BATCH_BASES)
+    batches = _batched(iter_records(input_path), _BATCH_BASES)
     fn = partial(_format_batch, size=chunk_size, mode=chunking)
     results = map(fn, batches) if not workers or workers <= 1 else _ordered_pool_map(fn, batches, workers)
     contigs = chunks = frames = with_frames = 0

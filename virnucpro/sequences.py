@@ -1,4 +1,7 @@
-"""Sequence input: streaming FASTA (plain or gzip), alphabet validation, and an on-disk index.
+"""Sequence input for embedding: alphabet validation and an on-disk index of a FASTA file.
+
+Reading the file (plain or gzip, blocks, headers) is `virnucpro.fasta`'s; this module adds the rules
+for what a model may be given, and the index the embedding driver plans and reads batches from.
 
 The embedding driver never holds all sequences in memory. `FastaIndex.build` makes one streaming
 pass over the file, in fixed-size blocks, that validates every record and keeps only three numbers
@@ -8,9 +11,9 @@ of any length (a 10 GB line without a newline) costs one block. Batches later re
 back by offset, each only as far as the tokenizer will use it (`FastaIndex.read(max_residues=)`). A
 gzip input is decompressed once into a scratch file, because gzip streams cannot seek.
 
-Records: a header is a line starting with '>'; the id is the header up to its first whitespace (it
-may hold '/', '|', non-ASCII letters: ids are data, never used to build a path); headers must be
-UTF-8 and at most 1 MiB. Whitespace inside sequence lines (CR, spaces, tabs) is ignored; blank lines
+Records (`virnucpro.fasta.scan`): a header is a line starting with '>'; the id is the header up to its
+first whitespace (it may hold '/', '|', non-ASCII letters: ids are data, never used to build a path);
+headers must be UTF-8, at most 1 MiB, and hold an id. Whitespace inside sequence lines (CR, spaces, tabs) is ignored; blank lines
 before the first header are allowed.
 
 Validation rules (documented in the README):
@@ -39,6 +42,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
+
+from .fasta import HeaderTooLong, header_id, is_gzip, open_fasta, scan
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +74,6 @@ class Record:
     index: int
 
 
-def open_text_or_gzip(path: str | Path) -> BinaryIO:
-    """Open a file for binary reading, transparently decompressing gzip (detected by magic bytes)."""
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")
-
-
 def _check_fasta_start(path: Path, first: bytes) -> None:
     if not first:
         raise SequenceError(f"{path}: empty file, no FASTA records")
@@ -102,13 +98,12 @@ def _where(path: Path, ordinal: int, offset: int) -> str:
 def _record_id(header: bytes, path: Path, ordinal: int, offset: int) -> str:
     """The id: the header up to its first whitespace (ids may hold '/', non-ASCII letters, ...)."""
     try:
-        text = header.decode("utf-8")
+        rid = header_id(header)
     except UnicodeDecodeError:
         raise SequenceError(f"{_where(path, ordinal, offset)}: header is not valid UTF-8") from None
-    words = text.split(None, 1)
-    if not words:
+    if not rid:
         raise SequenceError(f"{_where(path, ordinal, offset)}: empty header (no id after '>')")
-    return words[0]
+    return rid
 
 
 def _bad_character(sequence: bytes, kind: str, record_id: str, path: Path | str, first: int = 0) -> SequenceError:
@@ -144,31 +139,43 @@ def iter_fasta(path: str | Path, kind: str | None = None) -> Iterator[Record]:
 
 _BLOCK = 1 << 18  # bytes read at a time: what the index pass holds, however long a line is
 MAX_HEADER = 1 << 20  # a longer header line is an error (a header is buffered whole, a sequence never)
-_RECORDS_PER_YIELD = 1024  # records the scanner hands over at a time
+_RECORDS_PER_YIELD = 1024  # records the scanner hands over at a time (and at most _BLOCK residues)
 
 
 @dataclass
 class _Scanned:
-    """The records that ended in one block of input."""
+    """A batch of validated records, in input order."""
 
     ids: list[str] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # header byte offset
     lengths: list[int] = field(default_factory=list)  # residues after normalisation (0: empty record)
     ordinals: list[int] = field(default_factory=list)
     sequences: list[bytes] = field(default_factory=list)  # normalised, only when collecting
+    residues: int = 0  # in `sequences`
+
+    def add(self, record_id: str, offset: int, length: int, ordinal: int) -> None:
+        self.ids.append(record_id)
+        self.offsets.append(offset)
+        self.lengths.append(length)
+        self.ordinals.append(ordinal)
+
+    def add_sequence(self, pieces: list[bytes], kind: str | None) -> None:
+        seq = b"".join(pieces)
+        self.sequences.append(seq.translate(_NORMALISE[kind]) if kind else seq)
+        self.residues += len(seq)
 
 
 def _scan(path: Path, kind: str | None, collect: bool = False) -> Iterator[_Scanned]:
     """One streaming pass over a FASTA file in blocks of _BLOCK bytes, validating every record.
 
-    Yields, per block, the records that ended in it: id, header offset, length (and the normalised
-    sequence with `collect`). Sequences are validated and counted block by block, never assembled, so
-    memory stays bounded however long a line is (a record of 10 GB on one line costs a block).
-    Whitespace inside sequence lines (spaces, tabs, CR) is ignored; a '>' starts a header only at the
-    start of a line; blank lines before the first header are allowed.
+    Yields batches of records: id, header offset, length (and the normalised sequence with
+    `collect`). Sequences are validated and counted piece by piece as `virnucpro.fasta.scan` hands
+    them over, never assembled, so memory stays bounded however long a line is (a record of 10 GB on
+    one line costs a block). Whitespace inside sequence lines (spaces, tabs, CR) is ignored; blank
+    lines before the first header are allowed.
     """
     try:
-        f = open_text_or_gzip(path)
+        f = open_fasta(path)
     except FileNotFoundError:
         raise SequenceError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -177,15 +184,14 @@ def _scan(path: Path, kind: str | None, collect: bool = False) -> Iterator[_Scan
         raise SequenceError(f"{path}: cannot read ({e.strerror or e})") from None
     with f:
         try:
-            yield from _scan_blocks(f, path, kind, collect)
+            yield from _validated(f, path, kind, collect)
         except (OSError, EOFError) as e:  # truncated gzip, unreadable block
             raise SequenceError(f"{path}: input ends unexpectedly or cannot be read ({e})") from None
 
 
-def _scan_blocks(f: BinaryIO, path: Path, kind: str | None, collect: bool) -> Iterator[_Scanned]:
-    keep = _KEEP[kind] if kind else None
-    table = _NORMALISE[kind] if kind else None
-    star_ok = kind == PROTEIN
+def _first_header(f: BinaryIO, path: Path) -> tuple[bytes, int]:
+    """The input from its first non-blank byte on (one block of it), and that byte's offset, once
+    the start is checked to look like FASTA (see `_check_fasta_start`)."""
     buf = f.read(_BLOCK)
     base = 0  # file offset of buf[0]
     while buf and not buf.lstrip():  # blank lines before the first header
@@ -194,87 +200,71 @@ def _scan_blocks(f: BinaryIO, path: Path, kind: str | None, collect: bool) -> It
             break
         base, buf = base + len(buf), chunk
     _check_fasta_start(path, buf)
-    pos = len(buf) - len(buf.lstrip())
-    eof = False
-    at_line_start = True
-    # the open record: header (bytes), its offset and ordinal, residues so far, a trailing '*' seen
+    skip = len(buf) - len(buf.lstrip())
+    return buf[skip:], base + skip
+
+
+def _validated(f: BinaryIO, path: Path, kind: str | None, collect: bool) -> Iterator[_Scanned]:
+    """The records of `f`, validated (when `kind` is given) piece by piece, in batches."""
+    keep = _KEEP[kind] if kind else None  # the alphabet plus whitespace; None: no validation
+    whitespace = _WHITESPACE
+    head, base = _first_header(f, path)
+    # the open record: its header (bytes), offset and ordinal, residues so far, a trailing '*' seen
     header: bytes | None = None
-    h_offset = ordinal = length = 0
+    h_offset = length = 0
+    ordinal = -1
     star = False
     pieces: list[bytes] = []
     out = _Scanned()
-
-    def close() -> None:
-        rid = _record_id(header, path, ordinal, h_offset)
-        out.ids.append(rid)
-        out.offsets.append(h_offset)
-        out.lengths.append(length)
-        out.ordinals.append(ordinal)
-        if collect:
-            seq = b"".join(pieces)
-            out.sequences.append(seq.translate(table) if table else seq)
-
-    while True:
-        n = len(buf)
-        find = buf.find
-        while pos < n:
-            if at_line_start and buf[pos] == 62:  # '>' at a line start: a header
-                eol = find(b"\n", pos)
-                if eol < 0:
-                    if not eof:
-                        break  # the header continues in the next block
-                    eol = n
-                if eol - pos > MAX_HEADER:
-                    raise SequenceError(f"{_where(path, ordinal + (header is not None), base + pos)}: header "
-                                        f"line longer than {MAX_HEADER} bytes")
+    try:
+        for offset, starts, text in scan(f, _BLOCK, max_header=MAX_HEADER, head=head, offset=base):
+            if starts is not None:  # a new record: the open one is complete
                 if header is not None:
-                    close()
-                    ordinal += 1
-                    if len(out.ids) >= _RECORDS_PER_YIELD:  # bounded lists, however short the records
+                    out.add(_record_id(header, path, ordinal, h_offset), h_offset, length, ordinal)
+                    if collect:
+                        out.add_sequence(pieces, kind)
+                    if len(out.ids) >= _RECORDS_PER_YIELD or out.residues >= _BLOCK:  # bounded batches
                         yield out
                         out = _Scanned()
-                header, h_offset, length, star = buf[pos + 1:eol].rstrip(b"\r"), base + pos, 0, False
+                header, h_offset, length, star = starts, offset, 0, False
+                ordinal += 1
                 if collect:
                     pieces = []
-                pos = eol + 1
-                continue
-            nxt = find(b"\n>", pos)
-            end = n if nxt < 0 else nxt + 1
-            seg = buf[pos:end]
-            at_line_start = buf[end - 1] == 10
-            pos = end
-            if keep is not None and seg.translate(None, keep):
-                rid = _record_id(header, path, ordinal, h_offset)
-                if star:  # residues after a '*' that looked like the trailing one
-                    raise _bad_character(b"*" + seg, kind, rid, path, length)
-                err = _bad_character(seg, kind, rid, path, length)
-                at = seg.find(b"*")
-                if not (star_ok and at >= 0 and not seg[:at].translate(None, keep)
-                        and not seg[at + 1:].translate(None, _WHITESPACE)):
-                    raise err
-                seg, star = seg[:at], True  # a trailing '*' (a stop codon) is dropped, if nothing follows
-            elif star and seg.translate(None, _WHITESPACE):
-                raise _bad_character(b"*" + seg, kind, _record_id(header, path, ordinal, h_offset), path,
-                                     length)
-            clean = seg.translate(None, _WHITESPACE)
+            if keep is not None and (star or text.translate(None, keep)):  # rare: an error, or a '*'
+                text, star = _past_star(text, star, kind, _record_id(header, path, ordinal, h_offset),
+                                        path, length)
+            clean = text.translate(None, whitespace)
             length += len(clean)
             if collect:
                 pieces.append(clean)
-        if out.ids:
-            yield out
-            out = _Scanned()
-        if eof:
-            break
-        if n - pos > MAX_HEADER:
-            raise SequenceError(f"{_where(path, ordinal + 1, base + pos)}: header line longer than "
-                                f"{MAX_HEADER} bytes")
-        chunk = f.read(_BLOCK)
-        eof = not chunk
-        base += pos
-        buf, pos = buf[pos:] + chunk, 0
+    except HeaderTooLong as e:
+        raise SequenceError(f"{_where(path, ordinal + 1, e.offset)}: header line longer than {e.limit} "
+                            f"bytes") from None
     if header is not None:
-        close()
+        out.add(_record_id(header, path, ordinal, h_offset), h_offset, length, ordinal)
+        if collect:
+            out.add_sequence(pieces, kind)
+    if out.ids:
         yield out
+
+
+def _past_star(text: bytes, star: bool, kind: str, record_id: str, path: Path, length: int
+               ) -> tuple[bytes, bool]:
+    """A piece of sequence that holds a byte outside the alphabet, or that follows a '*'.
+
+    Only a protein's one trailing '*' (a stop codon written by translators) is allowed: it is dropped,
+    and nothing but whitespace may follow it, in this piece or later ones. Returns (what to count,
+    whether a '*' was seen); anything else raises the error naming the first bad character.
+    """
+    if star:
+        if text.translate(None, _WHITESPACE):
+            raise _bad_character(b"*" + text, kind, record_id, path, length)
+        return text, True
+    at = text.find(b"*")
+    if (kind == PROTEIN and at >= 0 and not text[:at].translate(None, _KEEP[kind])
+            and not text[at + 1:].translate(None, _WHITESPACE)):
+        return text[:at], True
+    raise _bad_character(text, kind, record_id, path, length)
 
 
 _SPILL_CHUNK = 1 << 16  # values buffered per column before they are appended to its scratch file
@@ -320,7 +310,7 @@ class _Column:
 def _read_header_id(path: Path, offset: int) -> str:
     with open(path, "rb") as f:
         f.seek(offset)
-        return f.readline(MAX_HEADER + 2)[1:].decode("utf-8").split(None, 1)[0]
+        return header_id(f.readline(MAX_HEADER + 2)[1:])
 
 
 _DEDUP_BUCKET = 1 << 18  # hashes sorted at once by the duplicate check (2 MiB)
@@ -370,6 +360,62 @@ def _duplicate_ids(path: Path, offsets: np.ndarray, hashes: np.ndarray, scratch_
     return [rid for rid, n in seen.items() if n > 1]
 
 
+def _plain_copy(path: Path, scratch_dir: str | Path) -> Path:
+    """`path` itself, or for gzip input a decompressed copy in scratch_dir: the index reads records
+    back by byte offset, and a gzip stream cannot seek."""
+    try:
+        compressed = is_gzip(path)
+    except FileNotFoundError:
+        raise SequenceError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SequenceError(f"{path}: is a directory, not a FASTA file") from None
+    if not compressed:
+        return path
+    source = Path(scratch_dir) / (path.name.removesuffix(".gz") + ".plain")
+    source.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with gzip.open(path, "rb") as src, open(source, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise SequenceError(f"{path}: damaged or truncated gzip file ({e})") from None
+    return source
+
+
+def _index_columns(source: Path, kind: str, scratch_dir: str | Path
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Offsets, lengths, ordinals and id hashes of the records with a sequence; the ids of the empty ones.
+
+    Int64 columns appended in chunks to unlinked scratch files and mapped back read-only: the
+    driver's heap does not grow with the input (the OS pages the columns in and out). The id hashes
+    are for the duplicate check, which sorts them in buckets afterwards."""
+    offsets, lengths, ordinals, hashes = (_Column(scratch_dir) for _ in range(4))
+    empty: list[str] = []
+    try:
+        for block in _scan(source, kind):
+            if 0 in block.lengths:  # rare: take the empty records out
+                keep = [i for i, n in enumerate(block.lengths) if n]
+                empty.extend(block.ids[i] for i, n in enumerate(block.lengths) if not n)
+                block = _Scanned(*([column[i] for i in keep]
+                                   for column in (block.ids, block.offsets, block.lengths, block.ordinals)))
+            hashes.extend(map(hash, block.ids))
+            offsets.extend(block.offsets)
+            lengths.extend(block.lengths)
+            ordinals.extend(block.ordinals)
+        return offsets.finish(), lengths.finish(), ordinals.finish(), hashes.finish(), empty
+    finally:
+        for c in (offsets, lengths, ordinals, hashes):
+            c.close()
+
+
+def _warn_skipped(path: Path, empty: list[str], duplicates: list[str]) -> None:
+    if empty:
+        log.warning("%s: skipped %d empty record(s) (no sequence): %s", path, len(empty),
+                    ", ".join(empty[:_MAX_REPORTED]) + (" ..." if len(empty) > _MAX_REPORTED else ""))
+    if duplicates:
+        log.warning("%s: %d duplicate record id(s), all records kept (see the 'index' column): %s",
+                    path, len(duplicates), ", ".join(duplicates[:_MAX_REPORTED]))
+
+
 @dataclass
 class FastaIndex:
     """Byte offsets and lengths of every valid record of a (seekable, plain) FASTA file."""
@@ -389,55 +435,16 @@ class FastaIndex:
     def build(cls, path: str | Path, kind: str, scratch_dir: str | Path) -> "FastaIndex":
         """Validate every record in one streaming pass; decompress gzip input into scratch_dir."""
         path = Path(path)
-        source = path
-        try:
-            with open_text_or_gzip(path) as f:
-                compressed = isinstance(f, gzip.GzipFile)
-        except FileNotFoundError:
-            raise SequenceError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise SequenceError(f"{path}: is a directory, not a FASTA file") from None
-        if compressed:
-            source = Path(scratch_dir) / (path.name.removesuffix(".gz") + ".plain")
-            source.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with gzip.open(path, "rb") as src, open(source, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-                raise SequenceError(f"{path}: damaged or truncated gzip file ({e})") from None
-        # Int64 columns appended in chunks to unlinked scratch files and mapped back read-only: the
-        # driver's heap does not grow with the input (the OS pages the columns in and out). The id
-        # hashes for the duplicate check are one more such column, sorted in buckets at the end.
-        offsets, lengths, ordinals, hashes = (_Column(scratch_dir) for _ in range(4))
-        empty: list[str] = []
-        try:
-            for block in _scan(source, kind):
-                if 0 in block.lengths:  # rare: take the empty records out
-                    keep = [i for i, n in enumerate(block.lengths) if n]
-                    empty.extend(block.ids[i] for i, n in enumerate(block.lengths) if not n)
-                    block = _Scanned(*([column[i] for i in keep]
-                                       for column in (block.ids, block.offsets, block.lengths, block.ordinals)))
-                hashes.extend(map(hash, block.ids))
-                offsets.extend(block.offsets)
-                lengths.extend(block.lengths)
-                ordinals.extend(block.ordinals)
-            offsets_a, lengths_a, ordinals_a = offsets.finish(), lengths.finish(), ordinals.finish()
-            duplicates = _duplicate_ids(source, offsets_a, hashes.finish(), scratch_dir)
-        finally:
-            for c in (offsets, lengths, ordinals, hashes):
-                c.close()
-        if empty:
-            log.warning("%s: skipped %d empty record(s) (no sequence): %s", path, len(empty),
-                        ", ".join(empty[:_MAX_REPORTED]) + (" ..." if len(empty) > _MAX_REPORTED else ""))
-        if duplicates:
-            log.warning("%s: %d duplicate record id(s), all records kept (see the 'index' column): %s",
-                        path, len(duplicates), ", ".join(duplicates[:_MAX_REPORTED]))
-        if not len(offsets_a):
+        source = _plain_copy(path, scratch_dir)
+        offsets, lengths, ordinals, hashes, empty = _index_columns(source, kind, scratch_dir)
+        duplicates = _duplicate_ids(source, offsets, hashes, scratch_dir)
+        _warn_skipped(path, empty, duplicates)
+        if not len(offsets):
             raise SequenceError(f"{path}: no records with a sequence")
-        if int(lengths_a.max()) > _INT32_MAX:
+        if int(lengths.max()) > _INT32_MAX:
             log.warning("%s: a record is longer than %d residues; its 'length' column (int32) says %d",
                         path, _INT32_MAX, _INT32_MAX)
-        return cls(source, kind, offsets_a, lengths_a, ordinals_a, empty, duplicates)
+        return cls(source, kind, offsets, lengths, ordinals, empty, duplicates)
 
     def read(self, positions: np.ndarray, max_residues: int | None = None) -> list[Record]:
         """Read the records at the given index positions (in that order) back from disk.
@@ -450,8 +457,7 @@ class FastaIndex:
             for j in order:
                 i = int(positions[j])
                 f.seek(int(self.offsets[i]))
-                header = f.readline(MAX_HEADER + 2)
-                rid = header[1:].decode("utf-8").split(None, 1)[0]
+                rid = header_id(f.readline(MAX_HEADER + 2)[1:])
                 need = int(self.lengths[i]) if max_residues is None else min(int(self.lengths[i]), max_residues)
                 seq = f.read(min(need + (need >> 5) + 2, _BLOCK)).translate(None, _WHITESPACE)  # usually all
                 if len(seq) < need:
