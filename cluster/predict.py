@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -53,7 +52,7 @@ from virnucpro.classifier import (LABELS, ChunkMaxima, PREDICTION_HEADER, load_c
                                   predict_proba, prediction_lines, write_highest_score_rows)
 from virnucpro.fasta import fasta_ids
 from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, check_model, resolve_model
-from virnucpro.output import Manifest, atomic_write
+from virnucpro.output import Manifest, atomic_path, atomic_write
 from virnucpro.preprocess import (CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds,
                                   default_workers, preprocess_fasta)
 
@@ -187,7 +186,8 @@ class _Run:
             self._save_predict_marker(pre)
             self.stages["classify"] = "computed"
         rows = maxima.rows()
-        atomic_text(self.out / HIGHEST_CSV, lambda p: write_highest_score_rows(p, rows))
+        with atomic_path(self.out / HIGHEST_CSV) as tmp:
+            write_highest_score_rows(tmp, rows)
         labels = self._write_contig_table(maxima)
         if not self.keep_embeddings:
             self._remove_embeddings()
@@ -383,9 +383,9 @@ class _Run:
         """prediction_results.txt and predictions.parquet in frame order; the per-chunk maxima."""
         maxima = ChunkMaxima()
         virus = 0
-        txt, parquet = _tmp(self.out / RESULTS_TXT), _tmp(self.out / PREDICTIONS_PARQUET)
         check = getattr(self, "id_hash", None)
-        with open(txt, "w", encoding="utf-8", newline="\n") as f, \
+        with atomic_path(self.out / RESULTS_TXT) as txt, atomic_path(self.out / PREDICTIONS_PARQUET) as parquet, \
+                open(txt, "w", encoding="utf-8", newline="\n") as f, \
                 pq.ParquetWriter(parquet, PREDICTIONS_SCHEMA, compression="zstd") as writer:
             f.write(PREDICTION_HEADER)
             lo = 0
@@ -405,8 +405,6 @@ class _Run:
                 raise PredictError(f"{PROTEIN_FASTA} has {lo} records, but {len(probs)} frames were classified")
             if lo == 0:
                 writer.write_table(predictions_table([], probs))
-        os.replace(txt, self.out / RESULTS_TXT)
-        os.replace(parquet, self.out / PREDICTIONS_PARQUET)
         return maxima, virus
 
     def _classifier_identity(self) -> dict:
@@ -446,14 +444,11 @@ class _Run:
     def _write_contig_table(self, maxima: ChunkMaxima) -> dict[str, int]:
         counts: dict[str, int] = {}
 
-        def write(path: Path) -> None:
-            with open(path, "w", encoding="utf-8", newline="\n") as f:
-                f.write("\t".join(CONTIG_COLUMNS) + "\n")
-                for row in contig_rows(fasta_ids(self.out / CHUNKS_FASTA), maxima, self.threshold):
-                    counts[row[-1]] = counts.get(row[-1], 0) + 1
-                    f.write("\t".join(map(str, row)) + "\n")
-
-        atomic_text(self.out / CONTIGS_TSV, write)
+        with atomic_path(self.out / CONTIGS_TSV) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write("\t".join(CONTIG_COLUMNS) + "\n")
+            for row in contig_rows(fasta_ids(self.out / CHUNKS_FASTA), maxima, self.threshold):
+                counts[row[-1]] = counts.get(row[-1], 0) + 1
+                f.write("\t".join(map(str, row)) + "\n")
         return counts
 
     def _remove_embeddings(self) -> None:
@@ -570,20 +565,6 @@ def _blocks(items: Iterator[str], size: int) -> Iterator[list[str]]:
             block = []
     if block:
         yield block
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
-def atomic_text(path: Path, write) -> None:
-    """Call write(tmp_path), then rename the temporary file over `path`."""
-    tmp = _tmp(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 __all__ = ["predict", "PredictResult", "PredictError", "contig_rows", "gpu_layout"]

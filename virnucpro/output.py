@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -87,18 +89,38 @@ def part_metadata(out_dir: "str | Path | OutputLocation", name: str) -> dict[str
             if k.startswith(b"virnucpro.")}
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _temporary_name(name: str) -> str:
+    """Where `name` is written before it is renamed into place: hidden, unique per writer, and
+    recognisable as a write cut short (`.NAME.<random>.tmp`)."""
+    return f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to `path` for the caller to write; when the block ends without an
+    error, the file is flushed to disk and renamed over `path`, so readers see the old file or the
+    new one, never part of it. On an error it is removed. The file is created as `open()` creates
+    files (permissions from the umask). The one implementation of an atomic local write."""
+    path = Path(path)
+    tmp = path.with_name(_temporary_name(path.name))
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the rename makes it visible
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call write(f) on a binary file that then atomically becomes `path` (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "xb") as f:
+            write(f)
 
 
 # Filesystems whose writes are atomic per object (a reader sees the whole object or nothing) and which
@@ -194,7 +216,7 @@ class OutputLocation:
             with self.fs.open_output_stream(self.join(name), compression=None) as f:
                 write(f)
             return
-        tmp = self.join(f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        tmp = self.join(_temporary_name(name))
         try:
             with self.fs.open_output_stream(tmp, compression=None) as f:
                 write(f)
