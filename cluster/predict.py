@@ -51,6 +51,7 @@ import ray
 from virnucpro.classifier import (LABELS, ChunkMaxima, PREDICTION_HEADER, load_classifier,
                                   predict_proba, prediction_lines, write_highest_score_rows)
 from virnucpro.fasta import fasta_ids
+from virnucpro.ids import chunk_of, contig_of
 from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, check_model, resolve_model
 from virnucpro.output import Manifest, atomic_path, atomic_write
 from virnucpro.preprocess import (CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds,
@@ -500,14 +501,6 @@ PREDICTIONS_SCHEMA = pa.schema([
     pa.field("score2", pa.float32(), nullable=False),  # P(virus)
     pa.field("label", pa.string(), nullable=False),  # virus if score2 > score1 (upstream's Prediction)
 ])
-
-
-def chunk_of(frame_id: str) -> str:
-    return frame_id[:-2]  # frame ids end in F1..F3 / R1..R3
-
-
-def contig_of(chunk_id: str) -> str:
-    return chunk_id.rsplit("_chunk_", 1)[0]  # chunk ids are `{contig id}_chunk_{k}`
 
 
 def predictions_table(ids: list[str], probs: np.ndarray) -> pa.Table:

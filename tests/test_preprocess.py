@@ -21,6 +21,7 @@ from Bio.Data import CodonTable
 from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
 
+from virnucpro import ids
 from virnucpro import preprocess as pp
 from virnucpro.fasta import iter_records
 
@@ -191,6 +192,30 @@ def test_bad_arguments():
         pp.chunk_bounds(10, 500, "bogus")
     with pytest.raises(ValueError):
         pp.chunk_bounds(10, 0)
+
+
+# -----------------------------------------------------------------------------
+# chunk and frame ids
+
+def test_ids_are_built_and_read_back():
+    assert ids.chunk_id("c1", 3) == "c1_chunk_3"
+    assert ids.frame_id("c1_chunk_3", "R2") == "c1_chunk_3R2"
+    assert ids.FRAME_NAMES == ("F1", "F2", "F3", "R1", "R2", "R3")
+    # contig ids are data: '_chunk_' inside them, punctuation and non-ASCII letters survive the round trip
+    for contig in ("c1", "a_chunk_2", "x|y/z", "caf\u00e9", "_chunk_", ""):
+        for k in (1, 12):
+            chunk = ids.chunk_id(contig, k)
+            assert ids.contig_of(chunk) == contig
+            for name in ids.FRAME_NAMES:
+                assert ids.chunk_of(ids.frame_id(chunk, name)) == chunk
+
+
+def test_preprocessing_names_chunks_and_frames_with_ids():
+    seq = "ATGAAACCCGGGTTTAAA" * 40
+    frames = list(pp.iter_frames([("a_chunk_b", seq)], 300))
+    assert frames and all(f.chunk_id == ids.chunk_of(f.id) and f.contig_id == ids.contig_of(f.chunk_id)
+                          for f in frames)
+    assert {f.id[-2:] for f in frames} <= set(ids.FRAME_NAMES)
 
 
 # -----------------------------------------------------------------------------

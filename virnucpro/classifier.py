@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ids import chunk_of
+
 INPUT_DIM = 3328  # 768 DNABERT-S + 2560 ESM-2 (esm2_t36_3B_UR50D)
 HIDDEN_DIM = 512
 NUM_CLASSES = 2  # 0 = others, 1 = virus
@@ -290,7 +292,7 @@ def write_prediction_results(path: str | os.PathLike, ids: Sequence[str],
 
 
 class ChunkMaxima:
-    """Per chunk (frame id minus its 2-character suffix), the maxima of score1 and of score2.
+    """Per chunk (`virnucpro.ids.chunk_of` a frame id), the maxima of score1 and of score2.
 
     Fed frame batches in any order (`update`); `rows()` gives upstream's `Is_Virus` per chunk:
     max score2 >= max score1. Memory: one entry per chunk that has frames.
@@ -303,9 +305,10 @@ class ChunkMaxima:
         others, virus = _float32_columns(probs, len(ids))
         best = self._best
         for seq_id, p0, p1 in zip(ids, others, virus):
-            m = best.get(seq_id[:-2])
+            chunk = chunk_of(seq_id)
+            m = best.get(chunk)
             if m is None:
-                best[seq_id[:-2]] = [p0, p1]
+                best[chunk] = [p0, p1]
             else:
                 m[0], m[1] = max(m[0], p0), max(m[1], p1)
 
@@ -329,7 +332,7 @@ class ChunkMaxima:
 
 
 def highest_scores(ids: Sequence[str], probs: np.ndarray | torch.Tensor) -> list[tuple[str, bool]]:
-    """Per chunk (frame id minus its 2-character suffix): max score2 >= max score1, sorted by id."""
+    """Per chunk (`virnucpro.ids.chunk_of` a frame id): max score2 >= max score1, sorted by id."""
     maxima = ChunkMaxima()
     maxima.update(ids, probs)
     return maxima.rows()

@@ -39,7 +39,8 @@ from typing import TypeVar
 import numpy as np
 from Bio.Data import CodonTable, IUPACData
 
-from .fasta import iter_records, is_gzip
+from .fasta import is_gzip, iter_records
+from .ids import FRAME_NAMES, chunk_id, frame_id
 
 CHUNKING_MODES = ("compat", "even")
 FASTA_WRAP = 60  # Bio.SeqIO's "fasta" writer wraps at 60; upstream writes chunks through it
@@ -135,7 +136,7 @@ def split_chunks(record_id: str, seq: str, size: int, mode: str = "compat") -> l
     The chunk keeps the input's letter case. A record no longer than `size` is one chunk, still
     renamed `_chunk_1` (as upstream does).
     """
-    return [(f"{record_id}_chunk_{k}", seq[s:e])
+    return [(chunk_id(record_id, k), seq[s:e])
             for k, (s, e) in enumerate(chunk_bounds(len(seq), size, mode), start=1)]
 
 
@@ -213,14 +214,13 @@ def _frame_counts(aa: bytes, value: int, first: np.ndarray, n: np.ndarray) -> np
 class Frame:
     """One kept reading frame of one chunk: the unit that gets embedded and classified."""
 
-    id: str  # `{chunk_id}F1..F3` or `{chunk_id}R1..R3`
+    id: str  # `{chunk_id}F1..F3` or `{chunk_id}R1..R3` (virnucpro.ids)
     chunk_id: str  # `{contig_id}_chunk_{k}`
     contig_id: str
     dna: str  # upper-case nucleotide slice paired with the protein (upstream's slice rule)
     protein: str
 
 
-_FRAME_NAMES = ("F1", "F2", "F3", "R1", "R2", "R3")  # upstream's order of the six frames
 _FrameTuple = tuple[str, str, str, str, str]  # Frame's fields; tuples are cheaper in bulk
 
 
@@ -259,7 +259,7 @@ def _window_frames(upper: bytes, bounds: np.ndarray, chunk_ids: list[str],
         prot = aa[strand][start:start + 3 * codons:3]
         if dropped:
             prot = prot.replace(b"\0", b"")  # codons with a non-ACGT base are dropped
-        kept.append((chunk_ids[k] + _FRAME_NAMES[j], chunk_ids[k], contig_ids[k],
+        kept.append((frame_id(chunk_ids[k], FRAME_NAMES[j]), chunk_ids[k], contig_ids[k],
                      strands[strand][start:stop], prot.decode("ascii")))
     return kept
 
@@ -278,7 +278,7 @@ def _batch_frames(records: list[tuple[str, str]], size: int, mode: str
     offset = 0
     for record_id, seq in records:
         cb = chunk_bounds(len(seq), size, mode)
-        ids += [f"{record_id}_chunk_{k}" for k in range(1, len(cb) + 1)]
+        ids += [chunk_id(record_id, k) for k in range(1, len(cb) + 1)]
         seqs += [seq[s:e] for s, e in cb]
         contig_ids += [record_id] * len(cb)
         bounds += [(offset + s, offset + e) for s, e in cb]
