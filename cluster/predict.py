@@ -16,71 +16,39 @@ Stages, each resumable (`resume=True` skips what a previous run in OUT_DIR finis
                `_predict.json` records what was classified; a resumed complete run is not recomputed.
 4. contigs     contig_predictions.tsv: one verdict per input contig (rule in `contig_rows`).
 
-The join. nucleotide.fasta and protein.faa are written from the same frame list: record i of both is
-frame i, with the same id. Each embedding row carries `id` and `index` (its record ordinal), so
-rows are matched by `index` and every match is checked by id against the other model's row and
-against protein.faa; nothing relies on part-file or row order. Features are DNABERT-S then ESM-2
-(768 + 2560 = 3328 for the real models), as upstream concatenates them.
-
-Memory. The driver never holds all embeddings. DNABERT-S rows (the narrower ones) are scattered by
-index into a disk-backed memmap under OUT_DIR/.work (4*768 bytes per frame on disk); ESM-2 parts
-are then streamed one at a time, joined with their DNABERT-S rows and classified. What stays in
-memory per frame: two float32 scores, a 64-bit id hash and a flag (17 bytes; 10 M frames: 170 MB),
-plus one entry per chunk with frames for the per-chunk maxima (upstream's highest-score file is
-sorted by chunk id, so all chunk ids are needed before it can be written).
+This module holds what needs Ray or the embedding driver: the checks that load the models, calling
+preprocessing, the two embedding jobs and their placement. Stages 3 and 4, the output directory's
+layout and the markers need neither and are virnucpro.predict's (which also says how the two
+embeddings are joined per frame in bounded memory).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
-import shutil
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
-from virnucpro.classifier import (LABELS, ChunkMaxima, PREDICTION_HEADER, load_classifier,
-                                  predict_proba, prediction_lines, write_highest_score_rows)
-from virnucpro.fasta import fasta_ids
-from virnucpro.ids import chunk_of, contig_of
+from virnucpro.classifier import load_classifier
 from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, check_model, resolve_model
-from virnucpro.output import Manifest, atomic_path, atomic_write
-from virnucpro.preprocess import (CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds,
-                                  default_workers, preprocess_fasta)
+from virnucpro.output import Manifest
+from virnucpro.predict import (EMBED_DIRS, Classification, PredictError, forget_markers, prepare_out_dir,
+                               preprocess_params, remove_scratch, reusable_preprocessing, save_preprocess_marker)
+from virnucpro.preprocess import NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds, default_workers, preprocess_fasta
 
 from .driver import EmbedOptions, EmbedResult, embed
 from .session import init_ray
 
 log = logging.getLogger("virnucpro")
 
-PREPROCESS_MARKER = "_preprocess.json"
-PREDICT_MARKER = "_predict.json"
-RESULTS_TXT = "prediction_results.txt"
-HIGHEST_CSV = "prediction_results_highestscore.csv"
-PREDICTIONS_PARQUET = "predictions.parquet"
-CONTIGS_TSV = "contig_predictions.tsv"
-EMBED_DIRS = {DNABERT_S_FAMILY: Path("embeddings") / "dnabert_s", ESM2_FAMILY: Path("embeddings") / "esm2"}
-WORK_DIR = ".work"
 # Ray's GPU share of each model's actor on a GPU they share. Ray does not cap memory or compute by
 # it: both actors use the whole chip; the shares only make Ray place exactly one of each per GPU.
 GPU_SHARE = {ESM2_FAMILY: 0.75, DNABERT_S_FAMILY: 0.25}
-CONTIG_COLUMNS = ("contig_id", "chunks", "classified_chunks", "viral_chunks", "viral_fraction",
-                  "mean_score", "max_score", "label")
-UNCLASSIFIED = "unclassified"
-_ROWS_PER_WRITE = 65536  # frames per block of the output pass (one Parquet row group)
-
-
-class PredictError(RuntimeError):
-    """A predict run that cannot go on; the message says why and what to do."""
 
 
 @dataclass
@@ -166,78 +134,47 @@ class _Run:
                         m.group(1), self.chunk_size)
         if self.opts.gpus_per_actor not in (None, 1.0):
             log.warning("predict places one actor of each model per GPU; --gpus-per-actor is ignored")
+        self.classification = Classification(self.out, self.classifier_path, self.model,
+                                             {f: s.name for f, s in self.sources.items()}, self.dims,
+                                             {f: self._embed_dir(f) for f in EMBED_DIRS})
 
     # --- the pipeline --------------------------------------------------------------------------------
 
     def run(self) -> PredictResult:
-        self._prepare_out_dir()
+        prepare_out_dir(self.out, self.opts.resume, self.opts.overwrite)
         pre = self._preprocess()
         frames = pre["frames"]
-        if self._classification_reusable(pre):
+        cls = self.classification
+        if self.opts.resume and self.stages["preprocess"] == "reused" and cls.reusable(frames):
             self.stages.update({"embed": "skipped", "classify": "reused"})
-            maxima, virus_frames = self._maxima_from_parquet()
+            maxima, virus_frames = cls.maxima_from_parquet()
         elif frames == 0:
             self.stages.update({"embed": "skipped (no frames)", "classify": "computed"})
-            maxima, virus_frames = self._write_frame_outputs(np.zeros((0, 2), np.float32))
-            self._save_predict_marker(pre)
+            maxima, virus_frames = cls.write_frame_outputs(np.zeros((0, 2), np.float32))
+            cls.save_marker(frames)
         else:
             self._embed(pre, reuse_complete=self.stages["preprocess"] == "reused")
-            probs = self._classify(frames)
-            maxima, virus_frames = self._write_frame_outputs(probs)
-            self._save_predict_marker(pre)
+            maxima, virus_frames = cls.write_frame_outputs(cls.classify(frames))
+            cls.save_marker(frames)
             self.stages["classify"] = "computed"
-        rows = maxima.rows()
-        with atomic_path(self.out / HIGHEST_CSV) as tmp:
-            write_highest_score_rows(tmp, rows)
-        labels = self._write_contig_table(maxima)
-        if not self.keep_embeddings:
-            self._remove_embeddings()
-        shutil.rmtree(self.out / WORK_DIR, ignore_errors=True)
-        result = PredictResult(self.out, pre["contigs"], pre["chunks"], frames, virus_frames,
-                               sum(v for _, v in rows), labels, self.stages, self.embed_results,
-                               time.perf_counter() - self.start)
+        virus_chunks = cls.write_highest_scores(maxima)
+        labels = cls.write_contig_table(maxima, self.threshold)
+        remove_scratch(self.out, self.keep_embeddings)
+        result = PredictResult(self.out, pre["contigs"], pre["chunks"], frames, virus_frames, virus_chunks,
+                               labels, self.stages, self.embed_results, time.perf_counter() - self.start)
         log.info("done: %s", result.summary())
         return result
-
-    def _our_paths(self) -> list[Path]:
-        names = [CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, PREPROCESS_MARKER, PREDICT_MARKER,
-                 RESULTS_TXT, HIGHEST_CSV, PREDICTIONS_PARQUET, CONTIGS_TSV, WORK_DIR]
-        return [self.out / n for n in names] + [self.out / d for d in EMBED_DIRS.values()]
-
-    def _prepare_out_dir(self) -> None:
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise PredictError(f"{self.out}: cannot create the output directory ({e.strerror or e})") from None
-        previous = [p for p in self._our_paths() if p.exists()]
-        if previous and self.opts.overwrite:
-            for p in previous:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        elif previous and not self.opts.resume:
-            raise PredictError(f"{self.out}: holds the output of a previous run ({previous[0].name}); use "
-                               f"--resume to finish it or --overwrite to replace it")
 
     # stage 1 -----------------------------------------------------------------------------------------
 
     def _preprocess(self) -> dict:
-        st = self.input.stat()
-        params = {"input": str(self.input.resolve()), "input_bytes": st.st_size,
-                  "input_mtime_ns": st.st_mtime_ns, "chunk_size": self.chunk_size, "chunking": self.chunking}
-        marker_path = self.out / PREPROCESS_MARKER
-        if self.opts.resume and marker_path.is_file():
-            marker = json.loads(marker_path.read_text())
-            if marker.get("params") != params:
-                raise PredictError(f"{self.out}: holds a run on other input or options "
-                                   f"({marker.get('params')}); use --overwrite to replace it")
-            sizes = marker.get("files", {})
-            if all((self.out / n).is_file() and (self.out / n).stat().st_size == s for n, s in sizes.items()):
-                self.stages["preprocess"] = "reused"
-                log.info("preprocess: reusing %s (%d frames)", self.out, marker["frames"])
-                return marker
-            log.warning("%s: preprocessed files changed since they were written; preprocessing again", self.out)
-        # a new preprocessing invalidates any classification made from the previous one
-        (self.out / PREDICT_MARKER).unlink(missing_ok=True)
-        marker_path.unlink(missing_ok=True)
+        params = preprocess_params(self.input, self.chunk_size, self.chunking)
+        marker = reusable_preprocessing(self.out, params) if self.opts.resume else None
+        if marker is not None:
+            self.stages["preprocess"] = "reused"
+            log.info("preprocess: reusing %s (%d frames)", self.out, marker["frames"])
+            return marker
+        forget_markers(self.out)
         workers = self.workers or default_workers(self.input)
         t = time.perf_counter()
         try:
@@ -245,13 +182,8 @@ class _Run:
         except ValueError as e:
             raise PredictError(str(e)) from None
         log.info("preprocess: %s (%.1f s, %d worker(s))", res.summary(), time.perf_counter() - t, workers)
-        marker = {"params": params, "contigs": res.contigs, "chunks": res.chunks, "frames": res.frames,
-                  "chunks_with_frames": res.chunks_with_frames,
-                  "files": {n: (self.out / n).stat().st_size for n in (CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA)}}
-        data = json.dumps(marker, indent=1).encode()
-        atomic_write(marker_path, lambda f: f.write(data))
         self.stages["preprocess"] = "computed"
-        return marker
+        return save_preprocess_marker(self.out, params, res)
 
     # stage 2 -----------------------------------------------------------------------------------------
 
@@ -324,143 +256,6 @@ class _Run:
             raise PredictError(f"--num-actors {n}: the Ray cluster has {gpus} GPU(s)")
         return gpu_layout(n)
 
-    # stage 3 -----------------------------------------------------------------------------------------
-
-    def _parts(self, family: str) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
-        """(ids, index, embeddings [n, D]) of each part of a complete embedding run."""
-        path = self._embed_dir(family)
-        manifest = Manifest.load(path)
-        if manifest is None or not manifest.complete:
-            raise PredictError(f"{path}: the {family} embeddings are not complete")
-        dim = self.dims[family]
-        for name in sorted(manifest.parts):
-            table = pq.read_table(path / name, columns=["id", "index", "embedding"])
-            emb = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            yield (table.column("id").to_pylist(), table.column("index").to_numpy(),
-                   emb.reshape(-1, dim).astype(np.float32, copy=False))
-
-    def _classify(self, n: int) -> np.ndarray:
-        """Join both embeddings by frame and classify; probs [n, 2] in frame (index) order."""
-        t = time.perf_counter()
-        d = self.dims[DNABERT_S_FAMILY]
-        work = self.out / WORK_DIR
-        work.mkdir(exist_ok=True)
-        dna = np.lib.format.open_memmap(work / "dnabert_s.npy", mode="w+", dtype=np.float32, shape=(n, d))
-        self.id_hash = np.zeros(n, np.int64)
-        seen = np.zeros(n, bool)
-        for ids, index, emb in self._parts(DNABERT_S_FAMILY):
-            self._claim(seen, index, n, DNABERT_S_FAMILY)
-            dna[index] = emb
-            self.id_hash[index] = [hash(s) for s in ids]
-        if not seen.all():
-            raise PredictError(f"DNABERT-S embeddings are missing for {int((~seen).sum())} frame(s)")
-        probs = np.zeros((n, 2), np.float32)
-        seen[:] = False
-        for ids, index, emb in self._parts(ESM2_FAMILY):
-            self._claim(seen, index, n, ESM2_FAMILY)
-            bad = np.flatnonzero(self.id_hash[index] != np.fromiter(map(hash, ids), np.int64, len(ids)))
-            if len(bad):
-                raise PredictError(f"frame {int(index[bad[0]])}: ESM-2 row '{ids[bad[0]]}' has no DNABERT-S "
-                                   f"row with the same id; the two embedding runs are of different inputs")
-            order = np.argsort(index)  # sequential reads of the memmap
-            x = np.concatenate([dna[index[order]], emb[order]], axis=1)
-            probs[index[order]] = predict_proba(self.model, x)
-        if not seen.all():
-            raise PredictError(f"ESM-2 embeddings are missing for {int((~seen).sum())} frame(s)")
-        del dna
-        log.info("classified %d frames in %.1f s", n, time.perf_counter() - t)
-        return probs
-
-    @staticmethod
-    def _claim(seen: np.ndarray, index: np.ndarray, n: int, family: str) -> None:
-        if len(index) and (index.min() < 0 or index.max() >= n):
-            raise PredictError(f"{family} embeddings hold frame index {int(index.max())}, but "
-                               f"preprocessing kept {n} frames; rerun with --overwrite")
-        if seen[index].any() or len(np.unique(index)) != len(index):
-            raise PredictError(f"{family} embeddings hold a frame twice; rerun with --overwrite")
-        seen[index] = True
-
-    def _write_frame_outputs(self, probs: np.ndarray) -> tuple[ChunkMaxima, int]:
-        """prediction_results.txt and predictions.parquet in frame order; the per-chunk maxima."""
-        maxima = ChunkMaxima()
-        virus = 0
-        check = getattr(self, "id_hash", None)
-        with atomic_path(self.out / RESULTS_TXT) as txt, atomic_path(self.out / PREDICTIONS_PARQUET) as parquet, \
-                open(txt, "w", encoding="utf-8", newline="\n") as f, \
-                pq.ParquetWriter(parquet, PREDICTIONS_SCHEMA, compression="zstd") as writer:
-            f.write(PREDICTION_HEADER)
-            lo = 0
-            for ids in _blocks(fasta_ids(self.out / PROTEIN_FASTA), _ROWS_PER_WRITE):
-                hi = lo + len(ids)
-                if hi > len(probs):
-                    raise PredictError(f"{PROTEIN_FASTA} has more records than frames were classified")
-                if check is not None and (check[lo:hi] != np.fromiter(map(hash, ids), np.int64, len(ids))).any():
-                    raise PredictError(f"{PROTEIN_FASTA} does not list the embedded frames; rerun with --overwrite")
-                p = probs[lo:hi]
-                f.write(prediction_lines(ids, p))
-                writer.write_table(predictions_table(ids, p))
-                maxima.update(ids, p)
-                virus += int((p[:, 1] > p[:, 0]).sum())
-                lo = hi
-            if lo != len(probs):
-                raise PredictError(f"{PROTEIN_FASTA} has {lo} records, but {len(probs)} frames were classified")
-            if lo == 0:
-                writer.write_table(predictions_table([], probs))
-        return maxima, virus
-
-    def _classifier_identity(self) -> dict:
-        st = self.classifier_path.stat()
-        return {"classifier": str(self.classifier_path.resolve()), "classifier_bytes": st.st_size,
-                "classifier_mtime_ns": st.st_mtime_ns,
-                "models": {f: s.name for f, s in self.sources.items()}, "dims": self.dims}
-
-    def _save_predict_marker(self, pre: dict) -> None:
-        marker = {**self._classifier_identity(), "frames": pre["frames"], "complete": True}
-        data = json.dumps(marker, indent=1).encode()
-        atomic_write(self.out / PREDICT_MARKER, lambda f: f.write(data))
-
-    def _classification_reusable(self, pre: dict) -> bool:
-        path = self.out / PREDICT_MARKER
-        if not (self.opts.resume and self.stages.get("preprocess") == "reused" and path.is_file()):
-            return False
-        marker = json.loads(path.read_text())
-        same = {k: marker.get(k) for k in self._classifier_identity()} == self._classifier_identity()
-        files = all((self.out / n).is_file() for n in (RESULTS_TXT, PREDICTIONS_PARQUET))
-        ok = same and files and marker.get("complete") and marker.get("frames") == pre["frames"]
-        if ok:
-            log.info("classification: reusing %s and %s", RESULTS_TXT, PREDICTIONS_PARQUET)
-        return bool(ok)
-
-    def _maxima_from_parquet(self) -> tuple[ChunkMaxima, int]:
-        maxima, virus = ChunkMaxima(), 0
-        reader = pq.ParquetFile(self.out / PREDICTIONS_PARQUET)
-        for batch in reader.iter_batches(batch_size=_ROWS_PER_WRITE, columns=["frame_id", "score1", "score2"]):
-            p = np.stack([batch.column(1).to_numpy(), batch.column(2).to_numpy()], axis=1)
-            maxima.update(batch.column(0).to_pylist(), p)
-            virus += int((p[:, 1] > p[:, 0]).sum())
-        return maxima, virus
-
-    # stage 4 -----------------------------------------------------------------------------------------
-
-    def _write_contig_table(self, maxima: ChunkMaxima) -> dict[str, int]:
-        counts: dict[str, int] = {}
-
-        with atomic_path(self.out / CONTIGS_TSV) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\t".join(CONTIG_COLUMNS) + "\n")
-            for row in contig_rows(fasta_ids(self.out / CHUNKS_FASTA), maxima, self.threshold):
-                counts[row[-1]] = counts.get(row[-1], 0) + 1
-                f.write("\t".join(map(str, row)) + "\n")
-        return counts
-
-    def _remove_embeddings(self) -> None:
-        for d in EMBED_DIRS.values():
-            shutil.rmtree(self.out / d, ignore_errors=True)
-        try:
-            (self.out / "embeddings").rmdir()  # only if nothing else is in it
-        except OSError:
-            pass
-
-
 def gpu_layout(num_gpus: int, wait_seconds: float = 600) -> tuple[dict[str, dict], object]:
     """EmbedOptions overrides that put one ESM-2 and one DNABERT-S actor on each of `num_gpus` GPUs.
 
@@ -490,74 +285,4 @@ def gpu_layout(num_gpus: int, wait_seconds: float = 600) -> tuple[dict[str, dict
             for f, share in GPU_SHARE.items()}, pg
 
 
-# -----------------------------------------------------------------------------
-# output helpers
-
-PREDICTIONS_SCHEMA = pa.schema([
-    pa.field("frame_id", pa.string(), nullable=False),  # `id` in the embeddings; upstream's Sequence_ID
-    pa.field("chunk_id", pa.string(), nullable=False),
-    pa.field("contig_id", pa.string(), nullable=False),
-    pa.field("score1", pa.float32(), nullable=False),  # P(others)
-    pa.field("score2", pa.float32(), nullable=False),  # P(virus)
-    pa.field("label", pa.string(), nullable=False),  # virus if score2 > score1 (upstream's Prediction)
-])
-
-
-def predictions_table(ids: list[str], probs: np.ndarray) -> pa.Table:
-    chunks = [chunk_of(i) for i in ids]
-    return pa.Table.from_arrays([
-        pa.array(ids, pa.string()), pa.array(chunks, pa.string()),
-        pa.array([contig_of(c) for c in chunks], pa.string()),
-        pa.array(probs[:, 0], pa.float32()), pa.array(probs[:, 1], pa.float32()),
-        pa.array([LABELS[int(v)] for v in probs[:, 1] > probs[:, 0]], pa.string()),
-    ], schema=PREDICTIONS_SCHEMA)
-
-
-def contig_rows(chunk_ids, maxima: ChunkMaxima, threshold: float) -> Iterator[tuple]:
-    """contig_predictions.tsv rows, one per contig, in input order, from chunks.fasta's ids.
-
-    A chunk's virus score is the highest score2 (P(virus)) among its kept frames; a chunk without
-    any stop-free frame has no score. Per contig:
-      chunks             all chunks of the contig
-      classified_chunks  chunks with a score
-      viral_chunks       chunks whose score >= threshold
-      viral_fraction     viral_chunks / classified_chunks
-      mean_score         mean chunk score; max_score: the highest chunk score
-      label              `virus` if mean_score >= threshold, else `others`; `unclassified` when no
-                         chunk has a score (NA in the score columns)
-    """
-    def row(contig: str, scores: list[float], n: int) -> tuple:
-        if not scores:
-            return (contig, n, 0, 0, "NA", "NA", "NA", UNCLASSIFIED)
-        viral = sum(s >= threshold for s in scores)
-        mean = math.fsum(scores) / len(scores)
-        return (contig, n, len(scores), viral, f"{viral / len(scores):.4f}", f"{mean:.6f}",
-                f"{max(scores):.6f}", LABELS[int(mean >= threshold)])
-
-    current, scores, n = None, [], 0
-    for chunk in chunk_ids:
-        contig = contig_of(chunk)
-        if contig != current:
-            if current is not None:
-                yield row(current, scores, n)
-            current, scores, n = contig, [], 0
-        n += 1
-        m = maxima.maxima(chunk)
-        if m is not None:
-            scores.append(float(m[1]))
-    if current is not None:
-        yield row(current, scores, n)
-
-
-def _blocks(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    block = []
-    for item in items:
-        block.append(item)
-        if len(block) == size:
-            yield block
-            block = []
-    if block:
-        yield block
-
-
-__all__ = ["predict", "PredictResult", "PredictError", "contig_rows", "gpu_layout"]
+__all__ = ["predict", "PredictResult", "PredictError", "gpu_layout"]

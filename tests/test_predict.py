@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cluster.predict import (CONTIG_COLUMNS, EMBED_DIRS, PredictError, contig_rows, fasta_ids,
-                             predict)
+from cluster.predict import PredictError, predict
 from tests.conftest import UPSTREAM_CLASSIFIER_CLASS
 from virnucpro.classifier import ChunkMaxima, MLPClassifier
+from virnucpro.fasta import fasta_ids, iter_records
 from virnucpro.output import MANIFEST, read_embeddings
-from virnucpro.fasta import iter_records
+from virnucpro.predict import CONTIG_COLUMNS, EMBED_DIRS, contig_rows
 from virnucpro.preprocess import chunk_bounds
 
 pytestmark = pytest.mark.slow
@@ -261,6 +261,58 @@ def test_contig_rule_at_the_threshold():
     # b: 0.25 and 0.75 (b_chunk_2 has no frame) -> mean 0.5 -> others, though one chunk passes
     assert rows["b"][:4] == ("b", 3, 2, 1) and rows["b"][-1] == "others"
     assert rows["c"] == ("c", 1, 0, 0, "NA", "NA", "NA", "unclassified")
+
+
+def _embedding_run(path: Path, ids: list[str], emb: np.ndarray, family: str, parts: list[list[int]]) -> None:
+    """An embedding run as the driver writes it: parts holding the given frame indices, a manifest."""
+    from virnucpro.output import Manifest, write_part
+
+    path.mkdir(parents=True)
+    names = {}
+    for b, index in enumerate(parts):
+        index = np.array(index)
+        name, rows = write_part(path, b, [ids[i] for i in index], index, np.full(len(index), 10),
+                                np.zeros(len(index), bool), emb[index], family)
+        names[name] = rows
+    Manifest(family, family, emb.shape[1], "in", "f", len(ids), len(parts), parts=names, complete=True).save(path)
+
+
+def test_classification_joins_by_index_without_ray(tmp_path):
+    """Stages 3-4 on hand-made embedding runs: rows joined by index whatever the parts' order, scores
+    as the MLP gives them, the marker, and an ESM-2 run of other frames refused."""
+    from virnucpro.classifier import predict_proba
+    from virnucpro.predict import Classification
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ids = [f"c{k}_chunk_{j}{f}" for k in (1, 2) for j in (1, 2) for f in ("F1", "R3")]
+    (out / "protein.faa").write_text("".join(f">{i}\nMKV\n" for i in ids))
+    (out / "chunks.fasta").write_text("".join(f">c{k}_chunk_{j}\nACGT\n" for k in (1, 2, 3) for j in (1, 2)))
+    rng = np.random.default_rng(0)
+    dna, esm = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(size=(8, 6)).astype(np.float32)
+    _embedding_run(out / EMBED_DIRS["dnabert_s"], ids, dna, "dnabert_s", [[5, 0, 7], [1, 2, 3, 4, 6]])
+    _embedding_run(out / EMBED_DIRS["esm2"], ids, esm, "esm2", [[3, 2], [7, 6, 5, 4, 1, 0]])
+    torch.manual_seed(0)
+    model = MLPClassifier(10, 8, 2).eval()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    cls = Classification(out, tmp_path / "m.pth", model, {"dnabert_s": "d", "esm2": "e"}, {"dnabert_s": 4, "esm2": 6})
+
+    probs = cls.classify(len(ids))
+    np.testing.assert_allclose(probs, predict_proba(model, np.concatenate([dna, esm], axis=1)), atol=1e-6)
+    maxima, virus = cls.write_frame_outputs(probs)
+    assert [r[0] for r in read_tsv(out / "prediction_results.txt")[1:]] == ids
+    assert virus == int((probs[:, 1] > probs[:, 0]).sum()) and len(maxima) == 4
+    assert cls.write_highest_scores(maxima) == sum(v for _, v in maxima.rows())
+    labels = cls.write_contig_table(maxima, 0.5)
+    assert sum(labels.values()) == 3 and labels.get("unclassified") == 1  # c3 has no frame
+    assert not cls.reusable(len(ids))
+    cls.save_marker(len(ids))
+    assert cls.reusable(len(ids)) and not cls.reusable(len(ids) + 1)
+
+    shutil.rmtree(out / EMBED_DIRS["esm2"])
+    _embedding_run(out / EMBED_DIRS["esm2"], ids[::-1], esm, "esm2", [list(range(8))])
+    with pytest.raises(PredictError, match="has no DNABERT-S row with the same id"):
+        cls.classify(len(ids))
 
 
 # -----------------------------------------------------------------------------
