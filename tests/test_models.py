@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch
 from tests.conftest import fair_esm_pooled, fair_esm_reference, random_dna, random_proteins
 from tests.reference_dnabert import reference_dnabert_embed
 from virnucpro.attention import Packing
-from virnucpro.models import CheckpointError, load_model, load_tokenizer, resolve_model
+from virnucpro.models import (DNABERT_S_FAMILY, ESM2_FAMILY, FAMILIES, CheckpointError, ModelSource, check_model,
+                              default_toks_per_batch, load_model, load_tokenizer, resolve_model)
 from virnucpro.models.dnabert_s import DNABERTSTokenizer, load_dnabert_s
 from virnucpro.models.esm2 import ALPHABET, MASK, ESM2Tokenizer, load_esm2
 from virnucpro.tiny import write_dnabert_s_dir, write_esm2_checkpoint
@@ -221,3 +223,30 @@ def test_load_model_and_tokenizer_by_source(esm_tiny, dnabert_tiny):
         tok = load_tokenizer(src)
         out = ours_pooled(model, tok, ["ACGTACGT", "MKV"] if src.family == "dnabert_s" else ["MKV", "ACDE"])
         assert out.shape == (2, model.dim) and torch.isfinite(out).all()
+
+
+def test_family_registry_describes_each_model(esm_tiny, dnabert_tiny):
+    from virnucpro.models.family import ModelFamily
+    from virnucpro.sequences import DNA, PROTEIN
+
+    assert (ESM2_FAMILY, DNABERT_S_FAMILY) == ("esm2", "dnabert_s")
+    assert list(FAMILIES) == ["esm2", "dnabert_s"]
+    assert all(isinstance(f, ModelFamily) and FAMILIES[f.name] is f for f in FAMILIES.values())
+    esm, dna = resolve_model(esm_tiny), resolve_model(dnabert_tiny)
+    assert (esm.model_family, dna.model_family) == (FAMILIES["esm2"], FAMILIES["dnabert_s"])
+    assert (esm.sequence_kind, dna.sequence_kind) == (PROTEIN, DNA)
+    assert (check_model(esm), check_model(dna)) == (64, 48)  # conftest's tiny models
+    assert isinstance(load_tokenizer(esm, 100), ESM2Tokenizer) and load_tokenizer(esm, 100).max_residues == 100
+    assert isinstance(load_tokenizer(dna), DNABERTSTokenizer)
+    # a model directory is claimed by its config.json; ESM-2 never comes as one
+    assert FAMILIES["esm2"].claims_dir is None
+    claims = FAMILIES["dnabert_s"].claims_dir
+    assert claims({"model_type": "bert", "hidden_size": 768}) and claims({"hidden_size": 768})
+    assert not claims({"model_type": "gpt2", "hidden_size": 768}) and not claims({"model_type": "bert"})
+
+
+def test_default_token_budgets():
+    esm = ModelSource(ESM2_FAMILY, Path("m.pt"), "m")
+    dna = ModelSource(DNABERT_S_FAMILY, Path("d"), "d")
+    assert [default_toks_per_batch(s, "cpu") for s in (esm, dna)] == [4096, 4096]
+    assert [default_toks_per_batch(s, "cuda") for s in (esm, dna)] == [65536, 262144]

@@ -7,6 +7,10 @@ A MODEL argument is one of:
   * a Hugging Face id (`zhihan1996/DNABERT-S`), looked up in the HF cache (HF_HUB_CACHE, or
     HF_HOME/hub, or ~/.cache/huggingface/hub); nothing is downloaded;
   * a local directory with `config.json`, weights and `tokenizer.json`.
+
+What differs between model families (tokenizer, loader, checker, input alphabet, default batch size,
+which model directories are theirs) is each family's `ModelFamily`, defined in its module and listed
+in FAMILIES below; the functions here look it up by `ModelSource.family`.
 """
 
 from __future__ import annotations
@@ -18,23 +22,34 @@ from pathlib import Path
 
 import torch
 
-from ..sequences import DNA, PROTEIN
-from .dnabert_s import DNABERTS, DNABERTSTokenizer, check_dnabert_s, load_dnabert_s
-from .esm2 import ESM2, ESM2Tokenizer, CheckpointError, check_esm2, load_esm2
+from . import dnabert_s, esm2
+from .dnabert_s import DNABERTS
+from .esm2 import ESM2, CheckpointError
+from .family import ModelFamily
 
-ESM2_FAMILY = "esm2"
-DNABERT_S_FAMILY = "dnabert_s"
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
+    esm2.FAMILY,
+    dnabert_s.FAMILY,
+)}
+ESM2_FAMILY = esm2.FAMILY.name  # "esm2"
+DNABERT_S_FAMILY = dnabert_s.FAMILY.name  # "dnabert_s"
+# a batch's token budget on CPU, for every family: CPU batches stay small for memory locality
+CPU_TOKS_PER_BATCH = 4096
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    family: str  # "esm2" or "dnabert_s"
+    family: str  # a key of FAMILIES: "esm2" or "dnabert_s"
     path: Path  # the .pt file or the model directory
     name: str  # what the user asked for, recorded in the output
 
     @property
+    def model_family(self) -> ModelFamily:
+        return FAMILIES[self.family]
+
+    @property
     def sequence_kind(self) -> str:
-        return PROTEIN if self.family == ESM2_FAMILY else DNA
+        return self.model_family.sequence_kind
 
 
 def _torch_hub_dir() -> Path:
@@ -57,16 +72,20 @@ def _hf_snapshot(repo_id: str) -> Path | None:
 
 
 def _family_of_dir(path: Path) -> str:
+    """The family whose model directory this is, by its config.json."""
     config = path / "config.json"
     if not config.is_file():
         raise CheckpointError(f"{path}: a model directory needs config.json, weights and tokenizer.json")
     raw = json.loads(config.read_text())
     model_type = str(raw.get("model_type", "")).lower()
     if model_type == "esm" or "EsmModel" in str(raw.get("architectures")):
+        # ESM-2 is read from fair-esm checkpoints only (see the module docstring)
         raise CheckpointError(f"{path}: a Hugging Face ESM directory; give the fair-esm .pt checkpoint instead")
-    if model_type not in ("bert", "") or "hidden_size" not in raw:
-        raise CheckpointError(f"{path}: config.json describes a '{model_type}' model, not DNABERT-S")
-    return DNABERT_S_FAMILY
+    for family in FAMILIES.values():
+        if family.claims_dir is not None and family.claims_dir(raw):
+            return family.name
+    readers = " or ".join(f.title for f in FAMILIES.values() if f.claims_dir is not None)
+    raise CheckpointError(f"{path}: config.json describes a '{model_type}' model, not {readers}")
 
 
 def resolve_model(spec: str | Path) -> ModelSource:
@@ -96,27 +115,27 @@ def resolve_model(spec: str | Path) -> ModelSource:
 
 def load_tokenizer(source: ModelSource, truncation_seq_length: int | None = 1022):
     """The tokenizer alone: cheap, picklable, used by the driver's data-loading workers."""
-    if source.family == ESM2_FAMILY:
-        return ESM2Tokenizer(truncation_seq_length)
-    return DNABERTSTokenizer(source.path, truncation_seq_length)
+    return source.model_family.tokenizer(source.path, truncation_seq_length)
 
 
 def load_model(source: ModelSource, device: torch.device | str, dtype: torch.dtype,
                attention_backend: str = "auto") -> ESM2 | DNABERTS:
-    if source.family == ESM2_FAMILY:
-        return load_esm2(source.path, device, dtype, attention_backend=attention_backend)
-    return load_dnabert_s(source.path, device, dtype, attention_backend=attention_backend)
+    return source.model_family.load(source.path, device, dtype, attention_backend)
 
 
 def check_model(source: ModelSource) -> int:
     """Check the model's weights (names and shapes) against its architecture without loading them;
     returns the embedding width. The driver calls this before starting Ray, so a wrong or damaged
     checkpoint fails at once with a CheckpointError, not after the actors are up."""
-    if source.family == ESM2_FAMILY:
-        return check_esm2(source.path).embed_dim
-    return check_dnabert_s(source.path).hidden_size
+    return source.model_family.check(source.path)
 
 
-__all__ = ["ModelSource", "resolve_model", "load_tokenizer", "load_model", "check_model",
-           "CheckpointError",
+def default_toks_per_batch(source: ModelSource, device: str) -> int:
+    """Tokens per batch when --toks-per-batch is not given: on a GPU ("cuda") the family's budget,
+    elsewhere CPU_TOKS_PER_BATCH."""
+    return source.model_family.gpu_toks_per_batch if device == "cuda" else CPU_TOKS_PER_BATCH
+
+
+__all__ = ["ModelSource", "ModelFamily", "FAMILIES", "resolve_model", "load_tokenizer", "load_model",
+           "check_model", "default_toks_per_batch", "CheckpointError", "CPU_TOKS_PER_BATCH",
            "ESM2", "DNABERTS", "ESM2_FAMILY", "DNABERT_S_FAMILY"]

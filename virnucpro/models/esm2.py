@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Backend, Packing, attention, keep_out_of_compile, select_backend
+from ..sequences import PROTEIN
+from .family import ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -321,3 +323,23 @@ def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     log.info("ESM-2 %d layers x %d dim from %s on %s/%s: %s", n, config.embed_dim, Path(path).name,
              device, str(dtype).removeprefix("torch."), model.backend.describe())
     return model.eval().requires_grad_(False)
+
+
+def _tokenizer(path: Path, truncation_seq_length: int | None) -> ESM2Tokenizer:
+    return ESM2Tokenizer(truncation_seq_length)  # the alphabet is fixed: nothing to read from the checkpoint
+
+
+def _load(path: Path, device: torch.device | str, dtype: torch.dtype, attention_backend: str) -> ESM2:
+    return load_esm2(path, device, dtype, attention_backend=attention_backend)
+
+
+def _embed_dim(path: Path) -> int:
+    return check_esm2(path).embed_dim
+
+
+FAMILY = ModelFamily(
+    name=ESM2.family, title="ESM-2", sequence_kind=PROTEIN, tokenizer=_tokenizer, load=_load, check=_embed_dim,
+    # on a GPU the actor's budget is what fills the chip (see bench/) without risking memory on 40 GB cards
+    gpu_toks_per_batch=65536,
+    claims_dir=None,  # read from fair-esm .pt checkpoints, not model directories (see models.resolve_model)
+)
