@@ -4,8 +4,8 @@ Two tables:
   * REFUSED: each case ends in exit code 1 and exactly one line `virnucpro: error: ...` naming the
     file (and the record, where there is one) and the cause; never a traceback, and nothing written
     but the output directory's own checks. All but one fail before Ray is needed.
-  * HANDLED: input with a documented handling (README "Input rules"): the run succeeds, the handling is
-    logged where the README says so, and the output rows show it.
+  * HANDLED: input with a documented handling (docs/embedding.md, "Input rules"): the run succeeds, the handling is
+    logged where docs/embedding.md says so, and the output rows show it.
 
 More detail elsewhere: block boundaries, positions and trailing '*' (tests/test_sequences.py),
 checkpoint loaders (tests/test_models.py), the classifier's unpickler (tests/test_classifier.py),

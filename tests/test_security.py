@@ -1,4 +1,4 @@
-"""Safe defaults (README "Threat model"):
+"""Safe defaults (docs/SECURITY.md):
 
   * a local Ray started by the driver has token authentication on and its dashboard / job API on
     loopback, refusing requests without the token (a running head with token auth and a job

@@ -16,7 +16,7 @@ first whitespace (it may hold '/', '|', non-ASCII letters: ids are data, never u
 headers must be UTF-8, at most 1 MiB, and hold an id. Whitespace inside sequence lines (CR, spaces, tabs) is ignored; blank lines
 before the first header are allowed.
 
-Validation rules (documented in the README):
+Validation rules (documented in docs/embedding.md, "Input rules"):
   * protein: letters are upper-cased; `J` (not in ESM-2's vocabulary, fair-esm fails on it) is read
     as `X`, the unknown residue; `B`, `Z`, `U`, `O`, `X` are ESM-2 tokens; one trailing `*` (a stop codon written by
     translators) is removed; any other character (digits, `-`, `.`, an internal `*`, punctuation) is an error naming record and character.
