@@ -41,8 +41,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError, WorkerC
 
 from actors.embedder import ActorConfig, BatchError, Embedder, PartResult
 from virnucpro.batching import Plan, TokenBatch, make_batch, plan_fingerprint, token_counts
-from virnucpro.models import ModelSource, check_model, load_tokenizer, resolve_model
-from virnucpro.models import DNABERT_S_FAMILY  # TEMP
+from virnucpro.models import ModelSource, check_model, default_toks_per_batch, load_tokenizer, resolve_model
 from virnucpro.options import EmbedOptions, default_dataloader_workers
 from virnucpro.output import MANIFEST, Manifest, OutputLocation
 from virnucpro.sequences import FastaIndex
@@ -219,12 +218,6 @@ def _collect(run: _Dispatcher, manifest: Manifest, out: OutputLocation, plan: Pl
             manifest.save(out)
     progress.close()
     return totals
-
-
-def default_toks_per_batch(source, device):  # TEMP until virnucpro.models has it
-    if device == "cuda":
-        return 262144 if source.family == DNABERT_S_FAMILY else 65536
-    return 4096
 
 
 class _Totals:

@@ -41,8 +41,8 @@ from virnucpro.predict import (EMBED_DIRS, Classification, PredictError, forget_
                                preprocess_params, remove_scratch, reusable_preprocessing, save_preprocess_marker)
 from virnucpro.preprocess import NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds, default_workers, preprocess_fasta
 
-from .driver import EmbedOptions, EmbedResult, embed
-from .session import init_ray
+from .driver import EmbedOptions, EmbedResult, run_embed
+from .session import Placement, init_ray
 
 log = logging.getLogger("virnucpro")
 
@@ -214,12 +214,9 @@ class _Run:
             jobs = {}
             with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="virnucpro-embed") as pool:
                 for i, family in enumerate(todo):
-                    kw = {k.name: getattr(self.opts, k.name) for k in fields(EmbedOptions)}
-                    kw.update(layout[family])
-                    kw["progress"] = self.opts.progress if i == 0 else False  # one progress line
-                    kw["resume"] = self.opts.resume
-                    jobs[family] = pool.submit(embed, inputs[family], self._embed_dir(family),
-                                               self.sources[family].name, **kw)
+                    opts = self.opts.replace(**layout[family], progress=self.opts.progress if i == 0 else False)
+                    jobs[family] = pool.submit(run_embed, inputs[family], self._embed_dir(family),
+                                               self.sources[family].name, opts)
                 errors = []
                 for family, fut in jobs.items():
                     try:
@@ -240,21 +237,17 @@ class _Run:
 
     def _layout(self, num_jobs: int) -> tuple[dict[str, dict], object]:
         """Per-model EmbedOptions overrides, and the placement group made for them (GPU only)."""
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
-        device = self.opts.device if self.opts.device != "auto" else ("cuda" if gpus else "cpu")
-        if device == "cuda" and gpus == 0:
-            raise PredictError("--device cuda, but the Ray cluster has no GPU resources")
-        n = self.opts.num_actors or (gpus if device == "cuda" else 1)
-        if device != "cuda":
+        place = Placement.of(self.opts.replace(gpus_per_actor=None))  # one actor of each model per GPU
+        if place.device != "cuda":
             # both jobs' actors must fit at once: an actor holds its CPUs until its job ends, so two
             # jobs each waiting for CPUs the other holds would never start
-            opts = {"num_cpus": min(1.0, cpus / (num_jobs * n))}
-            return {f: {"device": device, "num_actors": n, "gpus_per_actor": None,
+            opts = {"num_cpus": min(1.0, place.cluster_cpus / (num_jobs * place.num_actors))}
+            return {f: {"device": place.device, "num_actors": place.num_actors, "gpus_per_actor": None,
                         "actor_options": lambda i, o=opts: o} for f in GPU_SHARE}, None
-        if n > gpus:
-            raise PredictError(f"--num-actors {n}: the Ray cluster has {gpus} GPU(s)")
-        return gpu_layout(n)
+        if place.num_actors > place.cluster_gpus:
+            raise PredictError(f"--num-actors {place.num_actors}: the Ray cluster has {place.cluster_gpus:g} GPU(s)")
+        return gpu_layout(place.num_actors)
+
 
 def gpu_layout(num_gpus: int, wait_seconds: float = 600) -> tuple[dict[str, dict], object]:
     """EmbedOptions overrides that put one ESM-2 and one DNABERT-S actor on each of `num_gpus` GPUs.

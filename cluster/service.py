@@ -19,7 +19,7 @@ import sys
 import time
 
 from actors.embedder import ActorConfig
-from virnucpro.models import check_model, resolve_model
+from virnucpro.models import check_model, default_toks_per_batch, resolve_model
 from virnucpro.options import EmbedOptions
 
 from .pool import ActorPool
@@ -73,7 +73,7 @@ def start_service(model: str, name: str = DEFAULT_NAME, replicas: int = 1, gpus_
     source = resolve_model(model)
     check_model(source)  # a bad checkpoint fails here, not in every replica
     place = Placement.of(opts.replace(gpus_per_actor=gpus_per_replica, num_actors=replicas))
-    toks = opts.toks_per_batch or _default_toks(source, place.device)
+    toks = opts.toks_per_batch or default_toks_per_batch(source, place.device)
     config = ServiceConfig(ActorConfig(source, None, place.device, opts), toks_per_batch=toks,
                            labels={"model": source.name, "family": source.family, "created": time.time(),
                                    "toks_per_batch": toks}, **({"actor_class": actor_class} if actor_class else {}))
@@ -85,12 +85,6 @@ def start_service(model: str, name: str = DEFAULT_NAME, replicas: int = 1, gpus_
     log.info("starting service '%s': %d replica(s) of %s on %s", name, replicas, source.name, place.device)
     serve.run(deployment.bind(config), name=name, route_prefix=f"/{name}", blocking=False)
     return next(s for s in service_status() if s["name"] == name)
-
-
-def _default_toks(source, device: str) -> int:
-    from .driver import default_toks_per_batch
-
-    return default_toks_per_batch(source, device)
 
 
 def service_status(name: str | None = None) -> list[dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,16 +54,21 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1") -> 
     """`init_ray` in the background: Ray takes seconds to start (and to import), time the caller spends
     on its own imports, checking the model and indexing the input. The future says whether it connected.
 
-    The thread stays alive until the process ends: Ray's local processes (GCS, raylet) die with the
+    The thread stays alive until Ray is shut down: Ray's local processes (GCS, raylet) die with the
     thread that started them (Linux's parent-death signal is per thread)."""
     future: Future = Future()
 
     def run() -> None:
         try:
-            future.set_result(init_ray(address, dashboard_host))
+            connected = init_ray(address, dashboard_host)
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits for Ray
             future.set_exception(e)
-        threading.Event().wait()  # never set: keep Ray's child processes' parent thread alive
+            return
+        future.set_result(connected)
+        import ray
+
+        while connected and ray.is_initialized():  # until this connection's ray.shutdown()
+            time.sleep(1.0)
 
     threading.Thread(target=run, name="virnucpro-ray", daemon=True).start()
     return future
