@@ -21,7 +21,7 @@ from Bio.Data import CodonTable
 from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
 
-from virnucpro import ids
+from virnucpro import fasta, ids
 from virnucpro import preprocess as pp
 from virnucpro.fasta import iter_records
 
@@ -327,7 +327,7 @@ FASTA_TEXTS = [
 
 
 @pytest.mark.parametrize("text", FASTA_TEXTS)
-def test_iter_fasta_parses_like_biopython(tmp_path, text):
+def test_iter_records_parses_like_biopython(tmp_path, text):
     path = tmp_path / "x.fasta"
     path.write_text(text, encoding="utf-8")
     # Bio 1.88 refuses leading blank lines, which we skip; CRLF read in text mode as Bio would
@@ -337,7 +337,7 @@ def test_iter_fasta_parses_like_biopython(tmp_path, text):
         assert list(iter_records(path, block_size=block_size)) == want, block_size
 
 
-def test_iter_fasta_random_files_any_block_size(tmp_path):
+def test_iter_records_random_files_any_block_size(tmp_path):
     rng = random.Random(3)
     records = contig_set(seed=5, size=300)[:40] + [("empty", ""), ("gt", "AC>GT")]
     path = tmp_path / "x.fasta"
@@ -346,7 +346,25 @@ def test_iter_fasta_random_files_any_block_size(tmp_path):
         assert list(iter_records(path, block_size=block_size)) == records
 
 
-def test_iter_fasta_rejects_bad_input(tmp_path):
+@pytest.mark.parametrize("text", FASTA_TEXTS)
+def test_scanner_events_and_id_listing_for_any_block_size(tmp_path, text):
+    """virnucpro.fasta.scan: one header event per line starting with '>', at that line's offset, and the
+    text between headers, however the blocks cut it; fasta_ids lists the same ids as iter_records."""
+    path = tmp_path / "x.fasta.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(text.encode())
+    data = text.encode()
+    starts = [i for i in range(len(data)) if data[i:i + 1] == b">" and (i == 0 or data[i - 1:i] == b"\n")]
+    for block_size in (1, 2, 3, 7, 1 << 20):
+        with fasta.open_fasta(path) as f:
+            events = list(fasta.scan(f, block_size))
+        assert [o for o, h, _ in events if h is not None] == starts, block_size
+        assert b"".join((b">" + h + b"\n" if h is not None else b"") + t for _, h, t in events).rstrip(b"\n") \
+            == data.rstrip(b"\n")
+    assert list(fasta.fasta_ids(path)) == [rid for rid, _ in iter_records(path)]
+
+
+def test_iter_records_rejects_bad_input(tmp_path):
     path = tmp_path / "x.fasta"
     path.write_text("junk before\n>a\nACGT\n")
     with pytest.raises(ValueError, match="before the first FASTA header"):
