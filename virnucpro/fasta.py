@@ -126,6 +126,7 @@ def iter_records(path: str | os.PathLike, block_size: int = READ_BLOCK) -> Itera
 
 
 def _bio_records(events: Iterable[Event]) -> Iterator[tuple[str, str]]:
+    """(id, sequence) per record of `scan`'s events, by Bio.SeqIO's rules (see `iter_records`)."""
     header: bytes | None = None
     pieces: list[bytes] = []
     for _, starts, text in events:
