@@ -176,12 +176,8 @@ def _scan(path: Path, kind: str | None, collect: bool = False) -> Iterator[_Scan
     """
     try:
         f = open_fasta(path)
-    except FileNotFoundError:
-        raise SequenceError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SequenceError(f"{path}: is a directory, not a FASTA file") from None
     except OSError as e:
-        raise SequenceError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise _unreadable(path, e) from None
     with f:
         try:
             yield from _validated(f, path, kind, collect)
@@ -360,15 +356,22 @@ def _duplicate_ids(path: Path, offsets: np.ndarray, hashes: np.ndarray, scratch_
     return [rid for rid, n in seen.items() if n > 1]
 
 
+def _unreadable(path: Path, e: OSError) -> SequenceError:
+    """An input that cannot be opened, in one line."""
+    if isinstance(e, FileNotFoundError):
+        return SequenceError(f"{path}: no such file")
+    if isinstance(e, IsADirectoryError):
+        return SequenceError(f"{path}: is a directory, not a FASTA file")
+    return SequenceError(f"{path}: cannot read ({e.strerror or e})")
+
+
 def _plain_copy(path: Path, scratch_dir: str | Path) -> Path:
     """`path` itself, or for gzip input a decompressed copy in scratch_dir: the index reads records
     back by byte offset, and a gzip stream cannot seek."""
     try:
         compressed = is_gzip(path)
-    except FileNotFoundError:
-        raise SequenceError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SequenceError(f"{path}: is a directory, not a FASTA file") from None
+    except OSError as e:
+        raise _unreadable(path, e) from None
     if not compressed:
         return path
     source = Path(scratch_dir) / (path.name.removesuffix(".gz") + ".plain")
