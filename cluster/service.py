@@ -147,7 +147,10 @@ def service_pool(name: str, out_uri: str, per_replica: int) -> ActorPool:
     from ray import serve
 
     handle = serve.get_deployment_handle(DEPLOYMENT, app_name=name)
-    status = service_status(name)
-    replicas = max(1, status[0]["replicas"].get("RUNNING", 0) if status else 1)
+    # the replica count only: service_status would also ask a replica for its labels, which the job's
+    # driver already has from describe_service
+    app = serve.status().applications.get(name)
+    deployment = app.deployments.get(DEPLOYMENT) if app else None
+    replicas = max(1, deployment.replica_states.get("RUNNING", 0) if deployment else 1)
     return ActorPool(lambda i: _Replicas(handle, out_uri), replicas, per_replica, f"service '{name}'",
                      kill=lambda actor: None)  # the replicas are the service's, not the job's
