@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +40,6 @@ class ServiceConfig:
     max_request_sequences: int = 10_000
     max_request_bytes: int = 16 << 20
     toks_per_batch: int = 65536  # budget of the batches an HTTP request is cut into
-    labels: dict = field(default_factory=dict)  # shown by `virnucpro serve status`
     actor_class: type = Embedder  # what each replica runs (a subclass, in the tests' fault injection)
 
 
@@ -56,7 +55,8 @@ class EmbeddingService:
     async def describe(self) -> dict:
         """What a job's driver needs: the model (to plan and fingerprint), its tokenizer, the replica."""
         return {"source": self.config.actor.source, "tokenizer": self.tokenizer, "dim": self.embedder.model.dim,
-                "options": self.config.actor.options, "info": self.embedder.info(), "labels": self.config.labels}
+                "options": self.config.actor.options, "toks_per_batch": self.config.toks_per_batch,
+                "info": self.embedder.info()}
 
     async def prepare(self, largest_batch: np.ndarray | None = None) -> dict:
         return await asyncio.to_thread(self.embedder.prepare, largest_batch)

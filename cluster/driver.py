@@ -275,7 +275,7 @@ class _Target:
                      options.truncation_seq_length)
         pool = service_pool(opts.service, out.uri, options.cuda_streams + 1)
         target = cls(source, info["tokenizer"], info["dim"], options.truncation_seq_length,
-                     info["labels"].get("toks_per_batch") or 65536, info["info"]["device"].split(":")[0], pool.size)
+                     info["toks_per_batch"], info["info"]["device"].split(":")[0], pool.size)
         log.info("service '%s': %s on %d replica(s)", opts.service, source.name, pool.size)
         return target, pool
 

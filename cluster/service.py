@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 from actors.embedder import ActorConfig
 from virnucpro.models import check_model, default_toks_per_batch, resolve_model
@@ -75,8 +74,7 @@ def start_service(model: str, name: str = DEFAULT_NAME, replicas: int = 1, gpus_
     place = Placement.of(opts.replace(gpus_per_actor=gpus_per_replica, num_actors=replicas))
     toks = opts.toks_per_batch or default_toks_per_batch(source, place.device)
     config = ServiceConfig(ActorConfig(source, None, place.device, opts), toks_per_batch=toks,
-                           labels={"model": source.name, "family": source.family, "created": time.time(),
-                                   "toks_per_batch": toks}, **({"actor_class": actor_class} if actor_class else {}))
+                           **({"actor_class": actor_class} if actor_class else {}))
     serve.start(http_options={"host": http_host, "port": http_port})
     deployment = serve.deployment(EmbeddingService).options(
         name=DEPLOYMENT, num_replicas=replicas, max_ongoing_requests=MAX_ONGOING_REQUESTS,
@@ -96,11 +94,12 @@ def service_status(name: str | None = None) -> list[dict]:
         deployment = app.deployments.get(DEPLOYMENT)
         if deployment is None or (name is not None and app_name != name):
             continue
-        labels = {}
+        model = toks = None
         if deployment.status == "HEALTHY":
-            labels = serve.get_app_handle(app_name).describe.remote().result(timeout_s=30).get("labels", {})
+            info = serve.get_app_handle(app_name).describe.remote().result(timeout_s=30)
+            model, toks = info["source"].name, info["toks_per_batch"]
         out.append({"name": app_name, "status": str(app.status), "replicas": dict(deployment.replica_states),
-                    "route": f"/{app_name}", "model": labels.get("model"), "toks_per_batch": labels.get("toks_per_batch")})
+                    "route": f"/{app_name}", "model": model, "toks_per_batch": toks})
     return out
 
 
