@@ -151,7 +151,6 @@ def test_http_needs_the_token_and_answers_json_and_arrow(service, tmp_path):
     reply = json.loads(data)
     assert reply["ids"] == ["p1", "p2"] and len(reply["embeddings"]) == 2 and reply["dim"] == 64
     # the same vectors as a job writes, for the same sequences
-    write_fasta(tmp_path / "h.faa", list(seqs.values()), prefix="p")
     (tmp_path / "h.faa").write_text("".join(f">{k}\n{v}\n" for k, v in seqs.items()))
     embed(tmp_path / "h.faa", tmp_path / "h", None, service="svc", progress=False)
     rows = _embeddings(tmp_path / "h")
