@@ -26,7 +26,7 @@ from torch import nn
 
 from ..attention import Backend, Packing, alibi_slopes, attention, keep_out_of_compile, select_backend
 from ..sequences import DNA
-from .esm2 import CheckpointError, check_state_dict, load_error, load_weights_only
+from .esm2 import CheckpointError, check_state_dict, load_error, load_weights_only, on_meta_device, to_device
 from .family import ModelFamily
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def _config(model_dir: Path) -> DNABERTSConfig:
 
 def _matched(model_dir: Path, config: DNABERTSConfig, state: dict[str, torch.Tensor]) -> DNABERTS:
     """Our module on the meta device, after checking the weights' names and shapes against it."""
-    with torch.device("meta"):
+    with on_meta_device():
         model = DNABERTS(config)
     check_state_dict(model.state_dict(), state, model_dir, "DNABERT-S")
     return model
@@ -283,10 +283,9 @@ def load_dnabert_s(model_dir: str | Path, device: torch.device | str = "cpu",
     """Load a DNABERT-S directory into our module, on `device` in `dtype`, in eval mode."""
     model_dir = Path(model_dir)
     config = _config(model_dir)
-    state = read_weights(model_dir)
+    state = to_device(read_weights(model_dir), device, dtype)
     model = _matched(model_dir, config, state)
     model.load_state_dict(state, assign=True)
-    model = model.to(device=device, dtype=dtype)
     model.alibi_slopes = model.alibi_slopes.to(device)
     model.backend = select_backend(torch.device(device), dtype, alibi=True, requested=attention_backend)
     log.info("DNABERT-S %d layers x %d dim from %s on %s/%s: %s", config.num_hidden_layers,

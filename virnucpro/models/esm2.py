@@ -14,8 +14,10 @@ Checkpoints are fair-esm `.pt` files: {"model": state dict, "cfg": {"model": Nam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
+from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,6 +225,24 @@ def load_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+@contextlib.contextmanager
+def on_meta_device():
+    """Modules built here get meta parameters (shapes, no memory) and skip their random initialisation:
+    their weights come from a checkpoint. Skipping it matters: nn.Embedding's normal_ on the meta device
+    runs through torch._refs, which imports torch._dynamo, 3 s of a driver that only checks names and
+    shapes. (transformers' `no_init_weights` does the same.)"""
+    skip = {name: (lambda tensor, *args, **kwargs: tensor) for name in ("normal_", "uniform_", "kaiming_uniform_")}
+    with torch.device("meta"), mock.patch.multiple(nn.init, **skip):
+        yield
+
+
+def to_device(state: dict[str, torch.Tensor], device: torch.device | str,
+              dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Each tensor copied to `device` as stored, then converted there: a checkpoint read from the page
+    cache goes to the GPU in its own (often half) precision, and the GPU converts it, not the CPU."""
+    return {k: v.to(device).to(dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
+
+
 def load_weights_only(path: Path, mmap: bool) -> object:
     """`torch.load` with weights_only, memory-mapped when asked (nothing is read until used), except
     for legacy (pre-zip) files, which cannot be memory-mapped and are read whole."""
@@ -285,15 +305,23 @@ def _fused_state(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, tor
             parts = [state.get(f"layers.{i}.self_attn.{p}_proj.{kind}") for p in "qkv"]
             if any(p is None for p in parts):
                 raise CheckpointError(f"checkpoint lacks layers.{i}.self_attn q/k/v_proj.{kind}")
-            out[f"layers.{i}.self_attn.qkv_proj.{kind}"] = torch.cat(parts, 0)
+            out[f"layers.{i}.self_attn.qkv_proj.{kind}"] = _concatenated(parts)
     return out
+
+
+def _concatenated(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0; for meta tensors (a check), only the shape: a meta-device cat runs
+    through torch._refs, which imports torch._dynamo (see `on_meta_device`)."""
+    if parts[0].is_meta:
+        return torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype, device="meta")
+    return torch.cat(parts, 0)
 
 
 def _matched(path: str | Path, config: ESM2Config, state: dict[str, torch.Tensor],
              n: int) -> tuple[ESM2, dict[str, torch.Tensor]]:
     """Our module on the meta device and the checkpoint's parameters under its names, checked: every
     name present, none left over, every shape as the architecture says."""
-    with torch.device("meta"):
+    with on_meta_device():
         model = ESM2(config, n)
     ours = _fused_state(state, n)
     if model.emb_layer_norm_after is None:
@@ -314,11 +342,11 @@ def check_esm2(path: str | Path) -> ESM2Config:
 def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
               repr_layer: int | None = None, attention_backend: str = "auto") -> ESM2:
     """Load a fair-esm ESM-2 checkpoint into our module, on `device` in `dtype`, in eval mode."""
-    config, state = read_checkpoint(path)
+    config, state = read_checkpoint(path)  # memory-mapped: each tensor is read as it goes to the device
     n = config.num_layers if repr_layer is None or repr_layer < 0 else repr_layer
-    model, ours = _matched(path, config, state, n)
+    state = to_device({k: v for k, v in state.items() if not _IGNORED.match(k)}, device, dtype)
+    model, ours = _matched(path, config, state, n)  # q/k/v fused on the device
     model.load_state_dict(ours, assign=True)
-    model = model.to(device=device, dtype=dtype)
     model.backend = select_backend(torch.device(device), dtype, alibi=False, requested=attention_backend)
     log.info("ESM-2 %d layers x %d dim from %s on %s/%s: %s", n, config.embed_dim, Path(path).name,
              device, str(dtype).removeprefix("torch."), model.backend.describe())
