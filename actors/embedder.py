@@ -164,10 +164,11 @@ class Embedder:
             torch.backends.cuda.matmul.allow_tf32 = True
         self.model = load_model(source, self.device, self.dtype, opts.attention)
         self.timeline["weights_loaded"] = time.time()
+        # the layers batches run through: the model's own (eager) until their compiled versions are ready
+        self.layers: list | None = None
         self.compiled = self.device.type == "cuda" if opts.compile is None else opts.compile
         if self.compiled:
-            self._compile_and_warm_up()
-        self.timeline["compiled"] = time.time()
+            threading.Thread(target=self._compile_in_background, name="virnucpro-compile", daemon=True).start()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.pin_memory = opts.pin_memory and self.device.type == "cuda"
         self.profile_dir, self.profile_left = opts.profile, config.profile_batches if opts.profile else 0
@@ -180,26 +181,40 @@ class Embedder:
             log.debug("actor %s: %d CUDA stream pair(s) (copy, compute) on %s", self.name,
                       self.streams.qsize(), torch.cuda.get_device_name(self.device))
 
-    def _compile_and_warm_up(self) -> None:
-        """Compile the layers now, in this one thread, for the shapes batches will have (several
-        sequences, or one alone), so no batch waits for a compile and no two threads compile at once."""
+    def _compile_in_background(self) -> None:
+        """Compile the layers in this one thread, for the shapes batches will have (several sequences,
+        or one alone), then switch the batches to them. Meanwhile batches run eagerly: a compile takes
+        6-13 s for ESM-2 3B (bench/results/startup-*.json), longer than a small job's whole run, so
+        the first parts do not wait for it. A compile that fails leaves the actor eager, and says so."""
         start = time.perf_counter()
-        self.model.compile_layers()
-        for lengths in ([9, 6, 4], [7]):
-            self._run_random(np.array(lengths))
-        log.info("actor %s: layers compiled in %.0f s", self.name, time.perf_counter() - start)
+        try:
+            layers = self.model.compiled_layers()
+            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for lengths in ([9, 6, 4], [7]):
+                    self._run_random(np.array(lengths), layers)
+            if stream is not None:
+                stream.synchronize()
+        except Exception:  # noqa: BLE001 - eager layers compute the same embeddings, only slower
+            log.warning("actor %s: compiling the layers failed; they stay eager", self.name, exc_info=True)
+            self.compiled = False
+            return
+        self.layers = layers
+        self.timeline["compiled"] = time.time()
+        log.info("actor %s: layers compiled in %.1f s; batches now run compiled", self.name,
+                 time.perf_counter() - start)
 
     @torch.inference_mode()
-    def _run_random(self, seq_tokens: np.ndarray) -> None:
+    def _run_random(self, seq_tokens: np.ndarray, layers: list | None = None) -> None:
         """One forward pass over random tokens, sequences of the given token counts (warm-ups)."""
         lengths = torch.tensor(seq_tokens, device=self.device)  # a copy: Ray hands over read-only arrays
         tokens = torch.randint(5, 20, (int(seq_tokens.sum()),), device=self.device)
-        self.model.embed(tokens, Packing.from_lengths(lengths, int(seq_tokens.max())))
+        self.model.embed(tokens, Packing.from_lengths(lengths, int(seq_tokens.max())), layers)
 
     def _warm_up(self, seq_tokens: np.ndarray) -> None:
         start = time.perf_counter()
         try:
-            self._run_random(seq_tokens)
+            self._run_random(seq_tokens, self.layers)
             torch.cuda.synchronize(self.device)
         except torch.cuda.OutOfMemoryError:
             raise BatchError(self._oom_report(f"the plan's largest batch ({len(seq_tokens)} sequences, "
@@ -226,7 +241,7 @@ class Embedder:
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"actor": self.name, "device": str(self.device), "gpu": gpu,
                 "dtype": str(self.dtype).removeprefix("torch."), "attention": self.model.backend.describe(),
-                "compiled": self.compiled,
+                "compiled": self.layers is not None, "compiling": self.compiled and self.layers is None,
                 "streams": self.streams.qsize(), "dim": self.model.dim,
                 "pid": os.getpid(), "node_id": self.node_id, "gpu_ids": self.gpu_ids,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "timeline": self.timeline}
@@ -319,7 +334,7 @@ class Embedder:
         max_len = int(batch.seq_tokens.max())
         if streams is None:  # CPU
             packing = Packing.from_lengths(lengths, max_len)
-            return self.model.embed(tokens.long(), packing).numpy()
+            return self.model.embed(tokens.long(), packing, self.layers).numpy()
         copy, compute = streams
         with torch.cuda.stream(copy):
             tokens_d = tokens.to(self.device, non_blocking=True)
@@ -329,7 +344,7 @@ class Embedder:
             tokens_d.record_stream(compute)
             lengths_d.record_stream(compute)
             packing = Packing.from_lengths(lengths_d, max_len)
-            pooled = self.model.embed(tokens_d.long(), packing)
+            pooled = self.model.embed(tokens_d.long(), packing, self.layers)
             host = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=self.pin_memory)
             host.copy_(pooled, non_blocking=True)
         compute.synchronize()

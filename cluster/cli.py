@@ -92,12 +92,15 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
         opts = from_args(EmbedOptions, args)
         if (args.model is None) == (opts.service is None):
             raise OptionError("give --model, or --service NAME to use a running service's model")
-        ray_up = start_ray(opts.address, opts.dashboard_host)  # starts while the driver imports torch
-        from .driver import run_embed
         from .progress import Timeline, process_start_time
 
-        return run_embed(args.input, args.out_dir, args.model, opts, actor_class or _embedder(),
-                         Timeline(process_start_time()), ray_up).summary()
+        timeline = Timeline(process_start_time())
+        # Ray starts while the driver imports torch and checks the model
+        ray_up = start_ray(opts.address, opts.dashboard_host, on_ready=lambda: timeline.mark("ray_up"))
+        from .driver import run_embed
+
+        return run_embed(args.input, args.out_dir, args.model, opts, actor_class or _embedder(), timeline,
+                         ray_up).summary()
     if args.command == "preprocess":
         from virnucpro.preprocess import default_workers, preprocess_fasta
 

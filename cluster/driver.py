@@ -119,7 +119,8 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
     timeline = timeline or Timeline()
     timeline.mark("driver_started")  # imports done, arguments parsed
     # Ray takes seconds to start: meanwhile the model is checked. A service runs on this machine's Ray.
-    ray_up = ray_up or start_ray(opts.address or ("auto" if opts.service else None), opts.dashboard_host)
+    ray_up = ray_up or start_ray(opts.address or ("auto" if opts.service else None), opts.dashboard_host,
+                                 on_ready=lambda: timeline.mark("ray_up"))
     try:
         target = None if opts.service else _Target.local(model, opts)  # a bad checkpoint fails here
         timeline.mark("model_checked")
@@ -131,8 +132,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
     scratch = _scratch_dir(out)
     started_ray, pool, run, manifest = False, None, None, None
     try:
-        started_ray = ray_up.result()
-        timeline.mark("ray_up")
+        started_ray = ray_up.result()  # (its on_ready marked "ray_up" when it was)
         if opts.service:
             target, pool = _Target.service(opts, out)
         else:

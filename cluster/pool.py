@@ -116,7 +116,8 @@ class ActorPool:
         first = infos[0]
         log.info("%d of %d actor(s) ready on %d node(s), %s, %s%s, %s", len(infos), self.size,
                  len({i["node_id"] for i in infos}), first["gpu"], first["dtype"],
-                 ", compiled" if first["compiled"] else "", first["attention"])
+                 ", compiled" if first["compiled"] else ", compiling (eager meanwhile)" if first.get("compiling") else "",
+                 first["attention"])
         if len(infos) < self.size and self.resources:  # (a service's replicas are all running: no warning)
             log.warning("starting with %d of %d actors; the others join when Ray places them: %s", len(infos),
                         self.size, self.pending_text())

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +51,11 @@ def init_ray(address: str | None = None, dashboard_host: str = "127.0.0.1") -> b
     return True
 
 
-def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1") -> Future:
+def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1",
+              on_ready: Callable[[], None] | None = None) -> Future:
     """`init_ray` in the background: Ray takes seconds to start (and to import), time the caller spends
-    on its own imports, checking the model and indexing the input. The future says whether it connected.
+    on its own imports, checking the model and indexing the input. The future says whether it connected;
+    `on_ready` is called (in the background thread) the moment Ray is up (the start-up timeline).
 
     The thread stays alive until Ray is shut down: Ray's local processes (GCS, raylet) die with the
     thread that started them (Linux's parent-death signal is per thread)."""
@@ -64,6 +67,8 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1") -> 
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits for Ray
             future.set_exception(e)
             return
+        if on_ready is not None:
+            on_ready()
         future.set_result(connected)
         import ray
 

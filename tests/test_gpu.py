@@ -142,3 +142,31 @@ def test_budget_that_cannot_fit_fails_at_start_up(tmp_path):
         assert actor.prepare(np.full(4, 1024))["dim"] == 2560  # a budget that fits starts
     finally:
         del hog
+
+
+def test_actor_embeds_eagerly_while_it_compiles_then_compiled(tmp_path):
+    """A GPU actor answers at once with its eager layers while a thread compiles them, then switches:
+    both give the float32 reference's embeddings."""
+    import time
+
+    from actors.embedder import ActorConfig, Embedder
+    from virnucpro.batching import make_batch
+    from virnucpro.models import resolve_model
+    from virnucpro.options import EmbedOptions
+    from virnucpro.sequences import FastaIndex
+
+    path = write_esm2_checkpoint(tmp_path / "esm2_bg.pt", 4, 320, 20, seed=5)
+    seqs = random_proteins(24, 30, 400, seed=5)
+    write_fasta(tmp_path / "in.faa", seqs)
+    index = FastaIndex.build(tmp_path / "in.faa", "protein", tmp_path)
+    batch = make_batch(index, np.arange(len(index)), ESM2Tokenizer(), 0)
+    actor = Embedder(ActorConfig(resolve_model(path), None, "cuda", EmbedOptions(dtype="bfloat16")))
+    eager = torch.from_numpy(actor.compute(batch))
+    deadline = time.monotonic() + 300
+    while actor.layers is None and actor.compiled and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert actor.layers is not None and actor.info()["compiled"], "the background compile did not finish"
+    compiled = torch.from_numpy(actor.compute(batch))
+    want = fair_esm_pooled(fair_esm_reference(4, 320, 20, seed=5), seqs)
+    for got in (eager, compiled):
+        assert F.cosine_similarity(got.double(), want.double(), dim=-1).min() >= MIN_COSINE

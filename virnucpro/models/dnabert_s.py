@@ -201,23 +201,30 @@ class DNABERTS(nn.Module):
     def dim(self) -> int:
         return self.config.hidden_size
 
-    def forward(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
-        """tokens: int [T] packed ids -> last layer hidden states [T, D]."""
+    def forward(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
+        """tokens: int [T] packed ids -> last layer hidden states [T, D]. `layers`: run these in place of
+        the encoder's (their compiled versions, `compiled_layers()`)."""
         x = self.embeddings(tokens)
         slopes = self.alibi_slopes.to(tokens.device)
-        for layer in self.encoder.layer:
+        for layer in self.encoder.layer if layers is None else layers:
             x = layer(x, packing, self.backend, slopes)
         return x
 
+    def compiled_layers(self) -> list[nn.Module]:
+        """Each layer under torch.compile for dynamic token counts, sharing its weights (fuses the post-LN,
+        GELU gate, residuals); nothing compiles until they first run (see ESM2.compiled_layers)."""
+        keep_out_of_compile()
+        return [torch.compile(layer, dynamic=True) for layer in self.encoder.layer]
+
     def compile_layers(self) -> None:
-        """torch.compile each layer for dynamic token counts (fuses the post-LN, GELU gate, residuals)."""
+        """Compile the layers in place (scripts that compile before they run anything)."""
         keep_out_of_compile()
         for layer in self.encoder.layer:
             layer.compile(dynamic=True)
 
-    def embed(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
         """Mean over all tokens of each sequence, [CLS] and [SEP] included (as DNABERT-S), float32 [B, D]."""
-        return packing.mean(self(tokens, packing))
+        return packing.mean(self(tokens, packing, layers))
 
 
 def read_weights(model_dir: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:

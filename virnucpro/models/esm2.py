@@ -159,8 +159,9 @@ class ESM2(nn.Module):
     def dim(self) -> int:
         return self.config.embed_dim
 
-    def forward(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
-        """tokens: int [T] packed ids -> last requested layer's hidden states [T, D]."""
+    def forward(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
+        """tokens: int [T] packed ids -> last requested layer's hidden states [T, D]. `layers`: run these
+        in place of `self.layers` (their compiled versions, `compiled_layers()`)."""
         x = self.embed_tokens(tokens)
         if self.config.token_dropout:
             # ESM-2 was trained with masked tokens zeroed and the rest scaled by (1 - 0.12) / (1 -
@@ -172,22 +173,29 @@ class ESM2(nn.Module):
             ratio = masked / packing.lengths
             x = x * ((1 - 0.15 * 0.8) / (1 - ratio))[packing.seq_index, None].to(x.dtype)
         rotary = rotary_tables(packing.position, self.config.embed_dim // self.config.attention_heads)
-        for layer in self.layers:
+        for layer in self.layers if layers is None else layers:
             x = layer(x, packing, self.backend, rotary)
         if self.emb_layer_norm_after is not None:
             x = self.emb_layer_norm_after(x)
         return x
 
+    def compiled_layers(self) -> list[nn.Module]:
+        """Each layer under torch.compile for dynamic token counts, sharing its weights: fuses norms,
+        rotary, GELU and residual adds around the GEMMs and the flash kernel (+20-35% tokens/s on H200,
+        bench/results). Nothing compiles until they first run; `self.layers` stay as they were, so
+        batches can run eagerly while another thread compiles (actors.embedder)."""
+        keep_out_of_compile()
+        return [torch.compile(layer, dynamic=True) for layer in self.layers]
+
     def compile_layers(self) -> None:
-        """torch.compile each layer for dynamic token counts: fuses norms, rotary, GELU and residual
-        adds around the GEMMs and the flash kernel (+20-35% tokens/s on H200, bench/results)."""
+        """Compile the layers in place (scripts that compile before they run anything)."""
         keep_out_of_compile()
         for layer in self.layers:
             layer.compile(dynamic=True)
 
-    def embed(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
         """Mean over residue positions (no <cls>, no <eos>), float32 [B, D]."""
-        return packing.mean(self(tokens, packing), skip_first=1, skip_last=1)
+        return packing.mean(self(tokens, packing, layers), skip_first=1, skip_last=1)
 
 
 # --- checkpoint loading ------------------------------------------------------------------------------
