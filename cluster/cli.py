@@ -1,4 +1,4 @@
-"""`virnucpro` command line: embed, preprocess, predict (docs/design.md, "Command-line contract").
+"""`virnucpro` command line: embed, preprocess, predict, plot (docs/design.md, "Command-line contract").
 
 Options come from the dataclasses in `virnucpro.options`, where each is defined once with its help,
 choices and bounds; `virnucpro COMMAND --help` lists them. Only the standard library is imported
@@ -81,6 +81,19 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("--dnabert-model", default="zhihan1996/DNABERT-S", help="DNABERT-S model (default: %(default)s)")
     add_arguments(p, PredictOptions, required=("chunk_size",))
     add_arguments(p.add_argument_group("compute"), EmbedOptions)
+
+    p = sub.add_parser("plot", help="draw prediction.png and contig_scores.png of a predict run (needs matplotlib)",
+                       description="Redraw the figures of a `virnucpro predict` run in OUT_DIR: prediction.png "
+                                   "(upstream VirNucPro's view: each chunk's winning score along the contig, "
+                                   "virus red, others dark blue) and contig_scores.png (histogram of the contig "
+                                   "scores). Needs matplotlib: pip install 'virnucpro[plot]'.")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the output directory of `virnucpro predict`")
+    p.add_argument("--contigs", nargs="+", metavar="ID", help="contigs to draw in prediction.png, in this order "
+                   "(default: the first --max-contigs with a classified chunk)")
+    p.add_argument("--max-contigs", type=int, default=5, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=0.5, metavar="X",
+                   help="the line drawn on contig_scores.png: the run's predict --threshold (default: %(default)s)")
+    p.add_argument("--verbose", "-v", action="store_true")
     return parser
 
 
@@ -109,6 +122,13 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
         start = time.perf_counter()
         res = preprocess_fasta(args.input, args.out_dir, opts.chunk_size, opts.chunking, workers)
         return f"{res.summary()} ({time.perf_counter() - start:.1f} s, {workers} worker(s))"
+    if args.command == "plot":
+        from virnucpro.plot import draw_figures
+
+        if args.max_contigs < 1:
+            raise OptionError(f"--max-contigs {args.max_contigs}: must be at least 1")
+        threshold = PredictOptions(threshold=args.threshold).threshold  # OptionError when out of [0, 1]
+        return draw_figures(args.out_dir, args.contigs, args.max_contigs, threshold).summary()
     from .predict import predict
 
     popts, eopts = from_args(PredictOptions, args), from_args(EmbedOptions, args)

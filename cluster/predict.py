@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,6 +38,7 @@ import ray
 from virnucpro.classifier import load_classifier
 from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, check_model, resolve_model
 from virnucpro.output import Manifest
+from virnucpro.plot import figures_after_predict
 from virnucpro.predict import (EMBED_DIRS, Classification, PredictError, forget_markers, prepare_out_dir,
                                preprocess_params, remove_scratch, reusable_preprocessing, save_preprocess_marker)
 from virnucpro.preprocess import NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds, default_workers, preprocess_fasta
@@ -75,21 +77,26 @@ class PredictResult:
 def predict(input: str | Path, out_dir: str | Path, classifier: str | Path,
             esm_model: str | Path = "esm2_t36_3B_UR50D", dnabert_model: str | Path = "zhihan1996/DNABERT-S",
             *, chunk_size: int = 500, chunking: str = "compat", threshold: float = 0.5,
-            keep_embeddings: bool = False, workers: int | None = None, **options) -> PredictResult:
+            keep_embeddings: bool = False, workers: int | None = None, plot_contigs: Sequence[str] | None = None,
+            plots: bool = True, **options) -> PredictResult:
     """Classify the contigs of a FASTA file as upstream VirNucPro does (the API of `virnucpro predict`).
 
     classifier: upstream's `300_model.pth` / `500_model.pth` (pickled module) or a state dict of the
     same MLP, trained for `chunk_size`. threshold: the contig verdict's cut (see `contig_rows`).
     keep_embeddings: keep OUT_DIR/embeddings/ (Parquet, readable with virnucpro.output.read_embeddings).
-    workers: preprocessing processes (default: by input size). Other options are `EmbedOptions`
+    workers: preprocessing processes (default: by input size). plots: draw prediction.png (the contigs
+    `plot_contigs`, default the first five) and contig_scores.png (virnucpro.plot). Other options are `EmbedOptions`
     fields (device, dtype, num_actors, toks_per_batch, resume, overwrite, ...), applied to both
     models; on GPUs `num_actors` is the number of GPUs used (one actor of each model per GPU).
     """
     unknown = set(options) - {f.name for f in fields(EmbedOptions)}
     if unknown:
         raise TypeError(f"predict() got unexpected option(s): {', '.join(sorted(unknown))}")
-    return _Run(Path(input), Path(out_dir), Path(classifier), str(esm_model), str(dnabert_model),
-                chunk_size, chunking, threshold, keep_embeddings, workers, EmbedOptions(**options)).run()
+    result = _Run(Path(input), Path(out_dir), Path(classifier), str(esm_model), str(dnabert_model),
+                  chunk_size, chunking, threshold, keep_embeddings, workers, EmbedOptions(**options)).run()
+    if plots:
+        figures_after_predict(result.out_dir, plot_contigs, threshold)
+    return result
 
 
 class _Run:

@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
             kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
             kw["default"] = f.default
         else:
+            if typing.get_origin(kind) is tuple:  # tuple[str, ...]: one or more values
+                kw["nargs"], kind = "+", typing.get_args(kind)[0]
             metavar = meta["metavar"] or {int: "N", float: "X"}.get(kind)
             kw.update(type=kind, choices=meta["choices"], metavar=metavar)
             if f.name in required:
@@ -190,6 +192,11 @@ class PredictOptions:
     threshold: float = option(0.5, "contig verdict: virus when the mean chunk virus score >= this; a chunk's "
                                    "score is its best frame's P(virus)", check=_threshold)
     keep_embeddings: bool = option(False, "keep OUT_DIR/embeddings/{dnabert_s,esm2} (Parquet) for reuse")
+    plot_contigs: tuple[str, ...] | None = option(
+        None, "contigs drawn in OUT_DIR/prediction.png (default: the first 5 with a classified chunk)",
+        metavar="ID")
+    plots: bool = option(True, "draw prediction.png and contig_scores.png at the end (needs matplotlib: pip "
+                               "install 'virnucpro[plot]'; `virnucpro plot OUT_DIR` redraws them)")
 
     def __post_init__(self) -> None:
         _validate(self)
