@@ -68,8 +68,14 @@ def ref_frames(chunk_id: str, chunk: str) -> list[tuple[str, str, str]]:
             protein = ref_translate(s, f - 1)
             if "*" in protein or protein == "":
                 continue
-            out.append((f"{chunk_id}{strand}{f}", s[f - 1:f + 3 * len(protein)], protein))
+            out.append((f"{chunk_id}{strand}{f}", as_dnabert_input(s[f - 1:f + 3 * len(protein)]), protein))
     return out
+
+
+def as_dnabert_input(dna: str) -> str:
+    """The one planned difference from upstream's nucleotide file: a letter outside A/C/G/T and the
+    IUPAC codes (X, U, -, *) is written N; DNABERT-S's tokenizer reads both as [UNK]."""
+    return "".join(c if c in "ACGTNRYKMSWBDHV" else "N" for c in dna)
 
 
 def ref_preprocess_files(fasta: Path, out: Path, size: int) -> None:
@@ -380,3 +386,61 @@ def test_empty_records_are_counted_but_yield_nothing(tmp_path):
     result = pp.preprocess_fasta(path, tmp_path / "out", 500)
     assert (result.contigs, result.chunks, result.frames) == (2, 1, 5)  # F1 F3 R1 R2 R3
     assert result.chunks_path.read_text() == ">one_chunk_1\nATGAAACCC\n"
+
+
+# -----------------------------------------------------------------------------
+# any chunk size, real-data letters, duplicate ids
+
+@pytest.mark.parametrize("size", [1, 2, 7, 137, 1000])
+def test_any_chunk_size_matches_reference(size):
+    records = contig_set(seed=size, size=max(size, 2))[:15] + [("edge", "ACGTAC" * size)]
+    want = [(fid, d, p) for rid, seq in records
+            for cid, chunk in ref_chunks(rid, seq, size) for fid, d, p in ref_frames(cid, chunk)]
+    assert [(f.id, f.dna, f.protein) for f in pp.iter_frames(records, size)] == want
+
+
+ODD = [("masked", "atgaaacccgggtttXXXXXXaaacccgggtttaaa"), ("gapped", "ATGAAA---CCCGGG..TTTAAA*CCC"),
+       ("rna", "AUGAAACCCGGGUUUAAACCC"), ("plain", "ATGAAACCCGGGTTTAAACCCGGG")]
+
+
+def test_odd_letters_go_through_as_upstream_and_are_counted(tmp_path):
+    from virnucpro.sequences import DNA, normalise
+
+    fasta = tmp_path / "odd.fasta"
+    fasta.write_text("".join(f">{rid}\n{seq}\n" for rid, seq in ODD))
+    res = pp.preprocess_fasta(fasta, tmp_path / "out", 20)
+    want = [(fid, d, p) for rid, seq in ODD for cid, chunk in ref_chunks(rid, seq, 20) for fid, d, p in ref_frames(cid, chunk)]
+    dna = list(iter_records(tmp_path / "out" / "nucleotide.fasta"))
+    assert [(i, d) for i, d in dna] == [(i, d) for i, d, _ in want]
+    assert [p for _, p in iter_records(tmp_path / "out" / "protein.faa")] == [p for _, _, p in want]
+    for rid, d in dna:  # what DNABERT-S's input check accepts, unchanged
+        assert normalise(d.encode(), DNA, rid).decode() == d
+    chunks = [(cid, c) for rid, seq in ODD for cid, c in ref_chunks(rid, seq, 20)]
+    assert res.odd.chunks == sum(any(ch not in "ACGTNRYKMSWBDHV" for ch in c.upper()) for _, c in chunks) == 6
+    assert res.odd.letters == {"*": 1, "-": 3, ".": 2, "U": 4, "X": 6}
+    assert "6 chunks hold letters read as N" in res.summary()
+    # chunks.fasta keeps the input as given (case, letters)
+    assert [c for _, c in iter_records(tmp_path / "out" / "chunks.fasta")] == [c for _, c in chunks]
+
+
+@pytest.mark.parametrize("text,match", [
+    (">ok\nACGT\n>prot x\nMKVLAAGIEFPQLLSTWR\n", r"in\.fasta: record 2 \('prot'\): looks like a protein"),
+    (">ok\nACGT\n>ok2\nACGT\n>num\nACGT12ACGT\n", r"in\.fasta: record 3 \('num'\): character '1' at position 5"),
+    (">a\nACGT\n>b\nACGT\n>a\nACGTT\n>b\nA\n>c\nAC\n",
+     r"in\.fasta: contig id 'a' is used by records 1 and 3 \(and 1 more id\(s\) by several records\); .*unique"),
+])
+@pytest.mark.parametrize("workers", [None, 2])
+def test_refused_input_names_file_and_record_and_leaves_nothing(tmp_path, monkeypatch, text, match, workers):
+    monkeypatch.setattr(pp, "_BATCH_BASES", 8)  # the bad record is in a later batch
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(text)
+    with pytest.raises(ValueError, match=match) as e:
+        pp.preprocess_fasta(fasta, tmp_path / "out", 3, workers=workers)
+    assert "\n" not in str(e.value)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_stray_protein_letter_or_x_run_is_not_a_protein(tmp_path):
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">a\n" + "ACGT" * 30 + "E\n>b\n" + "X" * 500 + "ACGT\n>c\nNNNNNN\n")
+    assert pp.preprocess_fasta(fasta, tmp_path / "out", 100).contigs == 3

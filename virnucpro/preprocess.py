@@ -15,6 +15,13 @@ trained classifier sees the inputs it was trained for:
   `{chunk}R1..R3`, paired with the slice `strand[f-1 : f + 3*len(protein)]` (1-based frame f) of
   the upper-cased strand: one base longer than the codons where the chunk allows, and shorter than
   the frame where codons were dropped. Frames with an empty protein are not written.
+* letters (`virnucpro.sequences.check_contig`): upstream reads any letter, so `X`, `-`, `*`, `U`
+  and the like go through as above (their codons translate to nothing). The one change: in the
+  frame's nucleotide slice, a letter other than A/C/G/T and the IUPAC codes is written `N`, which
+  DNABERT-S's tokenizer reads as `[UNK]`, as it reads the original letter in upstream's run; so the
+  DNABERT-S input check accepts the file. Chunks with such letters are counted. A byte that is no
+  letter, `-`, `.` or `*`, or a protein given as a contig, is refused, naming file and record.
+* duplicate contig ids are refused (`DuplicateIds`): upstream merges their features by id.
 
 Unlike upstream there is no per-codon Python loop: a batch of records is translated at every
 position of both strands at once (base codes by bytes.translate, codon index 25*c1+5*c2+c3 in
@@ -27,11 +34,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections import deque
+from array import array
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import TypeVar
@@ -39,8 +47,9 @@ from typing import TypeVar
 import numpy as np
 from Bio.Data import CodonTable, IUPACData
 
-from .fasta import is_gzip, iter_records
+from .fasta import fasta_ids, is_gzip, iter_records
 from .ids import FRAME_NAMES, chunk_id, frame_id
+from .sequences import _IUPAC_DNA, TO_DNA_INPUT, SequenceError, check_contig, plain_contigs
 
 CHUNKING_MODES = ("compat", "even")
 FASTA_WRAP = 60  # Bio.SeqIO's "fasta" writer wraps at 60; upstream writes chunks through it
@@ -148,6 +157,32 @@ def _ascii_upper(seq: str, record_id: str = "") -> bytes:
         return seq.encode("ascii").upper()  # ASCII only, so the same as upstream's str.upper()
     except UnicodeEncodeError as e:
         raise ValueError(f"record {record_id!r}: sequence has a non-ASCII character") from e
+
+
+_ODD = bytes(0 if b in _IUPAC_DNA else 1 for b in range(256))  # 1 for a letter DNABERT-S gets as N
+
+
+@dataclass(frozen=True, slots=True)
+class OddLetters:
+    """Letters outside A/C/G/T and the IUPAC codes (upper-cased) in a batch: how many chunks hold
+    one, and how often each letter occurs in the records (chunks overlap; records do not)."""
+
+    chunks: int = 0
+    letters: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, upper: bytes, bounds: np.ndarray) -> "OddLetters":
+        odd = upper.translate(None, _IUPAC_DNA)
+        if not odd:
+            return cls()
+        seen = np.concatenate([[0], np.cumsum(np.frombuffer(upper.translate(_ODD), np.uint8), dtype=np.int64)])
+        chunks = int((seen[bounds[:, 1]] > seen[bounds[:, 0]]).sum()) if len(bounds) else 0
+        return cls(chunks, {chr(b): n for b, n in sorted(Counter(odd).items())})
+
+    def __add__(self, other: "OddLetters") -> "OddLetters":
+        letters = Counter(self.letters)
+        letters.update(other.letters)
+        return OddLetters(self.chunks + other.chunks, dict(sorted(letters.items())))
 
 
 def _strand_aa(upper: bytes) -> tuple[bytes, bytes]:
@@ -264,9 +299,10 @@ def _window_frames(upper: bytes, bounds: np.ndarray, chunk_ids: list[str],
     return kept
 
 
-def _batch_frames(records: list[tuple[str, str]], size: int, mode: str
-                  ) -> tuple[list[str], list[str], list[_FrameTuple]]:
-    """Chunk ids, chunk sequences (input case) and kept frames of a batch of records, in order.
+def _batch_frames(records: list[tuple[str, str]], size: int, mode: str, source: str = "<input>",
+                  first: int = 0) -> tuple[list[str], list[str], list[_FrameTuple], OddLetters]:
+    """Chunk ids, chunk sequences (input case), kept frames and odd letters of a batch of records,
+    in order; `first` is the batch's first record number (0-based) in `source`, for errors.
 
     The batch is processed as one buffer so that numpy's per-call cost is paid per batch, not per
     record: short reads cost little more per base than long contigs.
@@ -283,15 +319,22 @@ def _batch_frames(records: list[tuple[str, str]], size: int, mode: str
         contig_ids += [record_id] * len(cb)
         bounds += [(offset + s, offset + e) for s, e in cb]
         offset += len(seq)
-    upper = b"".join(_ascii_upper(seq, record_id) for record_id, seq in records)
+    uppers = [_ascii_upper(seq, record_id) for record_id, seq in records]
+    upper = b"".join(uppers)
+    if not plain_contigs(upper):  # rare: look record by record
+        for k, (u, (record_id, _)) in enumerate(zip(uppers, records)):
+            check_contig(u, source, first + k, record_id)
     window = np.array(bounds, dtype=np.int64).reshape(-1, 2)
-    return ids, seqs, _window_frames(upper, window, ids, contig_ids)
+    odd = OddLetters.of(upper, window)
+    if odd.letters:  # same codons (none of these translates), DNABERT-S input reads N
+        upper = upper.translate(TO_DNA_INPUT)
+    return ids, seqs, _window_frames(upper, window, ids, contig_ids), odd
 
 
 def select_frames(chunk_id: str, chunk_seq: str, contig_id: str = "") -> list[Frame]:
     """Upstream `identify_seq` (prediction mode) on one chunk: its frames without a stop."""
     window = np.array([[0, len(chunk_seq)]] if chunk_seq else [], dtype=np.int64).reshape(-1, 2)
-    upper = _ascii_upper(chunk_seq, chunk_id)
+    upper = _ascii_upper(chunk_seq, chunk_id).translate(TO_DNA_INPUT)
     return [Frame(*t) for t in _window_frames(upper, window, [chunk_id], [contig_id])]
 
 
@@ -299,9 +342,11 @@ def iter_frames(records: Iterable[tuple[str, str]], chunk_size: int,
                 chunking: str = "compat") -> Iterator[Frame]:
     """Kept frames of (record_id, sequence) records, in upstream's order (record, chunk, F1..R3)."""
     chunk_bounds(1, chunk_size, chunking)  # validate now, not at the first record
+    first = 0
     for batch in _batched(records, _BATCH_BASES // 4):
-        for t in _batch_frames(batch, chunk_size, chunking)[2]:
+        for t in _batch_frames(batch, chunk_size, chunking, first=first)[2]:
             yield Frame(*t)
+        first += len(batch)
 
 
 # -----------------------------------------------------------------------------
@@ -326,18 +371,21 @@ class _BatchText:
     n_chunks: int
     frames: int
     chunks_with_frames: int
+    odd: OddLetters
 
 
-def _format_batch(batch: list[tuple[str, str]], size: int, mode: str) -> _BatchText:
-    """The three output files' bytes for a batch of records (in a worker process when parallel)."""
-    ids, seqs, frames = _batch_frames(batch, size, mode)
+def _format_batch(item: tuple[int, list[tuple[str, str]]], size: int, mode: str, source: str) -> _BatchText:
+    """The three output files' bytes for a batch of records (in a worker process when parallel);
+    item: (the batch's first record number, its records)."""
+    first, batch = item
+    ids, seqs, frames, odd = _batch_frames(batch, size, mode, source, first)
     return _BatchText(
         "".join(map(_wrapped, ids, seqs)).encode(),
         # upstream writes frames one line per sequence, no wrapping
         "".join([f">{fid}\n{dna}\n" for fid, _, _, dna, _ in frames]).encode(),
         "".join([f">{fid}\n{prot}\n" for fid, _, _, _, prot in frames]).encode(),
         len(batch), len(ids), len(frames),
-        sum(1 for i, t in enumerate(frames) if i == 0 or t[1] != frames[i - 1][1]))
+        sum(1 for i, t in enumerate(frames) if i == 0 or t[1] != frames[i - 1][1]), odd)
 
 
 def _batched(records: Iterable[tuple[str, str]], max_bases: int) -> Iterator[list[tuple[str, str]]]:
@@ -385,12 +433,51 @@ class PreprocessResult:
     nucleotide_path: Path
     protein_path: Path
     chunks_with_frames: int = 0  # chunks with at least one kept frame
+    odd: OddLetters = field(default_factory=OddLetters)  # letters outside A/C/G/T and the IUPAC codes
 
     def summary(self) -> str:
         out = self.protein_path.parent
+        odd = ""
+        if self.odd.chunks:
+            letters = ", ".join(f"{c!r} x{n}" for c, n in self.odd.letters.items())
+            odd = f"; {self.odd.chunks} chunks hold letters read as N ({letters})"
         return (f"{self.contigs} records -> {self.chunks} chunks ({self.chunks - self.chunks_with_frames} "
-                f"without a stop-free frame) -> {self.frames} frames kept; wrote {out / CHUNKS_FASTA}, "
+                f"without a stop-free frame) -> {self.frames} frames kept{odd}; wrote {out / CHUNKS_FASTA}, "
                 f"{out / NUCLEOTIDE_FASTA}, {out / PROTEIN_FASTA}")
+
+
+class DuplicateIds(SequenceError):
+    """Two input records share an id: every result file reports by id, so they could not be told
+    apart (upstream merges their features by id and reports one of them twice)."""
+
+
+def _hashed(records: Iterable[tuple[str, str]], hashes: array) -> Iterator[tuple[str, str]]:
+    for record in records:
+        hashes.append(hash(record[0]))
+        yield record
+
+
+def check_unique_ids(path: str | os.PathLike, hashes: array) -> None:
+    """Raise DuplicateIds, naming the ids and their record numbers, if two records of `path` share
+    an id. `hashes`: hash(id) of every record, in order (8 bytes a record); the file's headers are
+    read again only when two hashes are equal, so a hash collision reports nothing."""
+    h = np.sort(np.frombuffer(hashes, np.int64))
+    repeated = set(h[1:][h[1:] == h[:-1]].tolist())
+    if not repeated:
+        return
+    numbers: dict[str, list[int]] = {}
+    for n, rid in enumerate(fasta_ids(path), start=1):
+        if hash(rid) in repeated:
+            numbers.setdefault(rid, []).append(n)
+    dups = [(rid, ns) for rid, ns in numbers.items() if len(ns) > 1]
+    if not dups:
+        return
+    (rid, ns), more = dups[0], len(dups) - 1
+    records = ", ".join(map(str, ns[:-1])) + f" and {ns[-1]}"
+    raise DuplicateIds(f"{path}: contig id '{rid}' is used by records {records}"
+                       + (f" (and {more} more id(s) by several records)" if more else "")
+                       + "; results are reported per id, so ids must be unique (make them so, e.g. with "
+                         "`seqkit rename`, which numbers repeats)")
 
 
 def default_workers(input_path: str | os.PathLike) -> int:
@@ -419,10 +506,22 @@ def preprocess_fasta(input_path: str | os.PathLike, out_dir: str | os.PathLike, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = (out / CHUNKS_FASTA, out / NUCLEOTIDE_FASTA, out / PROTEIN_FASTA)
-    batches = _batched(iter_records(input_path), _BATCH_BASES)
-    fn = partial(_format_batch, size=chunk_size, mode=chunking)
+    try:
+        return _preprocess(Path(input_path), paths, chunk_size, chunking, workers)
+    except BaseException:  # a refused input leaves nothing behind: fixed, it runs into the same OUT_DIR
+        for p in paths:
+            p.unlink(missing_ok=True)
+        raise
+
+
+def _preprocess(input_path: Path, paths: tuple[Path, Path, Path], chunk_size: int, chunking: str,
+                workers: int | None) -> PreprocessResult:
+    hashes = array("q")
+    batches = _numbered(_batched(_hashed(iter_records(input_path), hashes), _BATCH_BASES))
+    fn = partial(_format_batch, size=chunk_size, mode=chunking, source=str(input_path))
     results = map(fn, batches) if not workers or workers <= 1 else _ordered_pool_map(fn, batches, workers)
     contigs = chunks = frames = with_frames = 0
+    odd = OddLetters()
     with ExitStack() as stack:
         f_chunk, f_nuc, f_prot = (stack.enter_context(open(p, "wb")) for p in paths)
         for text in results:
@@ -433,4 +532,14 @@ def preprocess_fasta(input_path: str | os.PathLike, out_dir: str | os.PathLike, 
             chunks += text.n_chunks
             frames += text.frames
             with_frames += text.chunks_with_frames
-    return PreprocessResult(contigs, chunks, frames, *paths, chunks_with_frames=with_frames)
+            odd = odd + text.odd if text.odd.letters else odd
+    check_unique_ids(input_path, hashes)
+    return PreprocessResult(contigs, chunks, frames, *paths, chunks_with_frames=with_frames, odd=odd)
+
+
+def _numbered(batches: Iterable[list[_T]]) -> Iterator[tuple[int, list[_T]]]:
+    """(number of the batch's first item, the batch)."""
+    first = 0
+    for batch in batches:
+        yield first, batch
+        first += len(batch)

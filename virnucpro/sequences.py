@@ -25,6 +25,12 @@ Validation rules (documented in docs/embedding.md, "Input rules"):
   * an empty record (header without sequence) is skipped with a warning and listed in the manifest;
     duplicate ids are reported with a warning and both records are kept (the `index` column tells
     them apart).
+
+Contigs given to `preprocess` / `predict` (`check_contig`, docs/predict.md "Letters") follow upstream
+VirNucPro, which reads any letter: lowercase is upper-cased, codons with a letter other than A/C/G/T
+(IUPAC codes, `U`, `X`, `-`, `*`, ...) translate to nothing, and the chunk is still embedded. Only
+what no nucleotide FASTA holds is refused: a byte other than a letter, `-`, `.` or `*` (digits,
+punctuation, non-ASCII), and a record whose letters look like a protein.
 """
 
 from __future__ import annotations
@@ -61,6 +67,17 @@ _NORMALISE = {
 }
 _MAX_REPORTED = 5
 _INT32_MAX = 2**31 - 1  # the output's `length` column is int32: longer records saturate
+
+
+# contigs (preprocess / predict)
+_CONTIG_SYMBOLS = bytes(range(65, 91)) + bytes(range(97, 123)) + b"-.*"  # letters, gap and stop symbols
+_IUPAC_DNA = b"ACGTNRYKMSWBDHV"  # what the DNABERT-S input check keeps (upper case)
+_PROTEIN_ONLY = b"EFIJLOPQZ"  # letters of proteins that no nucleotide code uses (X excluded: masking)
+_NOT_PROTEIN_ONLY = bytes(b for b in range(256) if b not in _PROTEIN_ONLY)
+PROTEIN_LIKE_FRACTION = 0.1  # proteins hold ~35% of E/F/I/L/P/Q; a contig with a stray letter ~0%
+# upper-case contig bytes -> DNABERT-S input: every byte outside A/C/G/T and the IUPAC codes becomes N
+TO_DNA_INPUT = bytes(b if b in _IUPAC_DNA else ord("N") for b in range(256))
+NONSTANDARD = bytes(b for b in range(256) if b not in _IUPAC_DNA)  # delete-set: what remains is odd
 
 
 class SequenceError(ValueError):
@@ -261,6 +278,29 @@ def _past_star(text: bytes, star: bool, kind: str, record_id: str, path: Path, l
             and not text[at + 1:].translate(None, _WHITESPACE)):
         return text[:at], True
     raise _bad_character(text, kind, record_id, path, length)
+
+
+def check_contig(upper: bytes, path: Path | str, ordinal: int, record_id: str) -> None:
+    """Refuse a contig (upper-cased) that no nucleotide FASTA holds, naming file, record number
+    (from 1) and id: a byte outside letters, `-`, `.` and `*`, or letters that look like a protein.
+
+    Everything else goes through preprocessing as upstream treats it (see the module docstring)."""
+    where = f"{path}: record {ordinal + 1} ('{record_id}')"
+    bad = upper.translate(None, _CONTIG_SYMBOLS)
+    if bad:
+        at = upper.index(bad[:1])
+        char = chr(bad[0]) if 32 <= bad[0] < 127 else f"\\x{bad[0]:02x}"
+        raise SequenceError(f"{where}: character {char!r} at position {at + 1} is not a nucleotide letter")
+    protein = upper.translate(None, _NOT_PROTEIN_ONLY)
+    if upper and len(protein) >= PROTEIN_LIKE_FRACTION * len(upper):
+        raise SequenceError(f"{where}: looks like a protein, not a nucleotide sequence ({len(protein)} of "
+                            f"{len(upper)} letters are E, F, I, L, P, Q, ...); predict takes nucleotide contigs")
+
+
+def plain_contigs(upper: bytes) -> bool:
+    """Whether upper-cased contig bytes (a whole batch at once) hold nothing that `check_contig`
+    needs to look at record by record: no byte outside its symbols, no protein-only letter."""
+    return not upper.translate(None, _CONTIG_SYMBOLS) and not upper.translate(None, _NOT_PROTEIN_ONLY)
 
 
 _SPILL_CHUNK = 1 << 16  # values buffered per column before they are appended to its scratch file
