@@ -223,7 +223,7 @@ def _draw_track(ax, track: Track) -> None:
     ax.set_title(f"{track.contig_id}  ({track.length:,} bp, {len(track.bounds)} chunks; contig: {verdict})",
                  fontsize=12, fontweight="bold", loc="left")
     where = "position along the contig (bp)" if track.exact else \
-        "position along the contig (bp, nominal: chunk k at (k-1) x chunk size; input FASTA not found)"
+        "position along the contig (bp, nominal: chunk k at (k-1) x chunk size; the input FASTA is gone or changed)"
     ax.set_xlabel(where, fontsize=10)
     ax.set_ylabel("winning score", fontsize=10)
     ax.set_xlim(0, max(track.length, 1))
@@ -258,6 +258,7 @@ def draw_score_histogram(table: pa.Table, threshold: float, path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("contig score: mean over its chunks of the best frame's P(virus)")
     ax.set_ylabel("contigs")
+    ax.set_ylim(0, max(1, ax.get_ylim()[1]))  # counts from 0, an empty histogram included
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     note = f"; {unclassified:,} without a stop-free frame, not shown" if unclassified else ""
     ax.set_title(f"{len(table):,} contigs{note}", fontsize=11)
