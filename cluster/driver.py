@@ -43,7 +43,7 @@ from actors.embedder import ActorConfig, BatchError, Embedder, PartResult
 from virnucpro.batching import Plan, TokenBatch, make_batch, plan_fingerprint, token_counts
 from virnucpro.models import ModelSource, check_model, default_toks_per_batch, load_tokenizer, resolve_model
 from virnucpro.options import EmbedOptions, default_dataloader_workers
-from virnucpro.output import MANIFEST, Manifest, OutputLocation
+from virnucpro.output import LEGACY_MANIFEST, MANIFEST, Manifest, OutputLocation, part_schema
 from virnucpro.sequences import FastaIndex
 
 from .pool import ActorPool, Lease, cause
@@ -55,7 +55,8 @@ log = logging.getLogger("virnucpro")
 
 STOP_WAIT_SECONDS = 30  # a failed run waits this long for the batches its actors are computing
 _PART = re.compile(r"part-(\d{6,})\.parquet")
-_TEMPORARY = re.compile(r"\.(part-\d{6,}\.parquet|_manifest\.json)\..+\.tmp")  # a write cut short
+# a write cut short (output._temporary_name): a part, the manifest (either format) or the writability test
+_TEMPORARY = re.compile(r"\.(part-\d{6,}\.parquet|_manifest\.(parquet|json)|\.write-test)\..+\.tmp")
 _ACTOR_FAILED = (RayActorError, ObjectLostError, WorkerCrashedError)  # the actor, not the batch, failed
 
 
@@ -318,18 +319,24 @@ def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
     except Exception as e:  # noqa: BLE001 - OSError locally, pyarrow / fsspec errors elsewhere
         raise EmbedError(f"{out}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
     parts = [name for name in files if _PART.fullmatch(name)]
-    previous = MANIFEST in files or bool(parts)
+    previous = MANIFEST in files or LEGACY_MANIFEST in files or bool(parts)
     if opts.resume or opts.overwrite:  # temporaries of writes a killed run left behind
-        for name in files:
-            if _TEMPORARY.fullmatch(name):
-                out.delete(name)
+        _remove_temporaries(out, files)
     if previous and opts.overwrite:
         for name in parts:
             out.delete(name)
         out.delete(MANIFEST)
+        out.delete(LEGACY_MANIFEST)
     elif previous and not opts.resume:
         raise EmbedError(f"{out}: holds the output of a previous run; use --resume to finish it or "
                          f"--overwrite to replace it")
+
+
+def _remove_temporaries(out: OutputLocation, files: dict[str, int]) -> None:
+    """Delete what writes cut short left (an actor killed while it wrote a part): nothing else."""
+    for name in files:
+        if _TEMPORARY.fullmatch(name):
+            out.delete(name)
 
 
 def _scratch_dir(out: OutputLocation) -> Path:
@@ -391,6 +398,9 @@ def _complete(out: OutputLocation, manifest: Manifest, num_sequences: int, num_b
         manifest.save(out)
         raise EmbedError(f"{out}: {manifest.rows_done} rows in {len(manifest.parts)} parts, expected "
                          f"{num_sequences} rows in {num_batches} parts; the run is not complete")
+    _remove_temporaries(out, out.list_files())  # a reader of OUT_DIR by its path sees parts alone
+    if manifest.parts:  # the manifest's schema is the parts' (see Manifest), as they were written
+        manifest.schema = part_schema(out, min(manifest.parts))
     manifest.complete, manifest.finished = True, time.time()
     manifest.save(out)
 

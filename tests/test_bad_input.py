@@ -26,7 +26,7 @@ import torch
 
 from cluster.cli import main
 from tests.conftest import random_proteins
-from virnucpro.output import MANIFEST, read_embeddings
+from virnucpro.output import LEGACY_MANIFEST, MANIFEST, Manifest, read_embeddings
 
 pytestmark = pytest.mark.slow
 
@@ -56,11 +56,15 @@ def _truncated_gzip(tmp: Path, models: dict) -> list[str]:
     return [str(_write(tmp / "in.faa.gz", data[: len(data) // 2]))]
 
 
-def _previous_run(tmp: Path) -> None:
+def _previous_run(tmp: Path, legacy: bool = False) -> None:
+    """A finished run of another model in tmp/out; `legacy`: as the previous layout wrote it (JSON manifest)."""
     (tmp / "out").mkdir()
-    (tmp / "out" / MANIFEST).write_text(json.dumps({
-        "model": "esm2_other", "family": "esm2", "dim": 64, "input": "/elsewhere/x.faa", "fingerprint": "0" * 16,
-        "num_sequences": 3, "num_batches": 1, "parts": {}, "complete": True}))
+    run = {"model": "esm2_other", "family": "esm2", "dim": 64, "input": "/elsewhere/x.faa", "fingerprint": "0" * 16,
+           "num_sequences": 3, "num_batches": 1, "parts": {}, "complete": True}
+    if legacy:
+        (tmp / "out" / LEGACY_MANIFEST).write_text(json.dumps({**run, "version": 1}))
+    else:
+        Manifest(**run).save(tmp / "out")
 
 
 def _esm_wrong_shapes(tmp: Path, esm: Path) -> str:
@@ -157,7 +161,7 @@ REFUSED: dict[str, tuple[Make, str]] = {
                                     r"/out: holds the output of a previous run; use --resume to finish it or "
                                     r"--overwrite to replace it"),
     "output holds a different run (--resume)": (
-        lambda t, m: [_ok_protein(t), "--resume"] if _previous_run(t) is None else [],
+        lambda t, m: [_ok_protein(t), "--resume"] if _previous_run(t, legacy=True) is None else [],
         r"/out: holds a different run \(model, input or batching options differ: esm2_other on /elsewhere/x.faa\); "
         r"use --overwrite to replace it"),
     # models
@@ -238,7 +242,7 @@ def test_empty_record_is_skipped_logged_and_listed(tmp_path, models, local_ray, 
     assert "skipped 1 empty record(s) (no sequence): empty" in caplog.text
     rows = _rows(out)
     assert sorted(rows) == ["p1#0", "p3#2"]  # the empty record keeps its number: index 1 is absent
-    assert json.loads((out / MANIFEST).read_text())["skipped_empty"] == ["empty"]
+    assert Manifest.load(out).skipped_empty == ["empty"]
 
 
 def test_duplicate_ids_are_reported_and_both_kept(tmp_path, models, local_ray, caplog):

@@ -18,7 +18,7 @@ from cluster.driver import EmbedError, embed
 from tests import faults
 from tests.conftest import fair_esm_pooled, fair_esm_reference, random_dna, random_proteins, write_fasta
 from tests.reference_dnabert import reference_dnabert_embed
-from virnucpro.output import MANIFEST, read_embeddings
+from virnucpro.output import Manifest, read_embeddings
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +52,9 @@ def test_cli_embed_two_cpu_actors(tmp_path, esm_tiny):
     assert table.column("length").to_pylist() == [len(s) for s in seqs]
     want = fair_esm_pooled(fair_esm_reference(2, 64, 4, seed=3), seqs).numpy()
     assert rel_err(embeddings(table), want) < 1e-5
-    manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["complete"] and manifest["num_sequences"] == 120
-    assert len(list(out.glob("part-*.parquet"))) == manifest["num_batches"] > 2
+    manifest = Manifest.load(out)
+    assert manifest.complete and manifest.num_sequences == 120
+    assert len(list(out.glob("part-*.parquet"))) == manifest.num_batches > 2
 
 
 def test_dnabert_gzip_input_matches_reference(tmp_path, dnabert_tiny, local_ray):
@@ -94,9 +94,9 @@ def test_existing_output_resume_and_overwrite(tmp_path, esm_tiny, local_ray):
     parts = sorted(out.glob("part-*.parquet"))
     for p in parts[1:3]:
         p.unlink()
-    manifest = json.loads((out / MANIFEST).read_text())
-    manifest["complete"] = False
-    (out / MANIFEST).write_text(json.dumps(manifest))
+    manifest = Manifest.load(out)
+    manifest.complete = False
+    manifest.save(out)
     resumed = embed(tmp_path / "r.faa", out, esm_tiny, resume=True, **opts)
     assert resumed.batches_computed == 2 and first.batches_computed == first.num_batches
     after = read_embeddings(out)
@@ -137,8 +137,8 @@ def test_permanent_batch_failure_names_batch_and_cause_then_resume(tmp_path, esm
     with pytest.raises(EmbedError, match=r"batch 2 \(\d+ sequences, \d+ tokens, .*first id 'seq\d+'\) failed: "
                                          r"ValueError: injected failure"):
         embed(tmp_path / "f.faa", out, esm_tiny, actor_class=faults.failing_batch(2), **opts)
-    manifest = json.loads((out / MANIFEST).read_text())
-    assert not manifest["complete"] and "part-000002.parquet" not in manifest["parts"]
+    manifest = Manifest.load(out)
+    assert not manifest.complete and "part-000002.parquet" not in manifest.parts
     assert not (out / "part-000002.parquet").exists()
     with pytest.raises(FileNotFoundError, match="no complete run"):
         read_embeddings(out)
@@ -164,7 +164,7 @@ def test_output_uri_and_part_metadata(tmp_path, esm_tiny, local_ray):
 
 def test_output_location_on_an_fsspec_filesystem():
     """Parts and manifest through a non-local filesystem (fsspec's in-memory one), no Ray."""
-    from virnucpro.output import Manifest, OutputLocation, part_metadata, write_part
+    from virnucpro.output import OutputLocation, part_metadata, write_part
 
     loc = OutputLocation.parse("memory://bucket/run")
     assert loc.local_path is None and not loc.object_store

@@ -15,7 +15,6 @@ that claims completeness over missing rows.
 from __future__ import annotations
 
 import errno
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 from cluster.driver import EmbedError, embed
 from tests import faults
 from tests.conftest import random_proteins, write_fasta
-from virnucpro.output import MANIFEST, read_embeddings
+from virnucpro.output import Manifest, read_embeddings
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +39,11 @@ def _assert_exactly_once(out: Path, ids: list[str]) -> None:
     assert not list(out.glob(".*.tmp")), "a temporary part file was left behind"
 
 
-def _assert_incomplete(out: Path, missing_part: str) -> dict:
-    manifest = json.loads((out / MANIFEST).read_text())
-    assert not manifest["complete"]
-    assert missing_part not in manifest["parts"] and not (out / missing_part).exists()
-    assert sum(manifest["parts"].values()) < manifest["num_sequences"]
+def _assert_incomplete(out: Path, missing_part: str) -> Manifest:
+    manifest = Manifest.load(out)
+    assert not manifest.complete
+    assert missing_part not in manifest.parts and not (out / missing_part).exists()
+    assert manifest.rows_done < manifest.num_sequences
     with pytest.raises(FileNotFoundError, match="no complete run"):
         read_embeddings(out)
     return manifest

@@ -26,7 +26,7 @@ from cluster.predict import PredictError, predict
 from tests.conftest import UPSTREAM_CLASSIFIER_CLASS
 from virnucpro.classifier import ChunkMaxima, MLPClassifier
 from virnucpro.fasta import fasta_ids, iter_records
-from virnucpro.output import MANIFEST, read_embeddings
+from virnucpro.output import Manifest, read_embeddings
 from virnucpro.predict import CONTIG_COLUMNS, EMBED_DIRS, contig_rows
 from virnucpro.preprocess import chunk_bounds
 
@@ -152,7 +152,7 @@ def test_upstream_files_and_every_frame_once(run1, upstream_classifier):
     assert result.stages == {"preprocess": "computed", "esm2": "computed", "dnabert_s": "computed",
                              "classify": "computed"}
     for family in EMBED_DIRS:  # kept
-        assert json.loads((out / EMBED_DIRS[family] / MANIFEST).read_text())["complete"]
+        assert Manifest.load(out / EMBED_DIRS[family]).complete
     assert not (out / ".work").exists()
 
 
@@ -212,16 +212,16 @@ def test_resume_finishes_an_interrupted_embedding(run1, tmp_path, upstream_class
     for name in ("prediction_results.txt", "predictions.parquet", "_predict.json"):
         (out / name).unlink()
     esm_dir = out / EMBED_DIRS["esm2"]
-    manifest = json.loads((esm_dir / MANIFEST).read_text())
-    assert manifest["num_batches"] >= 2
+    manifest = Manifest.load(esm_dir)
+    assert manifest.num_batches >= 2
     (esm_dir / "part-000001.parquet").unlink()  # as if the run died before this batch
-    manifest["complete"] = False
-    del manifest["parts"]["part-000001.parquet"]
-    (esm_dir / MANIFEST).write_text(json.dumps(manifest))
+    manifest.complete = False
+    del manifest.parts["part-000001.parquet"]
+    manifest.save(esm_dir)
     result = predict(contigs, out, upstream_classifier, esm_tiny, dnabert_tiny, chunk_size=500,
                      resume=True, keep_embeddings=True, device="cpu", toks_per_batch=2048, progress=False)
     assert result.stages["dnabert_s"] == "reused"
-    assert result.stages["esm2"] == f"resumed (1 of {manifest['num_batches']} batches computed)"
+    assert result.stages["esm2"] == f"resumed (1 of {manifest.num_batches} batches computed)"
     assert result.embeddings["esm2"].batches_computed == 1
     assert (out / "prediction_results.txt").read_bytes() == (src / "prediction_results.txt").read_bytes()
     assert (out / EMBED_DIRS["esm2"] / "part-000001.parquet").is_file()

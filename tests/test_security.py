@@ -200,7 +200,7 @@ def test_no_other_deserialisation_of_files():
 
 # --- record ids never become paths -----------------------------------------------------------------------
 
-HOSTILE_IDS = ["../../etc/passwd", "/abs/path/x", "..", ".", "part-000000.parquet", "_manifest.json",
+HOSTILE_IDS = ["../../etc/passwd", "/abs/path/x", "..", ".", "part-000000.parquet", "_manifest.parquet",
                "~root/.ssh/authorized_keys", "$(touch${IFS}pwned)", "a\\..\\..\\b", "%2e%2e%2fescape",
                "C:\\Windows\\x", "x\x00y", "..%00", ".hidden"]
 
@@ -210,7 +210,7 @@ def test_record_ids_cannot_escape_the_output_directory(tmp_path, esm_tiny):
     import ray
 
     from cluster.driver import embed
-    from virnucpro.output import MANIFEST, read_embeddings
+    from virnucpro.output import MANIFEST, Manifest, read_embeddings
 
     fasta = tmp_path / "in.faa"
     fasta.write_bytes(b"".join(b">" + rid.encode() + b" description\nMKVL\n" for rid in HOSTILE_IDS))
@@ -226,7 +226,7 @@ def test_record_ids_cannot_escape_the_output_directory(tmp_path, esm_tiny):
     made = {p for p in tmp_path.rglob("*")} - before
     inside = {p for p in made if p == out or out in p.parents}
     assert made - inside <= {tmp_path / "a", tmp_path / "a" / "b"}, sorted(map(str, made - inside))
-    batches = json.loads((out / MANIFEST).read_text())["num_batches"]
+    batches = Manifest.load(out).num_batches
     assert batches > 1 and {p.name for p in out.iterdir()} == {MANIFEST} | {f"part-{b:06d}.parquet"
                                                                           for b in range(batches)}
     assert not Path("/abs").exists() and not (tmp_path / "pwned").exists() and not Path("pwned").exists()

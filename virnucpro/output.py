@@ -2,12 +2,23 @@
 
 OUT_DIR/
   part-000000.parquet ...   one file per planned batch, written by the actor that computed it
-  _manifest.json            the run's identity (model, input, plan), finished parts, and `complete`
+  _manifest.parquet         the run's identity (model, input, plan), finished parts, and `complete`
 
 A part is written to a temporary name and renamed into place, so a part file either is whole or does
 not exist; a batch that is computed twice (a retry after an actor died) replaces its own file, so
 every sequence appears exactly once. `complete: true` is written last, only after the driver has
 counted every input sequence in the finished parts.
+
+The directory is read by its path: `pyarrow.parquet.read_table(OUT_DIR)`, `pandas.read_parquet`,
+`polars.read_parquet` / `scan_parquet`, duckdb's `read_parquet('OUT_DIR/*.parquet')`. Readers disagree
+on what else a directory may hold: pyarrow and pandas skip `_`- and `.`-prefixed files, polars reads
+every non-empty file below OUT_DIR (hidden ones and hidden subdirectories included) and refuses mixed
+extensions, duckdb's globs match hidden files. So the manifest is itself a Parquet file: no rows, the
+parts' schema, and the manifest's JSON in the file's key-value metadata (`virnucpro.manifest`); every
+reader sees zero rows of the same table in it, or skips it. A directory written before (manifest
+`_manifest.json`) is still read here, and `--resume` moves its manifest to the new name.
+
+Files are created as `open()` creates them, with the permissions the user's umask gives.
 
 OUT_DIR may be a local directory or a URI on any pyarrow or fsspec filesystem (`s3://bucket/run`,
 `gs://...`, `file:///...`): see `OutputLocation`. On object stores a part is one PUT of the final
@@ -22,7 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,8 +42,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-MANIFEST = "_manifest.json"  # "_" prefix: pyarrow datasets skip it, so read_table(OUT_DIR) works
-FORMAT_VERSION = 1
+MANIFEST = "_manifest.parquet"  # a Parquet file with no rows, so that every reader of OUT_DIR accepts it
+MANIFEST_KEY = "virnucpro.manifest"  # the key of the manifest's JSON in that file's key-value metadata
+LEGACY_MANIFEST = "_manifest.json"  # format 1: JSON beside the parts (polars refused such a directory)
+FORMAT_VERSION = 2
 
 
 def embedding_schema(dim: int) -> pa.Schema:
@@ -87,6 +100,12 @@ def part_metadata(out_dir: "str | Path | OutputLocation", name: str) -> dict[str
     meta = pq.read_metadata(loc.join(name), filesystem=loc.fs).metadata or {}
     return {k.decode().removeprefix("virnucpro."): v.decode() for k, v in meta.items()
             if k.startswith(b"virnucpro.")}
+
+
+def part_schema(out_dir: "str | Path | OutputLocation", name: str) -> pa.Schema:
+    """The Arrow schema of a part file, without its key-value metadata."""
+    loc = OutputLocation.parse(out_dir)
+    return pq.read_schema(loc.join(name), filesystem=loc.fs).remove_metadata()
 
 
 def _temporary_name(name: str) -> str:
@@ -231,7 +250,10 @@ class OutputLocation:
 
 @dataclass
 class Manifest:
-    """What a run is (model, input, plan) and how far it got."""
+    """What a run is (model, input, plan) and how far it got.
+
+    Saved as MANIFEST: a Parquet file with the parts' schema and no rows, the fields below as JSON in
+    its key-value metadata. `schema` is not part of the JSON: it is the file's own schema."""
 
     model: str
     family: str
@@ -244,21 +266,46 @@ class Manifest:
     skipped_empty: list[str] = field(default_factory=list)
     toks_per_batch: int | None = None
     complete: bool = False
-    version: int = FORMAT_VERSION
+    version: int = FORMAT_VERSION  # below FORMAT_VERSION: loaded from LEGACY_MANIFEST
     created: float = field(default_factory=time.time)
     finished: float | None = None
+    schema: pa.Schema | None = field(default=None, repr=False, compare=False)  # None: embedding_schema(dim)
+
+    def to_json(self) -> bytes:
+        """The fields as saved (in this format's version)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "schema"}
+        return json.dumps({**data, "version": FORMAT_VERSION}, indent=1).encode()
 
     def save(self, out_dir: "str | Path | OutputLocation") -> None:
-        data = json.dumps(asdict(self), indent=1).encode()
-        OutputLocation.parse(out_dir).write_atomic(MANIFEST, lambda f: f.write(data))
+        """Write the manifest atomically; a manifest loaded from LEGACY_MANIFEST then replaces that file."""
+        loc = OutputLocation.parse(out_dir)
+        schema, data = self.schema or embedding_schema(self.dim), self.to_json()
+
+        def write(f: BinaryIO) -> None:
+            with pq.ParquetWriter(f, schema) as w:  # no row groups: the footer alone
+                w.add_key_value_metadata({MANIFEST_KEY: data})
+
+        loc.write_atomic(MANIFEST, write)
+        if self.version < FORMAT_VERSION:
+            loc.delete(LEGACY_MANIFEST)
+            self.version = FORMAT_VERSION
 
     @classmethod
     def load(cls, out_dir: "str | Path | OutputLocation") -> "Manifest | None":
-        data = OutputLocation.parse(out_dir).read_bytes(MANIFEST)
-        if data is None:
-            return None
-        raw = json.loads(data)
-        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+        """The manifest in out_dir (MANIFEST, else a LEGACY_MANIFEST), or None if there is none."""
+        loc = OutputLocation.parse(out_dir)
+        data = loc.read_bytes(MANIFEST)
+        if data is not None:
+            meta = pq.read_metadata(pa.BufferReader(data))
+            raw, schema = json.loads(meta.metadata[MANIFEST_KEY.encode()]), meta.schema.to_arrow_schema()
+        else:
+            data = loc.read_bytes(LEGACY_MANIFEST)
+            if data is None:
+                return None
+            raw, schema = {**json.loads(data), "version": 1}, None
+        manifest = cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__ and k != "schema"})
+        manifest.schema = schema.remove_metadata() if schema is not None else None
+        return manifest
 
     @property
     def rows_done(self) -> int:
