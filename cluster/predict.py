@@ -27,8 +27,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -39,8 +40,9 @@ from virnucpro.classifier import load_classifier
 from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, check_model, resolve_model
 from virnucpro.output import Manifest
 from virnucpro.plot import figures_after_predict
-from virnucpro.predict import (EMBED_DIRS, Classification, PredictError, forget_markers, prepare_out_dir,
-                               preprocess_params, remove_scratch, reusable_preprocessing, save_preprocess_marker)
+from virnucpro.predict import (EMBED_DIRS, LETTER_COUNTS, STAGE_TIMES, Classification, PredictError, forget_markers,
+                               prepare_out_dir, preprocess_params, remove_scratch, reusable_preprocessing,
+                               save_preprocess_marker)
 from virnucpro.preprocess import NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds, default_workers, preprocess_fasta
 
 from .driver import EmbedOptions, EmbedResult, run_embed
@@ -65,13 +67,21 @@ class PredictResult:
     stages: dict[str, str]  # stage -> computed / resumed / reused / skipped
     embeddings: dict[str, EmbedResult] = field(default_factory=dict)  # the embed jobs this call ran
     seconds: float = 0.0
+    # wall seconds of the stages this call ran (virnucpro.predict.STAGE_TIMES); the two embedding jobs
+    # run at once, so `embed` (both, start to end) is less than dnabert_s + esm2
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    chunks_with_nonstandard_letters: int = 0  # letters outside A/C/G/T and the IUPAC codes, read as N
 
     def summary(self) -> str:
         labels = ", ".join(f"{n} {k}" for k, n in sorted(self.contig_labels.items()))
         stages = ", ".join(f"{k} {v}" for k, v in self.stages.items())
+        times = ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items())
+        odd = (f"; {self.chunks_with_nonstandard_letters} chunks with letters outside ACGT/IUPAC (read as N)"
+               if self.chunks_with_nonstandard_letters else "")
         return (f"{self.contigs} contigs -> {self.chunks} chunks -> {self.frames} frames classified "
                 f"({self.virus_frames} virus); {self.virus_chunks} chunks virus by upstream's rule; "
-                f"contigs: {labels or 'none'}; stages: {stages}; {self.seconds:.1f} s -> {self.out_dir}")
+                f"contigs: {labels or 'none'}{odd}; stages: {stages}; seconds: {times or 'none'}; "
+                f"{self.seconds:.1f} s -> {self.out_dir}")
 
 
 def predict(input: str | Path, out_dir: str | Path, classifier: str | Path,
@@ -108,6 +118,7 @@ class _Run:
         self.keep_embeddings, self.workers, self.opts = keep_embeddings, workers, opts
         self.start = time.perf_counter()
         self.stages: dict[str, str] = {}
+        self.times: dict[str, float] = {}  # stage -> wall seconds, for the stages this run computed
         self.embed_results: dict[str, EmbedResult] = {}
         self._check_arguments(esm_model, dnabert_model)
 
@@ -135,7 +146,7 @@ class _Run:
                 f"{self.classifier_path}: the classifier takes {want} input features, but DNABERT-S "
                 f"({self.sources[DNABERT_S_FAMILY].name}) gives {dna} and ESM-2 "
                 f"({self.sources[ESM2_FAMILY].name}) gives {esm}: {dna} + {esm} = {dna + esm}")
-        m = re.match(r"(300|500)_model", self.classifier_path.name)
+        m = re.match(r"(\d+)_model", self.classifier_path.name)  # upstream's names: 300_model.pth, 500_model.pth
         if m and int(m.group(1)) != self.chunk_size:
             log.warning("%s was trained on %s bp chunks, but --chunk-size is %d", self.classifier_path.name,
                         m.group(1), self.chunk_size)
@@ -160,17 +171,39 @@ class _Run:
             maxima, virus_frames = cls.write_frame_outputs(np.zeros((0, 2), np.float32))
             cls.save_marker(frames)
         else:
-            self._embed(pre, reuse_complete=self.stages["preprocess"] == "reused")
-            maxima, virus_frames = cls.write_frame_outputs(cls.classify(frames))
-            cls.save_marker(frames)
+            with self._timed("embed"):
+                self._embed(pre, reuse_complete=self.stages["preprocess"] == "reused")
+            self.times.update({f: r.seconds for f, r in self.embed_results.items()})
+            with self._timed("classify"):
+                probs = cls.classify(frames)
+            with self._timed("write"):
+                maxima, virus_frames = cls.write_frame_outputs(probs)
+                cls.save_marker(frames)
             self.stages["classify"] = "computed"
-        virus_chunks = cls.write_highest_scores(maxima)
-        labels = cls.write_contig_table(maxima, self.threshold)
-        remove_scratch(self.out, self.keep_embeddings)
+        with self._timed("write"):
+            virus_chunks = cls.write_highest_scores(maxima)
+            labels = cls.write_contig_table(maxima, self.threshold)
+            remove_scratch(self.out, self.keep_embeddings)
         result = PredictResult(self.out, pre["contigs"], pre["chunks"], frames, virus_frames, virus_chunks,
-                               labels, self.stages, self.embed_results, time.perf_counter() - self.start)
+                               labels, self.stages, self.embed_results, time.perf_counter() - self.start,
+                               self._stage_seconds(), pre.get("chunks_with_nonstandard_letters", 0))
+        cls.record_run({"seconds": {**result.stage_seconds, "total": round(result.seconds, 3)},
+                        "stages": self.stages, **{k: pre.get(k, 0) for k in LETTER_COUNTS}})
         log.info("done: %s", result.summary())
         return result
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        """Add the block's wall seconds to `stage`'s time."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t
+
+    def _stage_seconds(self) -> dict[str, float]:
+        """This run's stage times in pipeline order (STAGE_TIMES), rounded to ms."""
+        return {k: round(self.times[k], 3) for k in STAGE_TIMES if k in self.times}
 
     # stage 1 -----------------------------------------------------------------------------------------
 
@@ -185,10 +218,15 @@ class _Run:
         workers = self.workers or default_workers(self.input)
         t = time.perf_counter()
         try:
-            res = preprocess_fasta(self.input, self.out, self.chunk_size, self.chunking, workers)
+            with self._timed("preprocess"):
+                res = preprocess_fasta(self.input, self.out, self.chunk_size, self.chunking, workers)
         except ValueError as e:
             raise PredictError(str(e)) from None
         log.info("preprocess: %s (%.1f s, %d worker(s))", res.summary(), time.perf_counter() - t, workers)
+        if "U" in res.odd.letters:
+            log.warning("%s: %d U base(s) (RNA): as upstream VirNucPro, codons holding U translate to nothing and "
+                        "DNABERT-S reads U as unknown; write the contigs with T for a meaningful prediction",
+                        self.input, res.odd.letters["U"])
         self.stages["preprocess"] = "computed"
         return save_preprocess_marker(self.out, params, res)
 

@@ -61,6 +61,11 @@ PREDICTIONS_PARQUET = "predictions.parquet"
 CONTIGS_TSV = "contig_predictions.tsv"
 EMBED_DIRS = {DNABERT_S_FAMILY: Path("embeddings") / "dnabert_s", ESM2_FAMILY: Path("embeddings") / "esm2"}
 WORK_DIR = ".work"  # scratch of the join, removed at the end
+# the stages whose wall seconds a run reports (summary line, _predict.json "seconds"); `embed` is both
+# embedding jobs from start to end (they run at once), dnabert_s and esm2 each job's own call
+STAGE_TIMES = ("preprocess", "embed", DNABERT_S_FAMILY, ESM2_FAMILY, "classify", "write")
+# what preprocessing counts of letters outside A/C/G/T and the IUPAC codes (_preprocess.json, _predict.json)
+LETTER_COUNTS = ("chunks_with_nonstandard_letters", "nonstandard_letters")
 
 CONTIG_COLUMNS = ("contig_id", "chunks", "classified_chunks", "viral_chunks", "viral_fraction",
                   "mean_score", "max_score", "label")
@@ -160,7 +165,8 @@ def forget_markers(out: Path) -> None:
 def save_preprocess_marker(out: Path, params: dict, res: PreprocessResult) -> dict:
     """Record a finished preprocessing (once its files are whole); returns the marker."""
     marker = {"params": params, "contigs": res.contigs, "chunks": res.chunks, "frames": res.frames,
-              "chunks_with_frames": res.chunks_with_frames,
+              "chunks_with_frames": res.chunks_with_frames, "chunks_with_nonstandard_letters": res.odd.chunks,
+              "nonstandard_letters": res.odd.letters,
               "files": {n: (out / n).stat().st_size for n in (CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA)}}
     _save_json(out / PREPROCESS_MARKER, marker)
     return marker
@@ -213,6 +219,12 @@ class Classification:
 
     def save_marker(self, frames: int) -> None:
         _save_json(self.out / PREDICT_MARKER, {**self.identity(), "frames": frames, "complete": True})
+
+    def record_run(self, report: dict) -> None:
+        """Add what the last run did (stage seconds, letter counts) to the marker; a resumed run
+        replaces it with its own."""
+        path = self.out / PREDICT_MARKER
+        _save_json(path, {**json.loads(path.read_text()), **report})
 
     # --- stage 3: join and classify ------------------------------------------------------------------
 
