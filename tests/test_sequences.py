@@ -201,3 +201,37 @@ def test_a_long_line_is_scanned_in_bounded_memory(tmp_path):
         tracemalloc.stop()
     assert index.lengths.tolist() == [size] and len(record.sequence) == 1000
     assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB traced for an {size >> 20} MiB line"
+
+
+# -----------------------------------------------------------------------------
+# contigs for preprocess / predict
+
+def test_contig_letters_upstream_reads_pass_and_become_dnabert_s_input():
+    from virnucpro.sequences import TO_DNA_INPUT, check_contig, plain_contigs
+
+    odd = b"ACGTNRYKMSWBDHVUXEJ-.*" + b"ACGT" * 20 + bytes(b for b in range(65, 91) if chr(b) not in "EFIJLOPQZ")
+    check_contig(odd, "in.fa", 0, "c")  # letters, gaps and stops: as upstream, they go through
+    dna = odd.translate(TO_DNA_INPUT)
+    assert normalise(dna, DNA, "c") == dna  # the DNABERT-S check takes them unchanged
+    assert dna[:15] == b"ACGTNRYKMSWBDHV" and set(dna[15:22]) == {ord("N")} and dna[22:102] == b"ACGT" * 20
+    assert plain_contigs(b"ACGTNNXX--**..") and not plain_contigs(b"ACGTE") and not plain_contigs(b"AC1")
+
+
+@pytest.mark.parametrize("seq,match", [
+    (b"ACGT1", r"^in\.fa: record 3 \('c'\): character '1' at position 5 is not a nucleotide letter$"),
+    (b"ACG\xc3\xa9", r"record 3 \('c'\): character '\\\\xc3' at position 4"),
+    (b"AC>GT", r"character '>' at position 3"),
+    (b"MKVLAAGIEFPQLLSTWR", r"^in\.fa: record 3 \('c'\): looks like a protein, not a nucleotide sequence \(8 of 18"),
+])
+def test_contig_refusals_name_file_record_and_cause(seq, match):
+    from virnucpro.sequences import check_contig
+
+    with pytest.raises(SequenceError, match=match):
+        check_contig(seq, "in.fa", 2, "c")
+
+
+def test_a_stray_protein_letter_or_x_masking_is_not_a_protein():
+    from virnucpro.sequences import check_contig
+
+    check_contig(b"ACGT" * 30 + b"EL", "in.fa", 0, "c")
+    check_contig(b"X" * 1000 + b"ACGT", "in.fa", 0, "c")
