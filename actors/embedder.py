@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -187,6 +188,11 @@ class Embedder:
         6-13 s for ESM-2 3B (bench/results/startup-*.json), longer than a small job's whole run, so
         the first parts do not wait for it. A compile that fails leaves the actor eager, and says so."""
         start = time.perf_counter()
+        # Batches run beside this thread: with Python's default 5 ms GIL switch interval each of their
+        # kernel launches can wait that long for the compiling thread, and the compile itself took 2x as
+        # long (bench/results/probe-startup-*.json). A short interval while compiling serves both.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(1e-4)
         try:
             layers = self.model.compiled_layers()
             stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -199,6 +205,8 @@ class Embedder:
             log.warning("actor %s: compiling the layers failed; they stay eager", self.name, exc_info=True)
             self.compiled = False
             return
+        finally:
+            sys.setswitchinterval(switch)
         self.layers = layers
         self.timeline["compiled"] = time.time()
         log.info("actor %s: layers compiled in %.1f s; batches now run compiled", self.name,

@@ -100,11 +100,23 @@ class Backend:
         return f"FlashAttention-2: disabled, using PyTorch SDPA fallback ({self.reason})"
 
 
+@lru_cache(maxsize=None)
 def _varlen_attn():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
+    """FlashAttention-2 over packed sequences: `f(q, k, v, cu_q, cu_k, max_q, max_k, scale=)` -> [T, H, Dh],
+    or None where this torch has no such kernel. The aten op that `torch.nn.attention.varlen.varlen_attn`
+    wraps is called directly: importing that module imports torch._dynamo (4-5 s), which would hold up
+    an actor's first batch while its layers compile beside it."""
+    flash = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if flash is None or "cum_seq_q" not in str(flash.default._schema):
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            return None
+        return varlen_attn
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        return flash(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False, scale=scale)[0]
+
     return varlen_attn
 
 
