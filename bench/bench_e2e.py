@@ -89,13 +89,14 @@ def bare_model(ckpt: Path, fasta: Path, toks: int, work: Path) -> dict:
 
 def end_to_end(ckpt: Path, fasta: Path, toks: int, work: Path, **options) -> dict:
     from cluster.driver import embed
+    from virnucpro.output import Manifest
 
     start = time.perf_counter()
     result = embed(fasta, work / "out", ckpt, device="cuda", toks_per_batch=toks, progress=False, overwrite=True,
                    **options)
     wall = time.perf_counter() - start
-    manifest = json.loads((work / "out" / "_manifest.json").read_text())
-    return {"toks_per_batch": manifest.get("toks_per_batch") or toks, "options": options,
+    manifest = Manifest.load(work / "out")
+    return {"toks_per_batch": manifest.toks_per_batch or toks, "options": options,
             "tokens": result.tokens_computed, "sequences": result.num_sequences,
             "seconds": result.compute_seconds, "tokens_per_s": result.tokens_per_second,
             "wall_seconds_including_startup": wall, "batches": result.num_batches,
