@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.cli import create_parser
+from cluster.cli import create_parser, main
 from cluster.predict import PredictError, predict
 from virnucpro.classifier import MLPClassifier
 from virnucpro.fasta import fasta_ids, iter_records
@@ -102,6 +102,7 @@ def test_duplicate_ids_refused_then_odd_letters_finish_counted_and_timed(
 @pytest.mark.parametrize("records,match", [
     ([("c1", ORF), ("p1", "MAKRLEVPRIGKDWLEQFRKALEG" * 3)], r"record 2 \('p1'\): looks like a protein"),
     ([("c1", ORF), ("c2", ORF[:50] + "12" + ORF[52:])], r"record 2 \('c2'\): character '1' at position 51"),
+    ([("c1", ORF), ("c2", ORF[:50] + "\u00e9")], r"record 'c2': sequence has a non-ASCII byte"),
 ])
 def test_refused_before_any_embedding_naming_file_and_record(tmp_path, classifier, esm_tiny, dnabert_tiny,
                                                               records, match):
@@ -111,6 +112,19 @@ def test_refused_before_any_embedding_naming_file_and_record(tmp_path, classifie
         _predict(fasta, out, classifier, esm_tiny, dnabert_tiny)  # no Ray here: it never gets that far
     assert "\n" not in str(e.value) and str(e.value).startswith(f"{fasta}: ")
     assert list(out.iterdir()) == []
+
+
+def test_cli_preprocess_refuses_duplicates_in_one_line_and_counts_odd_letters(tmp_path, capsys):
+    dup = _fasta(tmp_path / "dup.fasta", CONTIGS + [("rna", "ACGT")])
+    assert main(["preprocess", str(dup), "-o", str(tmp_path / "a"), "--chunk-size", str(SIZE)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"{dup}: contig id 'rna' is used by records 3 and 5; results are "
+                                             f"reported per id, so ids must be unique (make them so, e.g. with "
+                                             f"`seqkit rename`, which numbers repeats)")
+    ok = _fasta(tmp_path / "ok.fasta", CONTIGS)
+    assert main(["preprocess", str(ok), "-o", str(tmp_path / "b"), "--chunk-size", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "4 records -> 4 chunks" in out and "3 chunks hold letters read as N" in out  # not the lowercase one
 
 
 def test_any_positive_chunk_size_is_an_option():
