@@ -61,8 +61,9 @@ PREDICTIONS_PARQUET = "predictions.parquet"
 CONTIGS_TSV = "contig_predictions.tsv"
 EMBED_DIRS = {DNABERT_S_FAMILY: Path("embeddings") / "dnabert_s", ESM2_FAMILY: Path("embeddings") / "esm2"}
 WORK_DIR = ".work"  # scratch of the join, removed at the end
-# the stages whose wall seconds a run reports (summary line, _predict.json "seconds"); `embed` is both
-# embedding jobs from start to end (they run at once), dnabert_s and esm2 each job's own call
+# the stages whose wall seconds a run reports (summary line, _predict.json "seconds"); `embed` is Ray's
+# start and both embedding jobs to the end of the later (they run at once), dnabert_s and esm2 each
+# job's own call (its actors' start-up included)
 STAGE_TIMES = ("preprocess", "embed", DNABERT_S_FAMILY, ESM2_FAMILY, "classify", "write")
 # what preprocessing counts of letters outside A/C/G/T and the IUPAC codes (_preprocess.json, _predict.json)
 LETTER_COUNTS = ("chunks_with_nonstandard_letters", "nonstandard_letters")
