@@ -67,8 +67,8 @@ class PredictResult:
     stages: dict[str, str]  # stage -> computed / resumed / reused / skipped
     embeddings: dict[str, EmbedResult] = field(default_factory=dict)  # the embed jobs this call ran
     seconds: float = 0.0
-    # wall seconds of the stages this call ran (virnucpro.predict.STAGE_TIMES); the two embedding jobs
-    # run at once, so `embed` (both, start to end) is less than dnabert_s + esm2
+    # wall seconds of the stages this call ran (virnucpro.predict.STAGE_TIMES); `embed` holds Ray's
+    # start and the two embedding jobs (dnabert_s, esm2), which run at once
     stage_seconds: dict[str, float] = field(default_factory=dict)
     chunks_with_nonstandard_letters: int = 0  # letters outside A/C/G/T and the IUPAC codes, read as N
 
