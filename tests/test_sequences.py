@@ -235,3 +235,24 @@ def test_a_stray_protein_letter_or_x_masking_is_not_a_protein():
 
     check_contig(b"ACGT" * 30 + b"EL", "in.fa", 0, "c")
     check_contig(b"X" * 1000 + b"ACGT", "in.fa", 0, "c")
+
+
+def test_dnabert_s_tokenizer_reads_n_as_it_reads_the_letters_upstream_feeds_it():
+    """Upstream feeds X, -, *, U ... to DNABERT-S's tokenizer (BPE over A/C/G/T, whitespace
+    pre-tokenizer); we feed N. Same tokens: each is [UNK], and no merge crosses an [UNK] or a
+    pre-tokenizer split. Checked on a tokenizer of DNABERT-S's kind (virnucpro.tiny)."""
+    import random
+
+    from virnucpro.sequences import TO_DNA_INPUT
+    from virnucpro.tiny import build_dna_tokenizer
+
+    tok = build_dna_tokenizer(vocab_size=200)
+    rng = random.Random(0)
+    for _ in range(200):
+        seq = [rng.choice("ACGT") for _ in range(rng.randint(1, 120))]
+        for _ in range(rng.randint(1, 6)):
+            seq[rng.randrange(len(seq))] = rng.choice("XU-*.NRYEJ")
+        upstream = "".join(seq)
+        ours = upstream.encode().translate(TO_DNA_INPUT).decode()
+        assert tok.encode(ours).ids == tok.encode(upstream).ids, upstream
+    assert tok.encode("ACGT-ACGT").tokens.count("[UNK]") == 1
