@@ -183,8 +183,8 @@ def _threshold(value: float) -> str | None:
 class PredictOptions:
     """What `virnucpro predict` (and `preprocess`) adds to the embedding options."""
 
-    chunk_size: int = option(500, "chunk length the classifier was trained on (300_model.pth / 500_model.pth)",
-                             choices=(300, 500))
+    chunk_size: int = option(500, "chunk length in bases, any N >= 1; must be what the classifier was trained "
+                                  "on (upstream's 300_model.pth / 500_model.pth: 300 / 500)", min=1)
     chunking: str = option("compat", "compat: upstream VirNucPro's split, quirks included; even: overlap "
                                      "spread evenly", choices=("compat", "even"))
     workers: int | None = option(None, "preprocessing processes (default: 1 below ~64 Mbp of input, else one "
