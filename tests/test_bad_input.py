@@ -94,7 +94,9 @@ def _wrong_family_dir(tmp: Path) -> str:
 
 def _hf_esm_dir(tmp: Path) -> str:
     (tmp / "hf-esm").mkdir()
-    (tmp / "hf-esm" / "config.json").write_text(json.dumps({"model_type": "esm", "architectures": ["EsmModel"]}))
+    (tmp / "hf-esm" / "config.json").write_text(json.dumps({  # ESM-1b's shape: absolute positions
+        "model_type": "esm", "architectures": ["EsmModel"], "num_hidden_layers": 2, "hidden_size": 64,
+        "num_attention_heads": 4, "intermediate_size": 256, "position_embedding_type": "absolute"}))
     return str(tmp / "hf-esm")
 
 
@@ -170,13 +172,13 @@ REFUSED: dict[str, tuple[Make, str]] = {
     "model name not in the cache": (lambda t, m: [_ok_protein(t), "--model", "esm2_t48_15B_UR50D"],
                                     r"model 'esm2_t48_15B_UR50D': not in the torch hub cache .*nothing is downloaded"),
     "model of another family (dir)": (lambda t, m: [_ok_protein(t), "--model", _wrong_family_dir(t)],
-                                      r"/gpt2: config.json describes a 'gpt2' model, not DNABERT-S"),
-    "Hugging Face ESM directory": (lambda t, m: [_ok_protein(t), "--model", _hf_esm_dir(t)],
-                                   r"/hf-esm: a Hugging Face ESM directory; give the fair-esm .pt checkpoint"),
+                                      r"/gpt2: config.json describes a 'gpt2' model, not ESM-2 or DNABERT-S"),
+    "Hugging Face ESM-1b directory": (lambda t, m: [_ok_protein(t), "--model", _hf_esm_dir(t)],
+                                      r"/hf-esm/config.json: position_embedding_type 'absolute': ESM-2 has rotary"),
     "not an ESM-2 .pt": (lambda t, m: [_ok_protein(t), "--model", _not_esm_pt(t)],
                          r"/other.pt: not an ESM-2 checkpoint"),
     "weights file of another format": (lambda t, m: [_ok_protein(t), "--model", str(_write(t / "w.bin", b"\0" * 64))],
-                                       r"/w.bin: expected a fair-esm .pt file or a DNABERT-S directory"),
+                                       r"/w.bin: expected a fair-esm .pt file or a model directory"),
     "garbage .pt": (lambda t, m: [_ok_protein(t), "--model", str(_write(t / "g.pt", b"not a checkpoint"))],
                     r"/g.pt: not a readable fair-esm checkpoint \(weights-only load refused it"),
     "pickle with code in a .pt": (lambda t, m: [_ok_protein(t), "--model", _evil_pt(t)],

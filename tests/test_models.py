@@ -238,8 +238,10 @@ def test_family_registry_describes_each_model(esm_tiny, dnabert_tiny):
     assert (check_model(esm), check_model(dna)) == (64, 48)  # conftest's tiny models
     assert isinstance(load_tokenizer(esm, 100), ESM2Tokenizer) and load_tokenizer(esm, 100).max_residues == 100
     assert isinstance(load_tokenizer(dna), DNABERTSTokenizer)
-    # a model directory is claimed by its config.json; ESM-2 never comes as one
-    assert FAMILIES["esm2"].claims_dir is None
+    # a model directory is claimed by its config.json: transformers' ESM for ESM-2 (tests/test_hf_esm2.py)
+    esm_claims = FAMILIES["esm2"].claims_dir
+    assert esm_claims({"model_type": "esm"}) and esm_claims({"architectures": ["EsmForMaskedLM"]})
+    assert not esm_claims({"model_type": "bert", "hidden_size": 768})
     claims = FAMILIES["dnabert_s"].claims_dir
     assert claims({"model_type": "bert", "hidden_size": 768}) and claims({"hidden_size": 768})
     assert not claims({"model_type": "gpt2", "hidden_size": 768}) and not claims({"model_type": "bert"})

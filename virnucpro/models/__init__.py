@@ -4,9 +4,10 @@ A MODEL argument is one of:
   * a fair-esm checkpoint name (`esm2_t36_3B_UR50D`), looked up in the torch hub cache
     (`$TORCH_HOME/hub/checkpoints/NAME.pt`, TORCH_HOME defaulting to ~/.cache/torch);
   * a path to a fair-esm `.pt` file;
-  * a Hugging Face id (`zhihan1996/DNABERT-S`), looked up in the HF cache (HF_HUB_CACHE, or
-    HF_HOME/hub, or ~/.cache/huggingface/hub); nothing is downloaded;
-  * a local directory with `config.json`, weights and `tokenizer.json`.
+  * a Hugging Face id (`zhihan1996/DNABERT-S`, `facebook/esm2_t33_650M_UR50D`), looked up in the HF
+    cache (HF_HUB_CACHE, or HF_HOME/hub, or ~/.cache/huggingface/hub); nothing is downloaded;
+  * a local directory with `config.json` and weights (DNABERT-S: and `tokenizer.json`; Hugging Face
+    ESM-2: and `vocab.txt`, checked against fair-esm's alphabet when present).
 
 What differs between model families (tokenizer, loader, checker, input alphabet, default batch size,
 which model directories are theirs) is each family's `ModelFamily`, defined in its module and listed
@@ -75,12 +76,14 @@ def _family_of_dir(path: Path) -> str:
     """The family whose model directory this is, by its config.json."""
     config = path / "config.json"
     if not config.is_file():
-        raise CheckpointError(f"{path}: a model directory needs config.json, weights and tokenizer.json")
-    raw = json.loads(config.read_text())
+        raise CheckpointError(f"{path}: a model directory needs config.json and weights")
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config}: not readable ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config}: not a model config (a JSON object)")
     model_type = str(raw.get("model_type", "")).lower()
-    if model_type == "esm" or "EsmModel" in str(raw.get("architectures")):
-        # ESM-2 is read from fair-esm checkpoints only (see the module docstring)
-        raise CheckpointError(f"{path}: a Hugging Face ESM directory; give the fair-esm .pt checkpoint instead")
     for family in FAMILIES.values():
         if family.claims_dir is not None and family.claims_dir(raw):
             return family.name
@@ -94,7 +97,7 @@ def resolve_model(spec: str | Path) -> ModelSource:
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix != ".pt":
-            raise CheckpointError(f"{path}: expected a fair-esm .pt file or a DNABERT-S directory")
+            raise CheckpointError(f"{path}: expected a fair-esm .pt file or a model directory")
         return ModelSource(ESM2_FAMILY, path, text)
     if path.is_dir():
         return ModelSource(_family_of_dir(path), path, text)

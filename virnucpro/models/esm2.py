@@ -8,13 +8,16 @@ Differences from fair-esm, none of which change the result:
     cannot represent positions above 256 exactly);
   * no LM head, no contact head, no attention weights; only the layers up to the requested one run.
 
-Checkpoints are fair-esm `.pt` files: {"model": state dict, "cfg": {"model": Namespace(...)}}.
+Checkpoints are fair-esm `.pt` files ({"model": state dict, "cfg": {"model": Namespace(...)}}) or
+Hugging Face ESM-2 directories (config.json with model_type "esm", EsmModel or EsmForMaskedLM weights),
+whose names and config are translated to fair-esm's on reading, so that checking and loading are one path.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import re
 from unittest import mock
@@ -262,9 +265,13 @@ def load_weights_only(path: Path, mmap: bool) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_checkpoint(path: str | Path) -> tuple[ESM2Config, dict[str, torch.Tensor]]:
-    """Read a fair-esm ESM-2 `.pt` checkpoint without unpickling anything but tensors and its cfg."""
+def read_checkpoint(path: str | Path, shapes_only: bool = False) -> tuple[ESM2Config, dict[str, torch.Tensor]]:
+    """Read a fair-esm ESM-2 `.pt` checkpoint without unpickling anything but tensors and its cfg, or a
+    Hugging Face ESM-2 directory (`read_hf_checkpoint`), under fair-esm's parameter names. Tensors are
+    memory-mapped (read when used); with `shapes_only` an HF directory's are meta tensors."""
     path = Path(path)
+    if path.is_dir():
+        return read_hf_checkpoint(path, shapes_only)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such ESM-2 checkpoint file")
     # fair-esm stores its config as an argparse.Namespace: allow exactly that class, nothing else.
@@ -294,6 +301,163 @@ def _config(path: Path, data: dict, state: dict[str, torch.Tensor]) -> ESM2Confi
                               f"{cfg.get('encoder_embed_dim')}) disagrees with the weights "
                               f"({num_layers} layers, dim {embed_dim})")
     return ESM2Config(num_layers, embed_dim, int(heads), bool(cfg.get("token_dropout", True)))
+
+
+# --- Hugging Face ESM-2 directories: config.json and weights translated to fair-esm's -----------------
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # each may be sharded: NAME.index.json
+# EsmModel's parameter names (after EsmForMaskedLM's "esm." prefix) -> fair-esm's; lm_head.* (dense,
+# layer_norm, bias) and contact_head.* are named alike in both, but for the decoder's weight.
+_HF_NAMES = [(re.compile(pattern), name) for pattern, name in (
+    (r"embeddings\.word_embeddings\.", "embed_tokens."),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.query\.", r"layers.\1.self_attn.q_proj."),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.key\.", r"layers.\1.self_attn.k_proj."),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.value\.", r"layers.\1.self_attn.v_proj."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out_proj."),
+    (r"encoder\.layer\.(\d+)\.attention\.LayerNorm\.", r"layers.\1.self_attn_layer_norm."),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.fc1."),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.fc2."),
+    (r"encoder\.layer\.(\d+)\.LayerNorm\.", r"layers.\1.final_layer_norm."),
+    (r"encoder\.emb_layer_norm_after\.", "emb_layer_norm_after."),
+    (r"lm_head\.decoder\.weight$", "lm_head.weight"),
+)]
+# buffers and heads that fair-esm's ESM-2 does not have: EsmModel's pooler, rotary frequencies, position ids
+_HF_DROPPED = re.compile(r"^(pooler\.|.*rotary_embeddings\.inv_freq$|embeddings\.position_ids$)")
+# transformers 5 writes LayerNorm parameters under their legacy (TF BERT) names, gamma and beta
+_HF_LEGACY_NORM = {"gamma": "weight", "beta": "bias"}
+
+
+def hf_config(model_dir: Path) -> ESM2Config:
+    """config.json of an HF ESM directory as ESM2Config, refusing what is not ESM-2's architecture (our
+    module has ESM-2's: rotary positions, no embedding layer norm, FFN 4x wide, layer norm eps 1e-5)."""
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{model_dir}/config.json: not readable ({type(e).__name__}: {e})") from None
+    where = f"{model_dir}/config.json"
+    if raw.get("is_folding_model"):
+        raise CheckpointError(f"{where}: an ESMFold model; give its ESM-2 language model instead")
+    need = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    if not all(isinstance(raw.get(k), int) for k in need):
+        raise CheckpointError(f"{where}: needs integer {', '.join(need)}")
+    layers, dim, heads = raw["num_hidden_layers"], raw["hidden_size"], raw["num_attention_heads"]
+    for refusal in _hf_refusals(raw, dim, heads):
+        raise CheckpointError(f"{where}: {refusal}")
+    _check_hf_vocab(model_dir)
+    # transformers' EsmConfig defaults token_dropout to False; ESM-2's configs say true
+    return ESM2Config(layers, dim, heads, bool(raw.get("token_dropout", False)))
+
+
+def _hf_refusals(raw: dict, dim: int, heads: int) -> list[str]:
+    """What in an ESM config.json describes a model other than ESM-2 (transformers' defaults apply to
+    what is missing, as transformers would read it; a missing layer_norm_eps is taken as ESM-2's)."""
+    position = raw.get("position_embedding_type", "absolute")
+    eps = raw.get("layer_norm_eps", 1e-5)
+    rope_theta = raw.get("rope_theta", 10000.0)
+    mask = raw.get("mask_token_id")
+    checks = [
+        (position != "rotary", f"position_embedding_type '{position}': ESM-2 has rotary positions "
+                               f"(absolute positions are ESM-1b's)"),
+        (bool(raw.get("emb_layer_norm_before")), "emb_layer_norm_before is true: ESM-2 has no embedding "
+                                                 "layer norm (that is ESM-1b)"),
+        (raw["intermediate_size"] != 4 * dim, f"intermediate_size {raw['intermediate_size']} is not 4 x "
+                                              f"hidden_size {dim}, as in ESM-2"),
+        (heads <= 0 or dim % heads or (dim // heads) % 2, f"hidden_size {dim} does not split into "
+                                                          f"{heads} heads of even width"),
+        (raw.get("vocab_size", len(ALPHABET)) != len(ALPHABET), f"vocab_size {raw.get('vocab_size')}: "
+                                                                f"ESM-2 has {len(ALPHABET)} tokens"),
+        (not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-9, f"layer_norm_eps {eps}: ESM-2's is 1e-05"),
+        (rope_theta != 10000, f"rope_theta {rope_theta}: ESM-2's is 10000"),
+        (bool(raw.get("token_dropout")) and mask not in (None, MASK),
+         f"mask_token_id {mask}: ESM-2's <mask> is {MASK}"),
+    ]
+    return [message for refused, message in checks if refused]
+
+
+def _check_hf_vocab(model_dir: Path) -> None:
+    """vocab.txt, when present, must be fair-esm's alphabet in its order: our tokenizer is that alphabet."""
+    vocab = model_dir / "vocab.txt"
+    if not vocab.is_file():
+        return
+    tokens = [line.strip() for line in vocab.read_text().splitlines()]
+    while tokens and not tokens[-1]:
+        tokens.pop()
+    if tokens != ALPHABET:
+        i = next((i for i, (a, b) in enumerate(zip(tokens, ALPHABET)) if a != b), min(len(tokens), len(ALPHABET)))
+        got = tokens[i] if i < len(tokens) else "(end)"
+        want = ALPHABET[i] if i < len(ALPHABET) else "(end)"
+        raise CheckpointError(f"{vocab}: not ESM-2's alphabet ({len(tokens)} tokens; token {i} is '{got}', "
+                              f"expected '{want}')")
+
+
+def _hf_weight_files(model_dir: Path) -> dict[str, Path]:
+    """Parameter name -> the file holding it: one weights file, or the shards its index names."""
+    for name in HF_WEIGHT_FILES:
+        if (model_dir / name).is_file():
+            return {"": model_dir / name}
+        index = model_dir / f"{name}.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a readable shard index ({type(e).__name__})") from None
+            return {k: model_dir / v for k, v in weight_map.items()}
+    raise CheckpointError(f"{model_dir}: no {' or '.join(HF_WEIGHT_FILES)} (nor a sharded index of one)")
+
+
+def _read_hf_file(path: Path, shapes_only: bool) -> dict[str, torch.Tensor]:
+    """One weights file's tensors, memory-mapped (safetensors' tensors map the file; torch.load with
+    mmap), or with `shapes_only` as meta tensors: nothing of the weights is read."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), "pt") as f:
+                if shapes_only:
+                    return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+                return {k: f.get_tensor(k) for k in f.keys()}
+        state = load_weights_only(path, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling or format failure is a bad weights file
+        raise CheckpointError(f"{path}: not a readable weights file ({load_error(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    if shapes_only:
+        return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+    return state
+
+
+def _fair_esm_name(hf_name: str) -> str | None:
+    """An EsmModel / EsmForMaskedLM parameter's fair-esm name; None for what fair-esm lacks; an unknown
+    name is kept as it is, for the state check to report."""
+    name = re.sub(r"(?<=LayerNorm\.)(gamma|beta)$", lambda m: _HF_LEGACY_NORM[m.group(1)],
+                  hf_name.removeprefix("esm."))
+    if _HF_DROPPED.match(name):
+        return None
+    for pattern, replacement in _HF_NAMES:
+        if pattern.match(name):
+            return pattern.sub(replacement, name, count=1)
+    return name
+
+
+def read_hf_checkpoint(model_dir: Path, shapes_only: bool = False) -> tuple[ESM2Config, dict[str, torch.Tensor]]:
+    """A Hugging Face ESM-2 directory as fair-esm's config and state dict (see `read_checkpoint`)."""
+    config = hf_config(model_dir)
+    files = _hf_weight_files(model_dir)
+    state: dict[str, torch.Tensor] = {}
+    for path in dict.fromkeys(files.values()):
+        for k, v in _read_hf_file(path, shapes_only).items():
+            name = _fair_esm_name(k)
+            if name is not None:
+                state[name] = v
+    if "embed_tokens.weight" not in state or not any(re.match(r"layers\.\d+\.", k) for k in state):
+        raise CheckpointError(f"{model_dir}: weights are not ESM's (no word_embeddings / encoder.layer parameters)")
+    layers = 1 + max(int(m.group(1)) for m in map(re.compile(r"layers\.(\d+)\.").match, state) if m)
+    dim = state["embed_tokens.weight"].shape[1]
+    if (layers, dim) != (config.num_layers, config.embed_dim):
+        raise CheckpointError(f"{model_dir}: config.json ({config.num_layers} layers, hidden_size {config.embed_dim}) "
+                              f"disagrees with the weights ({layers} layers, dim {dim})")
+    if "lm_head.dense.weight" in state and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]  # tied, as fair-esm's (not saved by transformers)
+    return config, state
 
 
 def _fused_state(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
@@ -341,7 +505,7 @@ def _matched(path: str | Path, config: ESM2Config, state: dict[str, torch.Tensor
 def check_esm2(path: str | Path) -> ESM2Config:
     """Check a checkpoint's parameter names and shapes without loading its weights (the driver does
     this before any actor starts, so a bad file fails in seconds, not after GPU actors come up)."""
-    config, state = read_checkpoint(path)  # memory-mapped: no weight is read
+    config, state = read_checkpoint(path, shapes_only=True)  # memory-mapped or meta: no weight is read
     meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
     _matched(path, config, meta, config.num_layers)
     return config
@@ -362,7 +526,9 @@ def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch
 
 
 def _tokenizer(path: Path, truncation_seq_length: int | None) -> ESM2Tokenizer:
-    return ESM2Tokenizer(truncation_seq_length)  # the alphabet is fixed: nothing to read from the checkpoint
+    if path.is_dir():
+        _check_hf_vocab(path)  # an HF directory's vocab.txt must be the fixed alphabet the tokenizer has
+    return ESM2Tokenizer(truncation_seq_length)
 
 
 def _load(path: Path, device: torch.device | str, dtype: torch.dtype, attention_backend: str) -> ESM2:
@@ -373,9 +539,17 @@ def _embed_dim(path: Path) -> int:
     return check_esm2(path).embed_dim
 
 
+def _claims_dir(config: dict) -> bool:
+    """transformers' ESM config.json (model_type "esm"; or, without one, Esm* architectures). ESM-1b and
+    ESMFold configs say "esm" too: they are claimed here and refused by `hf_config` with the reason."""
+    model_type = str(config.get("model_type", "")).lower()
+    return model_type == "esm" or (not model_type and any(
+        str(a).startswith("Esm") for a in config.get("architectures") or []))
+
+
 FAMILY = ModelFamily(
     name=ESM2.family, title="ESM-2", sequence_kind=PROTEIN, tokenizer=_tokenizer, load=_load, check=_embed_dim,
     # on a GPU the actor's budget is what fills the chip (see bench/) without risking memory on 40 GB cards
     gpu_toks_per_batch=65536,
-    claims_dir=None,  # read from fair-esm .pt checkpoints, not model directories (see models.resolve_model)
+    claims_dir=_claims_dir,
 )
