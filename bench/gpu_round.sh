@@ -7,6 +7,10 @@ gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].l
 n=$(python3 -c "import torch; print(torch.cuda.device_count())")
 tag="nvidia-${gpu}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# The bundle's packages come without bytecode and the image sets PYTHONDONTWRITEBYTECODE=1, so every
+# process (driver, Ray's GCS/dashboard, each worker) would compile Ray from source: +3-5 s per start-up
+# (bench/results/probe-startup-*.json). pip compiles it at install; so do we, once.
+[ -d /tmp/site ] && [ ! -f /tmp/site/.compiled ] && python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1 && touch /tmp/site/.compiled
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
