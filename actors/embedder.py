@@ -27,9 +27,9 @@ import torch
 
 from virnucpro.attention import Packing
 from virnucpro.batching import TokenBatch
-from virnucpro.models import ModelSource, load_model
+from virnucpro.models import ModelSource, compute_columns, load_model, residue_counts
 from virnucpro.options import EmbedOptions
-from virnucpro.output import OutputLocation, write_part
+from virnucpro.output import Column, OutputLocation, plan_columns, write_part
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,9 @@ class Embedder:
             torch.backends.cuda.matmul.allow_tf32 = True
         self.model = load_model(source, self.device, self.dtype, opts.attention)
         self.timeline["weights_loaded"] = time.time()
+        self.plans: dict[tuple, tuple[list[Column], torch.dtype]] = {}
+        # the output columns of this actor's own jobs (--repr-layers, --include, --output-dtype)
+        self.outputs = self._plan(opts.repr_layers, opts.include, opts.output_dtype)
         # the layers batches run through: the model's own (eager) until their compiled versions are ready
         self.layers: list | None = None
         self.compiled = self.device.type == "cuda" if opts.compile is None else opts.compile
@@ -254,18 +257,21 @@ class Embedder:
                 "pid": os.getpid(), "node_id": self.node_id, "gpu_ids": self.gpu_ids,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "timeline": self.timeline}
 
-    def embed(self, batch: TokenBatch, attempt: int = 0, out_dir: str | None = None) -> PartResult:
+    def embed(self, batch: TokenBatch, attempt: int = 0, out_dir: str | None = None,
+              outputs: tuple | None = None) -> PartResult:
         """Compute one batch and write its part; `attempt` counts the times the driver dealt it before.
-        `out_dir`: where the part goes, if not the actor's own output location (a service's jobs)."""
+        `out_dir`: where the part goes, if not the actor's own output location (a service's jobs);
+        `outputs`: that job's (repr_layers, include, output_dtype), if not the actor's own."""
         start = time.perf_counter()
         out = self.out_dir if out_dir is None else self._location(out_dir)
+        columns, dtype = self.outputs if outputs is None else self._plan(*outputs)
         if attempt:
             log.debug("actor %s: %s, attempt %d", self.name, batch.describe(), attempt + 1)
         try:
             with self._profiled(batch.batch_id):
-                pooled, forward_seconds = self._compute(batch, attempt)
+                values, forward_seconds = self._compute(batch, columns, dtype, attempt)
             written = time.perf_counter()
-            file, rows = self._write(batch, pooled, out)
+            file, rows = self._write(batch, values, columns, out)
         except BatchError:
             self._failed("out_of_memory")
             raise
@@ -281,7 +287,18 @@ class Embedder:
 
     def compute(self, batch: TokenBatch) -> np.ndarray:
         """Pooled embeddings [B, D] float32 of one batch, nothing written (a service's HTTP requests)."""
-        return self._compute(batch)[0]
+        columns = [Column("embedding", "mean", self.model.num_layers)]
+        return self._compute(batch, columns, torch.float32)[0]["embedding"]
+
+    def _plan(self, repr_layers: tuple | None, include: tuple | None, output_dtype: str) -> tuple[list[Column], torch.dtype]:
+        """The columns and float type asked for, checked against this model (a layer it lacks, logits
+        without an LM head: a one-line ValueError)."""
+        key = (repr_layers, include, output_dtype)
+        if key not in self.plans:
+            columns = plan_columns(repr_layers, include, self.model.num_layers, self.model.bos_name,
+                                   getattr(self.model, "lm_head", None) is not None)
+            self.plans[key] = columns, DTYPES[output_dtype]
+        return self.plans[key]
 
     def _location(self, uri: str) -> OutputLocation:
         """Each job's output location, parsed once (an s3:// URI resolves its region)."""
@@ -289,11 +306,13 @@ class Embedder:
             self.locations[uri] = OutputLocation.parse(uri)
         return self.locations[uri]
 
-    def _write(self, batch: TokenBatch, pooled: np.ndarray, out: OutputLocation) -> tuple[str, int]:
+    def _write(self, batch: TokenBatch, values: dict[str, np.ndarray], columns: list[Column],
+               out: OutputLocation) -> tuple[str, int]:
         """Write the batch's Parquet part to `out` (atomically); returns (file name, rows)."""
         return write_part(out, batch.batch_id, batch.ids, batch.index, batch.length, batch.truncated,
-                          pooled, self.source.name,
-                          {"actor": self.name, "node_id": self.node_id, "batch_id": batch.batch_id})
+                          values, self.source.name,
+                          {"actor": self.name, "node_id": self.node_id, "batch_id": batch.batch_id},
+                          columns=columns, residues=residue_counts(self.model, batch.seq_tokens))
 
     @contextlib.contextmanager
     def _profiled(self, batch_id: int):
@@ -316,14 +335,15 @@ class Embedder:
         finally:
             self.profile_lock.release()
 
-    def _compute(self, batch: TokenBatch, attempt: int = 0) -> tuple[np.ndarray, float]:
-        """Pooled embeddings [B, D] float32, and the seconds the forward took once it had its streams.
-        `attempt`: times the driver dealt this batch before (0 the first time)."""
+    def _compute(self, batch: TokenBatch, columns: list[Column], dtype: torch.dtype,
+                 attempt: int = 0) -> tuple[dict[str, np.ndarray], float]:
+        """The batch's columns on the host (see `compute_columns`), and the seconds the forward took
+        once it had its streams. `attempt`: times the driver dealt this batch before (0 the first time)."""
         streams = self.streams.get()
         try:
             start = time.perf_counter()
-            pooled = self._forward(batch, streams)
-            return pooled, time.perf_counter() - start
+            values = self._forward(batch, streams, columns, dtype)
+            return values, time.perf_counter() - start
         except torch.cuda.OutOfMemoryError:
             raise BatchError(self._oom_report(batch.describe(), batch.num_tokens)) from None
         finally:
@@ -334,7 +354,7 @@ class Embedder:
             self.metrics.failed(reason)
 
     @torch.inference_mode()
-    def _forward(self, batch: TokenBatch, streams) -> np.ndarray:
+    def _forward(self, batch: TokenBatch, streams, columns: list[Column], dtype: torch.dtype) -> dict[str, np.ndarray]:
         # one copy out of the (read-only) object-store buffers, straight into page-locked memory
         tokens = torch.empty(batch.tokens.shape, dtype=torch.int32, pin_memory=self.pin_memory)
         lengths = torch.empty(batch.seq_tokens.shape, dtype=torch.int32, pin_memory=self.pin_memory)
@@ -342,7 +362,8 @@ class Embedder:
         max_len = int(batch.seq_tokens.max())
         if streams is None:  # CPU
             packing = Packing.from_lengths(lengths, max_len)
-            return self.model.embed(tokens.long(), packing, self.layers).numpy()
+            values = compute_columns(self.model, tokens.long(), packing, columns, dtype, self.layers)
+            return {k: v.numpy() for k, v in values.items()}
         copy, compute = streams
         with torch.cuda.stream(copy):
             tokens_d = tokens.to(self.device, non_blocking=True)
@@ -352,11 +373,13 @@ class Embedder:
             tokens_d.record_stream(compute)
             lengths_d.record_stream(compute)
             packing = Packing.from_lengths(lengths_d, max_len)
-            pooled = self.model.embed(tokens_d.long(), packing, self.layers)
-            host = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=self.pin_memory)
-            host.copy_(pooled, non_blocking=True)
+            values = compute_columns(self.model, tokens_d.long(), packing, columns, dtype, self.layers)
+            host = {}
+            for name, value in values.items():  # converted to the output dtype on the GPU: fewer bytes to copy
+                host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=self.pin_memory)
+                host[name].copy_(value, non_blocking=True)
         compute.synchronize()
-        return host.numpy()
+        return {k: v.numpy() for k, v in host.items()}
 
     def _oom_report(self, what: str, num_tokens: int) -> str:
         peak = torch.cuda.max_memory_allocated(self.device)

@@ -61,13 +61,14 @@ class EmbeddingService:
     async def prepare(self, largest_batch: np.ndarray | None = None) -> dict:
         return await asyncio.to_thread(self.embedder.prepare, largest_batch)
 
-    async def embed(self, batch: TokenBatch, attempt: int, out_dir: str) -> PartResult:
-        """A job's batch: computed and written into `out_dir` like an actor of the job's own would."""
+    async def embed(self, batch: TokenBatch, attempt: int, out_dir: str, outputs: tuple | None = None) -> PartResult:
+        """A job's batch: computed and written into `out_dir` like an actor of the job's own would, with
+        that job's output columns (`outputs`: its repr_layers, include, output_dtype)."""
         import ray
 
         if isinstance(batch, ray.ObjectRef):
             batch = await batch
-        return await asyncio.to_thread(self.embedder.embed, batch, attempt, out_dir)
+        return await asyncio.to_thread(self.embedder.embed, batch, attempt, out_dir, outputs)
 
     def check_health(self) -> None:
         """Serve's health check: the GPU still answers (a replica whose CUDA context broke is replaced)."""

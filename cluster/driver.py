@@ -145,8 +145,10 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
         timeline.mark("indexed")
         toks = opts.toks_per_batch or target.toks_per_batch
         plan = Plan.build(lambda a, b: token_counts(tokenizer, index.lengths[a:b]), toks, len(index), scratch)
-        fingerprint = plan_fingerprint(source.name, source.family, target.truncation, toks,
-                                       index.lengths, index.offsets)
+        outputs = (opts.repr_layers, opts.include, opts.output_dtype)
+        default = opts.repr_layers is None and opts.include in (None, ("mean",)) and opts.output_dtype == "float32"
+        fingerprint = plan_fingerprint(source.name, source.family, target.truncation, toks, index.lengths,
+                                       index.offsets, *(() if default else (outputs,)))  # --resume: same columns
         manifest = _open_manifest(out, opts, source, dim, input, fingerprint, index, len(plan), toks)
         done = _finished_batches(out, manifest, plan)
         todo = np.flatnonzero(~done)
@@ -274,7 +276,8 @@ class _Target:
         if options.truncation_seq_length != opts.truncation_seq_length:
             log.info("service '%s' truncates at %d (its own --truncation-seq-length)", opts.service,
                      options.truncation_seq_length)
-        pool = service_pool(opts.service, out.uri, options.cuda_streams + 1)
+        pool = service_pool(opts.service, out.uri, options.cuda_streams + 1,
+                            (opts.repr_layers, opts.include, opts.output_dtype))
         target = cls(source, info["tokenizer"], info["dim"], options.truncation_seq_length,
                      info["toks_per_batch"], info["info"]["device"].split(":")[0], pool.size)
         log.info("service '%s': %s on %d replica(s)", opts.service, source.name, pool.size)

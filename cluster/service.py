@@ -135,14 +135,15 @@ class _Replicas:
     """Stands in for an actor in the job's pool: each call goes to the service, which routes it to a
     replica; the result is an ObjectRef, so the job's `ray.wait` loop is the same for both."""
 
-    def __init__(self, handle, out_uri: str):
-        self.embed = _Call(lambda batch, attempt: handle.embed.remote(batch, attempt, out_uri))
+    def __init__(self, handle, out_uri: str, outputs: tuple | None):
+        self.embed = _Call(lambda batch, attempt: handle.embed.remote(batch, attempt, out_uri, outputs))
         self.prepare = _Call(handle.prepare.remote)
         self.info = _Call(lambda: handle.prepare.remote(None))
 
 
-def service_pool(name: str, out_uri: str, per_replica: int) -> ActorPool:
-    """The job's pool over service `name`: one slot per running replica, `per_replica` batches each."""
+def service_pool(name: str, out_uri: str, per_replica: int, outputs: tuple | None = None) -> ActorPool:
+    """The job's pool over service `name`: one slot per running replica, `per_replica` batches each.
+    `outputs`: the job's (repr_layers, include, output_dtype), which the replicas compute for it."""
     from ray import serve
 
     handle = serve.get_deployment_handle(DEPLOYMENT, app_name=name)
@@ -151,5 +152,5 @@ def service_pool(name: str, out_uri: str, per_replica: int) -> ActorPool:
     app = serve.status().applications.get(name)
     deployment = app.deployments.get(DEPLOYMENT) if app else None
     replicas = max(1, deployment.replica_states.get("RUNNING", 0) if deployment else 1)
-    return ActorPool(lambda i: _Replicas(handle, out_uri), replicas, per_replica, f"service '{name}'",
+    return ActorPool(lambda i: _Replicas(handle, out_uri, outputs), replicas, per_replica, f"service '{name}'",
                      kill=lambda actor: None)  # the replicas are the service's, not the job's

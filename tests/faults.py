@@ -31,30 +31,30 @@ def _subclass(base: type, **attrs) -> type:
 class _Slow(Embedder):
     delay = 0.0
 
-    def _compute(self, batch, attempt=0):
+    def _compute(self, batch, columns, dtype, attempt=0):
         time.sleep(self.delay)
-        return super()._compute(batch, attempt)
+        return super()._compute(batch, columns, dtype, attempt)
 
 
 class _FailingBatch(Embedder):
     batch_id = -1
     first_attempt_only = False  # True: a transient error (the driver deals the batch again)
 
-    def _compute(self, batch, attempt=0):
+    def _compute(self, batch, columns, dtype, attempt=0):
         if batch.batch_id == self.batch_id and not (self.first_attempt_only and attempt):
             kind = "transient failure" if self.first_attempt_only else "failure"
             raise (RuntimeError if self.first_attempt_only else ValueError)(
                 f"injected {kind} (batch {batch.batch_id})")
-        return super()._compute(batch, attempt)
+        return super()._compute(batch, columns, dtype, attempt)
 
 
 class _FailingWrite(Embedder):
     batch_id = -1
     code = errno.ENOSPC
 
-    def _write(self, batch, pooled, out):
+    def _write(self, batch, values, columns, out):
         if batch.batch_id != self.batch_id:
-            return super()._write(batch, pooled, out)
+            return super()._write(batch, values, columns, out)
 
         name = part_name(batch.batch_id)
 

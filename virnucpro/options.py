@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+INCLUDE = ("mean", "bos", "cls", "per-token", "logits")  # --include (virnucpro.output.plan_columns)
+
 
 class OptionError(ValueError):
     """An option value out of range: one line naming the option, the value and what is allowed."""
@@ -144,6 +146,17 @@ class EmbedOptions:
         "auto", "auto: FlashAttention where the GPU supports it (ESM-2), SDPA with the ALiBi bias for "
                 "DNABERT-S; sdpa: force the PyTorch SDPA fallback; flex: FlexAttention for DNABERT-S",
         choices=("auto", "sdpa", "flex"))
+    repr_layers: tuple[int, ...] | None = option(
+        None, "layers to output, numbered as fair-esm does: 0 the embedding output, N the last layer (after "
+              "the final layer norm), negative from the end; several at once (default: the last)",
+        metavar="L")
+    include: tuple[str, ...] | None = option(
+        None, "what each layer gives: mean, bos (ESM-2's <cls>; cls for DNABERT-S), per-token (each residue; "
+              "each token for DNABERT-S), logits (ESM-2's LM head); comma- or space-separated. Columns mean_<L>, "
+              "bos_<L>/cls_<L>, per_token_<L>, logits. Default: one column, embedding, the mean of the last "
+              "layer", check=lambda v: _one_of(v, INCLUDE))
+    output_dtype: str = option("float32", "float type of the embedding columns (float16 halves per-token output)",
+                               choices=("float32", "float16"))
     compile: bool | None = option(None, "torch.compile the model layers (default: on for CUDA, off on CPU)")
     profile: str | None = option(
         None, "write torch profiler traces of each actor's first 3 batches to DIR on the actor's node (open "
@@ -162,6 +175,13 @@ class EmbedOptions:
     actor_options: Callable[[int], dict] | None = option(None, "extra Ray actor options for actor i", cli=False)
 
     def __post_init__(self) -> None:
+        # `--include mean,per-token`, `--include mean per-token` and include="mean,per-token" alike
+        if isinstance(self.include, str) or self.include is not None:
+            items = [self.include] if isinstance(self.include, str) else self.include
+            object.__setattr__(self, "include", tuple(p for i in items for p in str(i).replace(",", " ").split()))
+        if self.repr_layers is not None:  # an int, or the list argparse gives: a tuple (hashable)
+            layers = (self.repr_layers,) if isinstance(self.repr_layers, int) else self.repr_layers
+            object.__setattr__(self, "repr_layers", tuple(int(v) for v in layers))
         _validate(self)
         if self.resume and self.overwrite:
             raise OptionError("--resume and --overwrite exclude each other")
@@ -173,6 +193,11 @@ class EmbedOptions:
 def default_dataloader_workers(num_gpus: int) -> int:
     """min(cpu_count // num_gpus, 8), at least 1."""
     return max(1, min((os.cpu_count() or 1) // max(1, num_gpus), 8))
+
+
+def _one_of(values: tuple[str, ...], allowed: tuple[str, ...]) -> str | None:
+    wrong = [v for v in values if v not in allowed]
+    return f"{', '.join(wrong)}: choose from {', '.join(allowed)}" if wrong else None
 
 
 def _threshold(value: float) -> str | None:

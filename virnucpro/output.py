@@ -48,15 +48,74 @@ LEGACY_MANIFEST = "_manifest.json"  # format 1: JSON beside the parts (polars re
 FORMAT_VERSION = 2
 
 
-def embedding_schema(dim: int) -> pa.Schema:
-    return pa.schema([
+OUTPUT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One embedding column of the output: `what` of layer `layer` (fair-esm's numbering, absolute)."""
+
+    name: str  # embedding, mean_<L>, bos_<L> / cls_<L>, per_token_<L>, logits
+    what: str  # "mean", "bos", "per_token" or "logits"
+    layer: int
+
+    @property
+    def per_token(self) -> bool:
+        """One vector per residue (a list column), not one per sequence."""
+        return self.what in ("per_token", "logits")
+
+
+def plan_columns(repr_layers: tuple[int, ...] | None, include: tuple[str, ...] | None, num_layers: int,
+                 bos_name: str = "bos", has_logits: bool = False) -> list[Column]:
+    """The columns `--repr-layers` and `--include` ask of a model with `num_layers` layers.
+
+    Neither given: one `embedding` column, the mean of the last layer (VirNucPro's input, and what
+    earlier runs wrote). Otherwise one column per (include, layer): `mean_<L>`, `bos_<L>` (`cls_<L>`
+    for DNABERT-S: `bos_name`), `per_token_<L>`, and `logits` once; L is absolute (-1 -> num_layers).
+
+    >>> [c.name for c in plan_columns((0, -1), ("mean", "per-token"), 33)]
+    ['mean_0', 'mean_33', 'per_token_0', 'per_token_33']
+    """
+    if repr_layers is None and include in (None, ("mean",)):
+        return [Column("embedding", "mean", num_layers)]
+    layers: list[int] = []
+    for layer in repr_layers or (num_layers,):
+        absolute = layer + num_layers + 1 if layer < 0 else layer
+        if not 0 <= absolute <= num_layers:
+            raise ValueError(f"--repr-layers {layer}: this model's layers are 0..{num_layers} "
+                             f"(or -{num_layers + 1}..-1 from the end)")
+        if absolute not in layers:
+            layers.append(absolute)
+    columns = []
+    for what in dict.fromkeys(include or ("mean",)):
+        if what == "logits":
+            if not has_logits:
+                raise ValueError("--include logits: this model has no language-model head (ESM-2 checkpoints "
+                                 "with lm_head weights have one)")
+            columns.append(Column("logits", "logits", num_layers))
+            continue
+        what = "bos" if what in ("bos", "cls") else what.replace("-", "_")
+        columns += [Column(f"{bos_name if what == 'bos' else what}_{layer}", what, layer) for layer in layers]
+    return columns
+
+
+def embedding_schema(dim: int, columns: list[Column] | None = None, dtype: str = "float32",
+                     vocab_size: int | None = None) -> pa.Schema:
+    """The parts' schema: the sequence's identity, then its embedding columns (default: `embedding`,
+    fixed_size_list<float32>[dim]); per-token columns are list<fixed_size_list<float>[dim]> in residue
+    order, `logits` the same over the vocabulary."""
+    value = OUTPUT_DTYPES[dtype]
+    fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("index", pa.int64(), nullable=False),  # record number in the input, 0-based
         pa.field("length", pa.int32(), nullable=False),  # residues / bases before truncation
         pa.field("truncated", pa.bool_(), nullable=False),
         pa.field("model", pa.dictionary(pa.int8(), pa.string()), nullable=False),
-        pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
-    ])
+    ]
+    for c in columns or [Column("embedding", "mean", 0)]:
+        vector = pa.list_(value, vocab_size if c.what == "logits" else dim)
+        fields.append(pa.field(c.name, pa.list_(vector) if c.per_token else vector, nullable=False))
+    return pa.schema(fields)
 
 
 # Embeddings are float32 noise to a dictionary encoder: trying one per column (pyarrow's default) doubled
@@ -71,27 +130,61 @@ def part_name(batch_id: int) -> str:
 
 
 def write_part(out_dir: "str | Path | OutputLocation", batch_id: int, ids: list[str], index: np.ndarray,
-               length: np.ndarray, truncated: np.ndarray, embeddings: np.ndarray, model: str,
-               metadata: dict[str, str] | None = None) -> tuple[str, int]:
+               length: np.ndarray, truncated: np.ndarray, embeddings: np.ndarray | dict[str, np.ndarray],
+               model: str, metadata: dict[str, str] | None = None, *, columns: list[Column] | None = None,
+               residues: np.ndarray | None = None) -> tuple[str, int]:
     """Write one batch's rows atomically; returns (file name, rows).
 
-    `metadata` becomes the file's key-value metadata (the driver records which actor and node wrote
-    the part there, for debugging and for the placement tests)."""
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    n, dim = embeddings.shape
-    table = pa.Table.from_arrays([
+    `embeddings`: the `embedding` column [n, D] float32, or with `columns` one array per column name:
+    [n, D] for a per-sequence column, [sum(residues), D] for a per-token one (`residues`: each
+    sequence's count, in row order). float16 arrays give float16 columns. `metadata` becomes the
+    file's key-value metadata (the driver records which actor and node wrote the part there)."""
+    if columns is None:
+        columns, embeddings = [Column("embedding", "mean", 0)], {"embedding": embeddings}
+    n = len(ids)
+    arrays = [
         pa.array(ids, pa.string()),
         pa.array(index, pa.int64()),
         pa.array(length, pa.int32()),
         pa.array(truncated, pa.bool_()),
         pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([model])),
-        pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim),
-    ], schema=embedding_schema(dim))
+    ]
+    dtype, dim, vocab = "float32", 0, None
+    for c in columns:
+        values = np.ascontiguousarray(embeddings[c.name])
+        dtype = "float16" if values.dtype == np.float16 else "float32"
+        values = values.astype(dtype, copy=False)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+        if c.what == "logits":
+            vocab = values.shape[1]
+        else:
+            dim = values.shape[1]
+        if c.per_token:
+            offsets = np.zeros(n + 1, np.int32)
+            np.cumsum(residues, out=offsets[1:])
+            vectors = pa.ListArray.from_arrays(pa.array(offsets), vectors)
+        arrays.append(vectors)
+    table = pa.Table.from_arrays(arrays, schema=embedding_schema(dim, columns, dtype, vocab))
     if metadata:
         table = table.replace_schema_metadata({f"virnucpro.{k}": str(v) for k, v in metadata.items()})
     name = part_name(batch_id)
-    OutputLocation.parse(out_dir).write_atomic(name, lambda f: pq.write_table(table, f, **PARQUET_OPTIONS))
+    options = parquet_options(columns, dtype)
+    OutputLocation.parse(out_dir).write_atomic(name, lambda f: pq.write_table(table, f, **options))
     return name, n
+
+
+def parquet_options(columns: list[Column], dtype: str = "float32") -> dict:
+    """PARQUET_OPTIONS for these columns. Per-token columns are written uncompressed: they are most of
+    the bytes, float noise to zstd, and compressing them made the write path, not the GPU, the limit
+    (bench/results/per-token-*.json). float16 values keep the plain encoding."""
+    if columns == [Column("embedding", "mean", columns[0].layer)] and dtype == "float32":
+        return PARQUET_OPTIONS
+    compression = {c.name: "none" if c.per_token else "zstd" for c in columns}
+    split = {} if dtype != "float32" else {
+        (f"{c.name}.list.element.list.element" if c.per_token else f"{c.name}.list.element"): "BYTE_STREAM_SPLIT"
+        for c in columns}
+    return dict(compression=compression | {n: "zstd" for n in ("id", "index", "length", "truncated", "model")},
+                use_dictionary=["model"], column_encoding=split or None)
 
 
 def part_metadata(out_dir: "str | Path | OutputLocation", name: str) -> dict[str, str]:

@@ -21,8 +21,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..attention import Packing
+from ..output import Column
 from . import dnabert_s, esm2
 from .dnabert_s import DNABERTS
 from .esm2 import ESM2, CheckpointError
@@ -133,12 +136,42 @@ def check_model(source: ModelSource) -> int:
     return source.model_family.check(source.path)
 
 
+def compute_columns(model: ESM2 | DNABERTS, tokens: torch.Tensor, packing: Packing, columns: list[Column],
+                    dtype: torch.dtype = torch.float32, layers: list | None = None) -> dict[str, torch.Tensor]:
+    """Each output column of one packed batch, on the model's device, in `dtype`: [B, D] for a
+    per-sequence column, [R, D] for a per-token one (the residues of every sequence in order, without
+    the model's special tokens at either end: `model.specials`). Only the layers needed are run.
+    Means are taken in float32 whatever the model's dtype. `layers`: compiled versions of the layers."""
+    need = tuple(sorted({c.layer for c in columns}))
+    hidden = model.hidden_states(tokens, packing, need, layers)
+    first, last = model.specials
+    residue = (packing.position >= first) & (packing.position < packing.lengths[packing.seq_index] - last)
+    out = {}
+    for c in columns:
+        h = hidden[c.layer]
+        if c.what == "mean":
+            value = packing.mean(h, first, last)
+        elif c.what == "bos":
+            value = h[packing.cu_seqlens[:-1].long()]
+        elif c.what == "per_token":
+            value = h[residue]
+        else:  # logits, of the residues only (per_token's rows)
+            value = model.logits(h[residue])
+        out[c.name] = value.to(dtype)
+    return out
+
+
+def residue_counts(model: ESM2 | DNABERTS, seq_tokens: np.ndarray) -> np.ndarray:
+    """Rows each sequence has in per-token columns: its tokens less the model's special ones."""
+    return np.maximum(np.asarray(seq_tokens, np.int64) - sum(model.specials), 0)
+
+
 def default_toks_per_batch(source: ModelSource, device: str) -> int:
     """Tokens per batch when --toks-per-batch is not given: on a GPU ("cuda") the family's budget,
     elsewhere CPU_TOKS_PER_BATCH."""
     return source.model_family.gpu_toks_per_batch if device == "cuda" else CPU_TOKS_PER_BATCH
 
 
-__all__ = ["ModelSource", "ModelFamily", "FAMILIES", "resolve_model", "load_tokenizer", "load_model",
+__all__ = ["compute_columns", "residue_counts", "ModelSource", "ModelFamily", "FAMILIES", "resolve_model", "load_tokenizer", "load_model",
            "check_model", "default_toks_per_batch", "CheckpointError", "CPU_TOKS_PER_BATCH",
            "ESM2", "DNABERTS", "ESM2_FAMILY", "DNABERT_S_FAMILY"]

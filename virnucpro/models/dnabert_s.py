@@ -186,6 +186,8 @@ class BertEncoder(nn.Module):
 
 class DNABERTS(nn.Module):
     family = "dnabert_s"
+    bos_name = "cls"  # the [CLS] token's output column: cls_<L>
+    specials = (0, 0)  # DNABERT-S means every token, [CLS] and [SEP] included; so do its per-token outputs
 
     def __init__(self, config: DNABERTSConfig):
         super().__init__()
@@ -201,14 +203,28 @@ class DNABERTS(nn.Module):
     def dim(self) -> int:
         return self.config.hidden_size
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder.layer)
+
     def forward(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
         """tokens: int [T] packed ids -> last layer hidden states [T, D]. `layers`: run these in place of
         the encoder's (their compiled versions, `compiled_layers()`)."""
+        return self.hidden_states(tokens, packing, (self.num_layers,), layers)[self.num_layers]
+
+    def hidden_states(self, tokens: torch.Tensor, packing: Packing, keep: tuple[int, ...],
+                      layers: list[nn.Module] | None = None) -> dict[int, torch.Tensor]:
+        """The hidden states [T, D] after each layer in `keep` (0: the embedding output, after its layer
+        norm); layers past the deepest one kept are not run."""
         x = self.embeddings(tokens)
         slopes = self.alibi_slopes.to(tokens.device)
-        for layer in self.encoder.layer if layers is None else layers:
+        out = {0: x} if 0 in keep else {}
+        layers = list(self.encoder.layer if layers is None else layers)[:max(keep)]
+        for i, layer in enumerate(layers, 1):
             x = layer(x, packing, self.backend, slopes)
-        return x
+            if i in keep:
+                out[i] = x
+        return out
 
     def compiled_layers(self) -> list[nn.Module]:
         """Each layer under torch.compile for dynamic token counts, sharing its weights (fuses the post-LN,

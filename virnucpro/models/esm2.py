@@ -142,10 +142,25 @@ class TransformerLayer(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
+class LMHead(nn.Module):
+    """fair-esm's RobertaLMHead: dense, GELU, LayerNorm, then the token embedding matrix (tied) and a bias."""
+
+    def __init__(self, embed_dim: int, vocab_size: int):
+        super().__init__()
+        self.dense = nn.Linear(embed_dim, embed_dim)
+        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: torch.Tensor, embed_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.layer_norm(F.gelu(self.dense(x))), embed_weight) + self.bias
+
+
 class ESM2(nn.Module):
     family = "esm2"
+    bos_name = "bos"  # the <cls> token's output column: bos_<L>, as fair-esm's `--include bos`
+    specials = (1, 1)  # tokens before and after the residues (<cls>, <eos>): not in means and per-token outputs
 
-    def __init__(self, config: ESM2Config, num_layers_to_run: int | None = None):
+    def __init__(self, config: ESM2Config, num_layers_to_run: int | None = None, lm_head: bool = False):
         super().__init__()
         self.config = config
         d = config.embed_dim
@@ -156,15 +171,28 @@ class ESM2(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(d, 4 * d, config.attention_heads) for _ in range(n))
         # applied only when the requested representation is the last layer's, as in fair-esm
         self.emb_layer_norm_after = nn.LayerNorm(d) if n == config.num_layers else None
+        # the masked-LM head (`--include logits`), when the checkpoint has it
+        self.lm_head = LMHead(d, config.vocab_size) if lm_head and self.emb_layer_norm_after is not None else None
         self.backend = Backend("sdpa", "not selected yet")
 
     @property
     def dim(self) -> int:
         return self.config.embed_dim
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
     def forward(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
-        """tokens: int [T] packed ids -> last requested layer's hidden states [T, D]. `layers`: run these
-        in place of `self.layers` (their compiled versions, `compiled_layers()`)."""
+        """tokens: int [T] packed ids -> last layer's hidden states [T, D]. `layers`: run these in place
+        of `self.layers` (their compiled versions, `compiled_layers()`)."""
+        return self.hidden_states(tokens, packing, (self.num_layers,), layers)[self.num_layers]
+
+    def hidden_states(self, tokens: torch.Tensor, packing: Packing, keep: tuple[int, ...],
+                      layers: list[nn.Module] | None = None) -> dict[int, torch.Tensor]:
+        """The hidden states [T, D] after each layer in `keep`, as fair-esm numbers them: 0 is the
+        embedding output, the last layer's comes after the final layer norm. Layers past the deepest
+        one kept are not run."""
         x = self.embed_tokens(tokens)
         if self.config.token_dropout:
             # ESM-2 was trained with masked tokens zeroed and the rest scaled by (1 - 0.12) / (1 -
@@ -176,11 +204,20 @@ class ESM2(nn.Module):
             ratio = masked / packing.lengths
             x = x * ((1 - 0.15 * 0.8) / (1 - ratio))[packing.seq_index, None].to(x.dtype)
         rotary = rotary_tables(packing.position, self.config.embed_dim // self.config.attention_heads)
-        for layer in self.layers if layers is None else layers:
+        out = {0: x} if 0 in keep else {}
+        layers = list(self.layers if layers is None else layers)[:max(keep)]
+        for i, layer in enumerate(layers, 1):
             x = layer(x, packing, self.backend, rotary)
-        if self.emb_layer_norm_after is not None:
-            x = self.emb_layer_norm_after(x)
-        return x
+            if i in keep:
+                last = i == self.config.num_layers and self.emb_layer_norm_after is not None
+                out[i] = self.emb_layer_norm_after(x) if last else x
+        return out
+
+    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """Masked-LM logits [T, vocab] from the last layer's hidden states (after its final layer norm)."""
+        if self.lm_head is None:
+            raise ValueError("logits need the checkpoint's LM head (lm_head.*), which this model lacks")
+        return self.lm_head(last_hidden, self.embed_tokens.weight)
 
     def compiled_layers(self) -> list[nn.Module]:
         """Each layer under torch.compile for dynamic token counts, sharing its weights: fuses norms,
@@ -204,7 +241,7 @@ class ESM2(nn.Module):
 # --- checkpoint loading ------------------------------------------------------------------------------
 
 _PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
-_IGNORED = re.compile(r"^(lm_head\.|contact_head\.|.*rot_emb\.inv_freq$|.*self_attn\.bias_[kv]$)")
+_IGNORED = re.compile(r"^(lm_head\.weight$|contact_head\.|.*rot_emb\.inv_freq$|.*self_attn\.bias_[kv]$)")
 
 
 class CheckpointError(ValueError):
@@ -494,10 +531,12 @@ def _matched(path: str | Path, config: ESM2Config, state: dict[str, torch.Tensor
     """Our module on the meta device and the checkpoint's parameters under its names, checked: every
     name present, none left over, every shape as the architecture says."""
     with on_meta_device():
-        model = ESM2(config, n)
+        model = ESM2(config, n, lm_head="lm_head.dense.weight" in state)
     ours = _fused_state(state, n)
     if model.emb_layer_norm_after is None:
         ours = {k: v for k, v in ours.items() if not k.startswith("emb_layer_norm_after.")}
+    if model.lm_head is None:
+        ours = {k: v for k, v in ours.items() if not k.startswith("lm_head.")}
     check_state_dict(model.state_dict(), ours, path, "ESM-2")
     return model, ours
 
