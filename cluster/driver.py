@@ -295,7 +295,7 @@ def _new_pool(actor_class: type, config: ActorConfig, target: _Target, opts: Emb
     options = dict(
         num_gpus=place.gpus_per_actor,
         num_cpus=1,
-        max_concurrency=streams,
+        max_concurrency=streams + _writers(opts),
         max_restarts=opts.max_actor_restarts,
         max_task_retries=0,  # the scheduler deals a failed batch again, to any actor
         scheduling_strategy="SPREAD",  # actors over nodes; CUDA_VISIBLE_DEVICES is Ray's to set
@@ -308,7 +308,18 @@ def _new_pool(actor_class: type, config: ActorConfig, target: _Target, opts: Emb
         return remote.options(**{**options, **extra}).remote(config)
 
     resources = {"CPU": options["num_cpus"], **({"GPU": place.gpus_per_actor} if place.gpus_per_actor else {})}
-    return ActorPool(new_actor, place.num_actors, streams + 1, config.source.name, resources)
+    return ActorPool(new_actor, place.num_actors, streams + _writers(opts) + 1, config.source.name, resources)
+
+
+PER_TOKEN_WRITERS = 6  # batches an actor writes while its streams compute others (per-token output)
+
+
+def _writers(opts: EmbedOptions) -> int:
+    """Batches an actor may hold beyond its CUDA streams' worth, being written. Per-token columns are
+    ~100x the bytes of pooled ones, and Parquet encodes nested lists at ~50 K residues/s per thread
+    (bench/README.md, "Per-token output"): several parts written at once keep up with the GPU."""
+    per_token = any(i in ("per-token", "logits") for i in opts.include or ())
+    return PER_TOKEN_WRITERS if per_token and opts.device != "cpu" else 0
 
 
 # --- output location, manifest and resume ---------------------------------------------------------------

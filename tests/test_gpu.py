@@ -170,3 +170,63 @@ def test_actor_embeds_eagerly_while_it_compiles_then_compiled(tmp_path):
     want = fair_esm_pooled(fair_esm_reference(4, 320, 20, seed=5), seqs)
     for got in (eager, compiled):
         assert F.cosine_similarity(got.double(), want.double(), dim=-1).min() >= MIN_COSINE
+
+
+def test_esm2_bf16_per_residue_columns_match_fp32_fair_esm(tmp_path):
+    """Every --include column of layers 3 and 6 in bf16 on the GPU against fair-esm in float32: per
+    residue cosine >= 0.999, pooled >= MIN_COSINE."""
+    import esm
+
+    from virnucpro.models import compute_columns, residue_counts
+    from virnucpro.output import plan_columns
+
+    path = write_esm2_checkpoint(tmp_path / "esm2_cols.pt", 6, 320, 20, seed=23)
+    model = load_esm2(path, "cuda", torch.bfloat16)
+    seqs = random_proteins(30, 30, 400, seed=9)
+    columns = plan_columns((3, -1), ("mean", "bos", "per-token", "logits"), 6, "bos", has_logits=True)
+    tokens, lengths, _ = ESM2Tokenizer().encode(seqs)
+    with torch.inference_mode():
+        got = compute_columns(model, torch.from_numpy(tokens).long().cuda(),
+                              Packing.from_lengths(torch.from_numpy(lengths).cuda()), columns)
+    counts = residue_counts(model, lengths).tolist()
+    ref = fair_esm_reference(6, 320, 20, seed=23)
+    _, _, batch = esm.data.Alphabet.from_architecture("ESM-1b").get_batch_converter()(list(enumerate(seqs)))
+    with torch.no_grad():
+        out = ref(batch, repr_layers=[3, 6])
+    for c in columns:
+        rep = out["logits"] if c.what == "logits" else out["representations"][c.layer]
+        per_seq = [rep[i, 1:len(s) + 1] for i, s in enumerate(seqs)]
+        mine = got[c.name].float().cpu()
+        if c.what == "mean":
+            want, bar = torch.stack([r.mean(0) for r in per_seq]), MIN_COSINE
+        elif c.what == "bos":
+            want, bar = rep[:, 0], 0.999
+        else:
+            want, bar = torch.cat(per_seq), 0.999
+            assert mine.shape[0] == sum(counts)
+        cos = F.cosine_similarity(mine.double(), want.double(), dim=-1)
+        print(f"{c.name}: cosine min {cos.min():.5f}")
+        assert cos.min() >= bar, c.name
+
+
+def test_dnabert_s_bf16_per_token_matches_fp32_reference(tmp_path):
+    from tests.reference_dnabert import load_reference_model, load_reference_tokenizer, reference_forward
+    from virnucpro.models import compute_columns
+    from virnucpro.output import plan_columns
+
+    path = write_dnabert_s_dir(tmp_path / "dnabert_cols", hidden=768, layers=4, heads=12, intermediate=3072, seed=4)
+    model = load_dnabert_s(path, "cuda", torch.bfloat16)
+    seqs = random_dna(20, 300, 520, seed=3)
+    columns = plan_columns((2, -1), ("per-token",), 4, "cls")
+    tokens, lengths, _ = DNABERTSTokenizer(path).encode(seqs)
+    with torch.inference_mode():
+        got = compute_columns(model, torch.from_numpy(tokens).long().cuda(),
+                              Packing.from_lengths(torch.from_numpy(lengths).cuda()), columns)
+    cfg, state = load_reference_model(path)
+    tok = load_reference_tokenizer(path)
+    for c in columns:
+        want = torch.cat([reference_forward({**cfg, "num_hidden_layers": c.layer}, state, tok.encode(s).ids)
+                          for s in seqs])
+        cos = F.cosine_similarity(got[c.name].double().cpu(), want.double(), dim=-1)
+        print(f"DNABERT-S {c.name}: cosine min {cos.min():.5f}")
+        assert cos.min() >= 0.999, c.name
