@@ -24,6 +24,7 @@ stops keeps its finished parts in the manifest; `--resume` finishes it.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -311,7 +312,7 @@ def _new_pool(actor_class: type, config: ActorConfig, target: _Target, opts: Emb
     return ActorPool(new_actor, place.num_actors, streams + _writers(opts) + 1, config.source.name, resources)
 
 
-PER_TOKEN_WRITERS = 6  # batches an actor writes while its streams compute others (per-token output)
+PER_TOKEN_WRITERS = 12  # at most, batches an actor writes while its streams compute others (per-token output)
 
 
 def _writers(opts: EmbedOptions) -> int:
@@ -319,7 +320,10 @@ def _writers(opts: EmbedOptions) -> int:
     ~100x the bytes of pooled ones, and Parquet encodes nested lists at ~50 K residues/s per thread
     (bench/README.md, "Per-token output"): several parts written at once keep up with the GPU."""
     per_token = any(i in ("per-token", "logits") for i in opts.include or ())
-    return PER_TOKEN_WRITERS if per_token and opts.device != "cpu" else 0
+    if not per_token or opts.device == "cpu":
+        return 0
+    # one thread a part; the node's cores are shared with the driver's loaders and the other actors
+    return max(2, min(PER_TOKEN_WRITERS, (os.cpu_count() or 4) - 4))
 
 
 # --- output location, manifest and resume ---------------------------------------------------------------
