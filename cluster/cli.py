@@ -21,6 +21,7 @@ from .session import start_ray
 
 log = logging.getLogger("virnucpro")
 
+OUTPUT_OPTIONS = ("repr_layers", "include", "output_dtype")  # embed's output columns; predict reads its own
 MODEL_HELP = ("a fair-esm checkpoint name (esm2_t36_3B_UR50D, from the torch hub cache) or .pt path; a Hugging "
               "Face id (zhihan1996/DNABERT-S, from the HF cache) or a model directory")
 
@@ -80,7 +81,8 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("--esm-model", default="esm2_t36_3B_UR50D", help="ESM-2 model (default: %(default)s)")
     p.add_argument("--dnabert-model", default="zhihan1996/DNABERT-S", help="DNABERT-S model (default: %(default)s)")
     add_arguments(p, PredictOptions, required=("chunk_size",))
-    add_arguments(p.add_argument_group("compute"), EmbedOptions)
+    add_arguments(p.add_argument_group("compute"), EmbedOptions,  # predict needs the default embedding column
+                  only=tuple(f.name for f in dataclasses.fields(EmbedOptions) if f.name not in OUTPUT_OPTIONS))
 
     p = sub.add_parser("plot", help="draw prediction.png and contig_scores.png of a predict run (needs matplotlib)",
                        description="Redraw the figures of a `virnucpro predict` run in OUT_DIR: prediction.png "

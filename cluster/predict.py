@@ -99,7 +99,8 @@ def predict(input: str | Path, out_dir: str | Path, classifier: str | Path,
     fields (device, dtype, num_actors, toks_per_batch, resume, overwrite, ...), applied to both
     models; on GPUs `num_actors` is the number of GPUs used (one actor of each model per GPU).
     """
-    unknown = set(options) - {f.name for f in fields(EmbedOptions)}
+    # the output-column options are embed's: predict reads the default `embedding` column
+    unknown = set(options) - ({f.name for f in fields(EmbedOptions)} - {"repr_layers", "include", "output_dtype"})
     if unknown:
         raise TypeError(f"predict() got unexpected option(s): {', '.join(sorted(unknown))}")
     result = _Run(Path(input), Path(out_dir), Path(classifier), str(esm_model), str(dnabert_model),
