@@ -134,8 +134,9 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
     from .predict import predict
 
     popts, eopts = from_args(PredictOptions, args), from_args(EmbedOptions, args)
+    embed_options = {k: v for k, v in _fields(eopts).items() if hasattr(args, k)}  # predict's parser has no output columns
     return predict(args.input, args.out_dir, args.classifier, args.esm_model, args.dnabert_model,
-                   **_fields(popts), **_fields(eopts)).summary()
+                   **_fields(popts), **embed_options).summary()
 
 
 def _serve(args: argparse.Namespace) -> str:
