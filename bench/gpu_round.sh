@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call's worth of GPU work: `bash bench/gpu_round.sh STEP...`, results and logs under $OUT.
-# Steps: tests, profile, attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup.
+# Steps: tests, profile, attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup, predict.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
@@ -29,6 +29,8 @@ for step in "$@"; do
     fp8) python3 bench/bench_fp8.py --out "$OUT/fp8-$tag.json" 2>&1 | grep -v "Warning\|warn(" | tail -12 ;;
     startup) python3 bench/bench_startup.py --out "$OUT/startup-$tag${STARTUP_TAG:-}.json" --work /tmp/startup ${STARTUP_ARGS:-} 2>&1 \
                | grep -v "Warning\|warn(" ;;
+    predict) python3 bench/bench_predict.py --out "$OUT/predict-$tag${PREDICT_TAG:-}.json" --work /tmp/predict \
+               --mbp "${PREDICT_MBP:-10}" ${PREDICT_ARGS:-} 2>&1 | grep -v "Warning\|warn(" ;;
     models) python3 bench/bench_models.py --out "$OUT/models-$tag.json" 2>&1 | tee "$OUT/models-$tag.txt" | grep -v Warn ;;
   esac
 done
