@@ -7,7 +7,7 @@ Writes into --work (default: a temp dir):
   * seeded contigs whose every 500 bp chunk holds one stop-free frame (a coding block of 166 sense
     codons at a random offset, on a random strand), as real coding sequence does, so every chunk
     yields a frame to embed, as it would upstream; contig lengths are multiples of the chunk size
-    (log-normal, ~3.5 kb on average), so upstream's chunking cuts exactly at the blocks;
+    (log-normal, ~4 kb on average), so upstream's chunking cuts exactly at the blocks;
   * random-weight models of the real shapes in the real formats: ESM-2 3B (fair-esm `.pt`, bf16),
     DNABERT-S (a directory, safetensors) and upstream's MLP (3328 -> 512 -> 2) as a state dict.
 Then:
