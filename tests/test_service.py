@@ -176,6 +176,10 @@ def test_http_bad_input_and_limits(service):
 
 
 def test_cli_serve_status_and_stop(service, esm_tiny, capsys):
+    # the replica killed by an earlier test may still be coming back (Serve says UNHEALTHY meanwhile)
+    deadline = time.monotonic() + 120
+    while service_status("svc")[0]["status"] != "ApplicationStatus.RUNNING" and time.monotonic() < deadline:
+        time.sleep(1)
     assert main(["serve", "status"]) == 0
     assert "svc\tApplicationStatus.RUNNING" in capsys.readouterr().out
     assert main(["serve", "start", "--model", str(esm_tiny), "--name", "second", "--device", "cpu",
