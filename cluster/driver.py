@@ -44,7 +44,7 @@ from actors.embedder import ActorConfig, BatchError, Embedder, PartResult
 from virnucpro.batching import Plan, TokenBatch, make_batch, plan_fingerprint, token_counts
 from virnucpro.models import ModelSource, check_model, default_toks_per_batch, load_tokenizer, resolve_model
 from virnucpro.options import EmbedOptions, default_dataloader_workers
-from virnucpro.output import LEGACY_MANIFEST, MANIFEST, Manifest, OutputLocation, part_schema
+from virnucpro.output import LEGACY_MANIFEST, MANIFEST, Manifest, OutputLocation, default_columns, part_schema
 from virnucpro.sequences import FastaIndex
 
 from .pool import ActorPool, Lease, cause
@@ -147,9 +147,9 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
         toks = opts.toks_per_batch or target.toks_per_batch
         plan = Plan.build(lambda a, b: token_counts(tokenizer, index.lengths[a:b]), toks, len(index), scratch)
         outputs = (opts.repr_layers, opts.include, opts.output_dtype)
-        default = opts.repr_layers is None and opts.include in (None, ("mean",)) and opts.output_dtype == "float32"
         fingerprint = plan_fingerprint(source.name, source.family, target.truncation, toks, index.lengths,
-                                       index.offsets, *(() if default else (outputs,)))  # --resume: same columns
+                                       index.offsets,  # --resume: the same columns (default ones: as before)
+                                       *(() if default_columns(*outputs) else (outputs,)))
         manifest = _open_manifest(out, opts, source, dim, input, fingerprint, index, len(plan), toks)
         done = _finished_batches(out, manifest, plan)
         todo = np.flatnonzero(~done)

@@ -65,6 +65,12 @@ class Column:
         return self.what in ("per_token", "logits")
 
 
+def default_columns(repr_layers: tuple[int, ...] | None, include: tuple[str, ...] | None,
+                    output_dtype: str = "float32") -> bool:
+    """Whether these options ask for the default output: one float32 `embedding` column."""
+    return repr_layers is None and include in (None, ("mean",)) and output_dtype == "float32"
+
+
 def plan_columns(repr_layers: tuple[int, ...] | None, include: tuple[str, ...] | None, num_layers: int,
                  bos_name: str = "bos", has_logits: bool = False) -> list[Column]:
     """The columns `--repr-layers` and `--include` ask of a model with `num_layers` layers.
@@ -76,7 +82,7 @@ def plan_columns(repr_layers: tuple[int, ...] | None, include: tuple[str, ...] |
     >>> [c.name for c in plan_columns((0, -1), ("mean", "per-token"), 33)]
     ['mean_0', 'mean_33', 'per_token_0', 'per_token_33']
     """
-    if repr_layers is None and include in (None, ("mean",)):
+    if default_columns(repr_layers, include):
         return [Column("embedding", "mean", num_layers)]
     layers: list[int] = []
     for layer in repr_layers or (num_layers,):
