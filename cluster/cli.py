@@ -78,11 +78,15 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out-dir", type=Path, required=True)
     p.add_argument("--classifier", type=Path, required=True,
                    help="upstream's 300_model.pth / 500_model.pth, or a state dict of the same MLP")
-    p.add_argument("--esm-model", default="esm2_t36_3B_UR50D", help="ESM-2 model (default: %(default)s)")
-    p.add_argument("--dnabert-model", default="zhihan1996/DNABERT-S", help="DNABERT-S model (default: %(default)s)")
+    p.add_argument("--esm-model", help="ESM-2 model (default: esm2_t36_3B_UR50D, or --esm-service's)")
+    p.add_argument("--dnabert-model", help="DNABERT-S model (default: zhihan1996/DNABERT-S, or --dnabert-service's)")
+    for flag, model in (("--esm-service", "ESM-2"), ("--dnabert-service", "DNABERT-S")):
+        p.add_argument(flag, metavar="NAME", help=f"embed with the running service NAME (virnucpro serve start) "
+                                                  f"instead of starting {model} actors; its model is used")
     add_arguments(p, PredictOptions, required=("chunk_size",))
     add_arguments(p.add_argument_group("compute"), EmbedOptions,  # predict needs the default embedding column
-                  only=tuple(f.name for f in dataclasses.fields(EmbedOptions) if f.name not in OUTPUT_OPTIONS))
+                  only=tuple(f.name for f in dataclasses.fields(EmbedOptions)  # and names a service per model
+                             if f.name not in (*OUTPUT_OPTIONS, "service")))
 
     p = sub.add_parser("plot", help="draw prediction.png and contig_scores.png of a predict run (needs matplotlib)",
                        description="Redraw the figures of a `virnucpro predict` run in OUT_DIR: prediction.png "
@@ -136,6 +140,7 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
     popts, eopts = from_args(PredictOptions, args), from_args(EmbedOptions, args)
     embed_options = {k: v for k, v in _fields(eopts).items() if hasattr(args, k)}  # predict's parser has no output columns
     return predict(args.input, args.out_dir, args.classifier, args.esm_model, args.dnabert_model,
+                   esm_service=args.esm_service, dnabert_service=args.dnabert_service,
                    **_fields(popts), **embed_options).summary()
 
 
