@@ -12,8 +12,8 @@ Stages, each resumable (`resume=True` skips what a previous run in OUT_DIR finis
                costs ~40x DNABERT-S per frame, so the DNABERT-S job finishes early and ESM-2 then
                has the GPUs to itself. A model given as a running service (`esm_service`,
                `dnabert_service`: `virnucpro serve start`) is embedded by the service's replicas: it
-               gets no actors and no share of a bundle; the other model's actors are placed as
-               `virnucpro embed` places them.
+               gets no actors and no share of a bundle; the other model gets one actor per GPU,
+               reserving --gpus-per-actor of it (default 1).
 3. classify    join the two embeddings per frame and apply the MLP; write prediction_results.txt and
                prediction_results_highestscore.csv (upstream's formats) and predictions.parquet.
                `_predict.json` records what was classified; a resumed complete run is not recomputed.
@@ -359,8 +359,8 @@ class _Run:
             opts = {"num_cpus": min(1.0, place.cluster_cpus / (len(local) * place.num_actors))}
             return {f: {"device": place.device, "num_actors": place.num_actors, "gpus_per_actor": None,
                         "actor_options": lambda i, o=opts: o} for f in local}, None
-        if len(local) == 1:
-            return {local[0]: {"device": "cuda", "num_actors": place.num_actors,
+        if len(local) == 1:  # one actor per GPU (a fraction of one, with --gpus-per-actor, shares it)
+            return {local[0]: {"device": "cuda", "num_actors": self.opts.num_actors or max(1, int(place.cluster_gpus)),
                                "gpus_per_actor": place.gpus_per_actor}}, None
         if place.num_actors > place.cluster_gpus:
             raise PredictError(f"--num-actors {place.num_actors}: the Ray cluster has {place.cluster_gpus:g} GPU(s)")
