@@ -28,7 +28,6 @@ embeddings are joined per frame in bounded memory).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from virnucpro.classifier import load_classifier
+from virnucpro.classifier import classifier_chunk_size, load_classifier
 from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, CheckpointError, ModelSource, check_model, resolve_model
 from virnucpro.output import Manifest
 from virnucpro.plot import figures_after_predict
@@ -98,8 +97,9 @@ def predict(input: str | Path, out_dir: str | Path, classifier: str | Path,
             plots: bool = True, **options) -> PredictResult:
     """Classify the contigs of a FASTA file as upstream VirNucPro does (the API of `virnucpro predict`).
 
-    classifier: upstream's `300_model.pth` / `500_model.pth` (pickled module) or a state dict of the
-    same MLP, trained for `chunk_size`. threshold: the contig verdict's cut (see `contig_rows`).
+    classifier: upstream's `300_model.pth` / `500_model.pth` (pickled module), a state dict of the
+    same MLP, or `virnucpro train`'s .safetensors, trained for `chunk_size` (refused when the file
+    says it was trained for another). threshold: the contig verdict's cut (see `contig_rows`).
     esm_model / dnabert_model: default esm2_t36_3B_UR50D / zhihan1996/DNABERT-S, or the service's.
     esm_service / dnabert_service: embed that model with a running service NAME (`virnucpro serve start`)
     instead of the run's own actors; its model is the service's (a contradicting model is refused).
@@ -186,6 +186,18 @@ class _Run:
             if got.family != family:
                 raise PredictError(f"{MODEL_FLAGS[family]} {got.name}: a {got.family} model, expected {family}")
             self.dims[family] = check_model(got)
+        if self.opts.gpus_per_actor not in (None, 1.0) and not self.services:
+            log.warning("predict places one actor of each model per GPU; --gpus-per-actor is ignored")
+        self.classification = self._classification()
+
+    def _classification(self) -> Classification | None:
+        """Load the classifier and check that it fits the models' widths and --chunk-size (`train`'s
+        runs, which have none yet, return None)."""
+        trained_for = classifier_chunk_size(self.classifier_path)  # the file's record, or 300_model.pth's name
+        if trained_for is not None and trained_for != self.chunk_size:
+            raise PredictError(f"{self.classifier_path}: the classifier was trained on {trained_for} bp chunks, but "
+                               f"--chunk-size is {self.chunk_size}; give --chunk-size {trained_for} or a classifier "
+                               f"trained for {self.chunk_size}")
         self.model = load_classifier(self.classifier_path)
         want = self.model.hidden_layer.in_features
         dna, esm = self.dims[DNABERT_S_FAMILY], self.dims[ESM2_FAMILY]
@@ -194,15 +206,9 @@ class _Run:
                 f"{self.classifier_path}: the classifier takes {want} input features, but DNABERT-S "
                 f"({self.sources[DNABERT_S_FAMILY].name}) gives {dna} and ESM-2 "
                 f"({self.sources[ESM2_FAMILY].name}) gives {esm}: {dna} + {esm} = {dna + esm}")
-        m = re.match(r"(\d+)_model", self.classifier_path.name)  # upstream's names: 300_model.pth, 500_model.pth
-        if m and int(m.group(1)) != self.chunk_size:
-            log.warning("%s was trained on %s bp chunks, but --chunk-size is %d", self.classifier_path.name,
-                        m.group(1), self.chunk_size)
-        if self.opts.gpus_per_actor not in (None, 1.0) and not self.services:
-            log.warning("predict places one actor of each model per GPU; --gpus-per-actor is ignored")
-        self.classification = Classification(self.out, self.classifier_path, self.model,
-                                             {f: s.name for f, s in self.sources.items()}, self.dims,
-                                             {f: self._embed_dir(f) for f in EMBED_DIRS})
+        return Classification(self.out, self.classifier_path, self.model,
+                              {f: s.name for f, s in self.sources.items()}, self.dims,
+                              {f: self._embed_dir(f) for f in EMBED_DIRS})
 
     def _served_model(self, family: str, model: str | None) -> tuple[ModelSource, int]:
         """The model and width of the service that embeds `family`: of that family, and the model the
