@@ -25,7 +25,7 @@ from tests.conftest import UPSTREAM_CLASSIFIER_CLASS
 from virnucpro.classifier import (ClassifierLoadError, MLPClassifier, classifier_chunk_size, classifier_metadata,
                                   classifier_record, load_classifier, save_classifier, save_upstream_classifier)
 from virnucpro.options import OptionError, TrainOptions
-from virnucpro.train import EarlyStopping, binary_metrics, fit, roc_auc, split
+from virnucpro.train import EarlyStopping, binary_metrics, fit, new_classifier, roc_auc, split
 
 CHUNK = 120  # neither of upstream's sizes
 # stop-free codons of each family: one GC-rich, one AT-rich; any chunk of a contig made of them has an open frame
@@ -166,6 +166,36 @@ def test_fit_stops_early_and_restores_the_best_epoch():
     # a separable signal is learnt with upstream's own recipe
     x[:, 0] += 3 * (2 * y - 1)
     assert fit(x, y, TrainOptions(train_device="cpu")).metrics["roc_auc"] > 0.99
+
+
+def test_models_skipping_init_in_two_threads_leave_nn_init_whole():
+    """predict and train check both models from two threads; the init-skipping patch of one must not
+    outlive both (it did: a classifier trained afterwards started from uninitialised biases)."""
+    import threading
+
+    from virnucpro.models.esm2 import on_meta_device
+
+    original = torch.nn.init.uniform_
+    inside, release, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with on_meta_device():
+            inside.set()
+            release.wait(5)
+
+    def second():
+        with on_meta_device():
+            second_in.set()
+
+    a, b = threading.Thread(target=first), threading.Thread(target=second)
+    a.start()
+    inside.wait(5)
+    b.start()
+    assert not second_in.wait(0.3)  # the second waits for the first to leave
+    release.set()
+    a.join(), b.join()
+    assert second_in.is_set() and torch.nn.init.uniform_ is original
+    assert torch.isfinite(new_classifier(8, 0).hidden_layer.bias).all()
 
 
 def test_train_options_are_checked():
