@@ -1,6 +1,8 @@
 """The warm service on one GPU: request latency, concurrent clients, a job through it, against the bare model.
 
     python bench/bench_service.py --out bench/results/service-<gpu>.json [--model esm2_3B] [-n 20000]
+    python bench/bench_service.py --scaling --out bench/results/service-scaling-<gpu>x<G>.json [-n 60000]
+    python bench/bench_service.py --scaling --tiny --out /tmp/scaling.json -n 2000   # CPU smoke run
 
 Writes a random-weight checkpoint of the real shape (fair-esm `.pt`, bf16) and a seeded FASTA of
 VirNucPro's protein lengths, starts a local Ray and `virnucpro serve` with one replica per GPU, then:
@@ -9,6 +11,13 @@ VirNucPro's protein lengths, starts a local Ray and `virnucpro serve` with one r
   job          `embed(..., service=NAME)` on the whole FASTA: wall clock, first part, tokens/s;
   bare         the same model compiled in this process on planned batches pre-staged on the GPU
                (bench_e2e.bare_model), tokens/s: what the ratios are taken against.
+
+--scaling (issue 11's multi-GPU target: the 60,000-protein job >= 3.5x faster through a 4-GPU service
+than through a 1-GPU one, >= 1.8x with 2 GPUs): a service of 1 replica, then one of G (one per GPU),
+each warmed by an untimed job of --warmup proteins and then given the same job of n proteins; wall
+clock from the call's start, first part and tokens/s of each, and their ratio. ESM-2 3B, n = 60,000
+(10.4 M tokens) on 2 H200s: ~6 minutes in all (checkpoint ~1 min, two service starts ~40 s each, jobs
+~115 s and ~60 s). `--tiny`: a 2-layer ESM-2 on CPU replicas, to check the script without a GPU.
 """
 
 from __future__ import annotations
@@ -28,9 +37,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_e2e import bare_model, write_inputs  # noqa: E402
+from bench.bench_e2e import SHAPES, bare_model, write_inputs  # noqa: E402
 
 PORT = 8765
+TINY = "esm2_tiny"
+SHAPES.setdefault(TINY, (2, 64, 4))  # layers, width, heads: the --tiny smoke run's ESM-2
 
 
 def post(records: list[tuple[str, str]], token: str, arrow: bool) -> float:
@@ -56,6 +67,68 @@ def read_records(fasta: Path) -> list[tuple[str, str]]:
     return [(lines[i][1:], lines[i + 1]) for i in range(0, len(lines) - 1, 2)]
 
 
+def scaling_job(ckpt: Path, fasta: Path, warmup: Path, work: Path, replicas: int, opts) -> dict:
+    """Start a service of `replicas` replicas, warm it with an untimed job, time the job on `fasta`, stop it."""
+    from cluster.driver import embed
+    from cluster.service import start_service, stop_service
+
+    name = f"scaling-{replicas}"
+    t = time.perf_counter()
+    start_service(str(ckpt), name, replicas=replicas, opts=opts, http_port=PORT)
+    started = time.perf_counter() - t
+    embed(warmup, work / f"warmup-{replicas}", None, service=name, progress=False, overwrite=True)
+    t = time.perf_counter()
+    job = embed(fasta, work / f"job-{replicas}", None, service=name, progress=False, overwrite=True)
+    wall = time.perf_counter() - t
+    stop_service(name)
+    row = {"replicas": replicas, "replicas_used": len(job.actors), "service_start_seconds": started,
+           "sequences": job.num_sequences, "tokens": job.tokens_computed, "wall_seconds": wall,
+           "compute_seconds": job.compute_seconds, "tokens_per_s": job.tokens_per_second,
+           "first_part_seconds": job.timeline.get("first_part"), "timeline": job.timeline}
+    print(f"{replicas} replica(s): service up in {started:.1f} s; job of {job.num_sequences} proteins "
+          f"{wall:.1f} s wall, {job.tokens_per_second / 1e3:.1f} K tokens/s, first part after "
+          f"{row['first_part_seconds']} s", flush=True)
+    return row
+
+
+def scaling(args: argparse.Namespace) -> dict:
+    """The same job through a 1-replica service and a G-replica one (one replica per GPU)."""
+    import ray
+    import torch
+
+    from virnucpro.options import EmbedOptions
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="service-scaling-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = TINY if args.tiny else args.model
+    fasta, ckpt = write_inputs(model, args.n, work)
+    warmup = work / "warmup.fasta"  # the FASTA's first proteins (two lines a record)
+    warmup.write_text("".join(fasta.read_text().splitlines(keepends=True)[:2 * args.warmup]))
+    cuda = torch.cuda.is_available() and not args.tiny
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"]
+    many = args.replicas or (len(names) if cuda else 2)
+    opts = EmbedOptions() if cuda else EmbedOptions(device="cpu")
+    result = {"gpu": names[0], "gpu_names": names, "gpus": len(names) if cuda else 0, "model": model,
+              "n": args.n, "torch": torch.__version__, "host": platform.node(), "date": time.strftime("%Y-%m-%d"),
+              "target_ratio": 3.5 if many >= 4 else 1.8}
+    ray.init(logging_level="WARNING", **({} if cuda else {"num_cpus": many}))
+    try:
+        result["one"] = scaling_job(ckpt, fasta, warmup, work, 1, opts)
+        result["many"] = scaling_job(ckpt, fasta, warmup, work, many, opts)
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    one, m = result["one"], result["many"]
+    result["ratio_wall"] = one["wall_seconds"] / m["wall_seconds"]
+    result["ratio_tokens_per_s"] = m["tokens_per_s"] / one["tokens_per_s"]
+    result["target_met"] = result["ratio_wall"] >= result["target_ratio"]
+    print(f"1 -> {many} replicas: wall clock {result['ratio_wall']:.2f}x faster (target {result['target_ratio']}x), "
+          f"tokens/s {result['ratio_tokens_per_s']:.2f}x", flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -65,7 +138,15 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--per-client", type=int, default=4, help="1,000-protein requests per client")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--scaling", action="store_true", help="the same job through a 1-replica and a G-replica service")
+    ap.add_argument("--replicas", type=int, default=None, help="--scaling: G (default: one per GPU; 2 with --tiny)")
+    ap.add_argument("--warmup", type=int, default=4000, help="--scaling: proteins of the untimed warm-up job")
+    ap.add_argument("--tiny", action="store_true", help="--scaling: a 2-layer ESM-2 on CPU replicas (smoke run)")
     args = ap.parse_args()
+    if args.scaling:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(scaling(args), indent=1, default=str))
+        return
     import ray
     import torch
 

@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call's worth of GPU work: `bash bench/gpu_round.sh STEP...`, results and logs under $OUT.
-# Steps: tests, profile, attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup, predict.
+# Steps: tests, profile, attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup, predict,
+# service-scaling (N_SCALING proteins, default 60000: ~6 min on 2 H200s).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
@@ -31,6 +32,8 @@ for step in "$@"; do
                | grep -v "Warning\|warn(" ;;
     predict) python3 bench/bench_predict.py --out "$OUT/predict-$tag${PREDICT_TAG:-}.json" --work /tmp/predict \
                --mbp "${PREDICT_MBP:-10}" ${PREDICT_ARGS:-} 2>&1 | grep -v "Warning\|warn(" ;;
+    service-scaling) python3 bench/bench_service.py --scaling -n "${N_SCALING:-60000}" --work /tmp/scaling \
+               --out "$OUT/service-scaling-esm2_3B-${n}x-$tag.json" 2>&1 | grep -v "Warning\|warn(\| INFO \|(raylet)" | tail -8 ;;
     models) python3 bench/bench_models.py --out "$OUT/models-$tag.json" 2>&1 | tee "$OUT/models-$tag.txt" | grep -v Warn ;;
   esac
 done

@@ -1,4 +1,4 @@
-"""`virnucpro` command line: embed, preprocess, predict, plot (docs/design.md, "Command-line contract").
+"""`virnucpro` command line: embed, preprocess, predict, train, plot (docs/design.md, "Command-line contract").
 
 Options come from the dataclasses in `virnucpro.options`, where each is defined once with its help,
 choices and bounds; `virnucpro COMMAND --help` lists them. Only the standard library is imported
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from virnucpro.options import EmbedOptions, OptionError, PredictOptions, add_arguments, from_args
+from virnucpro.options import EmbedOptions, OptionError, PredictOptions, TrainOptions, add_arguments, from_args
 
 from .session import start_ray
 
@@ -78,11 +78,33 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out-dir", type=Path, required=True)
     p.add_argument("--classifier", type=Path, required=True,
                    help="upstream's 300_model.pth / 500_model.pth, or a state dict of the same MLP")
-    p.add_argument("--esm-model", default="esm2_t36_3B_UR50D", help="ESM-2 model (default: %(default)s)")
-    p.add_argument("--dnabert-model", default="zhihan1996/DNABERT-S", help="DNABERT-S model (default: %(default)s)")
+    p.add_argument("--esm-model", help="ESM-2 model (default: esm2_t36_3B_UR50D, or --esm-service's)")
+    p.add_argument("--dnabert-model", help="DNABERT-S model (default: zhihan1996/DNABERT-S, or --dnabert-service's)")
+    for flag, model in (("--esm-service", "ESM-2"), ("--dnabert-service", "DNABERT-S")):
+        p.add_argument(flag, metavar="NAME", help=f"embed with the running service NAME (virnucpro serve start) "
+                                                  f"instead of starting {model} actors; its model is used")
     add_arguments(p, PredictOptions, required=("chunk_size",))
     add_arguments(p.add_argument_group("compute"), EmbedOptions,  # predict needs the default embedding column
-                  only=tuple(f.name for f in dataclasses.fields(EmbedOptions) if f.name not in OUTPUT_OPTIONS))
+                  only=tuple(f.name for f in dataclasses.fields(EmbedOptions)  # and names a service per model
+                             if f.name not in (*OUTPUT_OPTIONS, "service")))
+
+    p = sub.add_parser("train", help="train a VirNucPro classifier on viral and non-viral sequences",
+                       description="Preprocess and embed --virus and --others as predict does (kept in OUT_DIR/virus "
+                                   "and OUT_DIR/others), train upstream VirNucPro's MLP on the frames (90/10 random "
+                                   "split, SGD, early stopping), and write classifier.safetensors (predict "
+                                   "--classifier loads it), classifier.json and metrics.json in OUT_DIR.")
+    p.add_argument("--virus", type=Path, required=True, help="viral sequences (nucleotide FASTA), label virus")
+    p.add_argument("--others", type=Path, required=True, help="non-viral sequences (nucleotide FASTA), label others")
+    p.add_argument("-o", "--out-dir", type=Path, required=True)
+    p.add_argument("--esm-model", help="ESM-2 model (default: esm2_t36_3B_UR50D, or --esm-service's)")
+    p.add_argument("--dnabert-model", help="DNABERT-S model (default: zhihan1996/DNABERT-S, or --dnabert-service's)")
+    for flag, model in (("--esm-service", "ESM-2"), ("--dnabert-service", "DNABERT-S")):
+        p.add_argument(flag, metavar="NAME", help=f"embed with the running service NAME instead of {model} actors")
+    add_arguments(p, PredictOptions, only=("chunk_size", "chunking", "workers"), required=("chunk_size",))
+    add_arguments(p.add_argument_group("training"), TrainOptions)
+    add_arguments(p.add_argument_group("compute"), EmbedOptions,
+                  only=tuple(f.name for f in dataclasses.fields(EmbedOptions)
+                             if f.name not in (*OUTPUT_OPTIONS, "service")))
 
     p = sub.add_parser("plot", help="draw prediction.png and contig_scores.png of a predict run (needs matplotlib)",
                        description="Redraw the figures of a `virnucpro predict` run in OUT_DIR: prediction.png "
@@ -131,11 +153,21 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
             raise OptionError(f"--max-contigs {args.max_contigs}: must be at least 1")
         threshold = PredictOptions(threshold=args.threshold).threshold  # OptionError when out of [0, 1]
         return draw_figures(args.out_dir, args.contigs, args.max_contigs, threshold).summary()
+    if args.command == "train":
+        from .train import train
+
+        popts, topts, eopts = (from_args(c, args) for c in (PredictOptions, TrainOptions, EmbedOptions))
+        embed_options = {k: v for k, v in _fields(eopts).items() if hasattr(args, k)}
+        return train(args.virus, args.others, args.out_dir, args.esm_model, args.dnabert_model,
+                     chunk_size=popts.chunk_size, chunking=popts.chunking, workers=popts.workers,
+                     esm_service=args.esm_service, dnabert_service=args.dnabert_service,
+                     **_fields(topts), **embed_options).summary()
     from .predict import predict
 
     popts, eopts = from_args(PredictOptions, args), from_args(EmbedOptions, args)
     embed_options = {k: v for k, v in _fields(eopts).items() if hasattr(args, k)}  # predict's parser has no output columns
     return predict(args.input, args.out_dir, args.classifier, args.esm_model, args.dnabert_model,
+                   esm_service=args.esm_service, dnabert_service=args.dnabert_service,
                    **_fields(popts), **embed_options).summary()
 
 

@@ -10,7 +10,10 @@ Stages, each resumable (`resume=True` skips what a previous run in OUT_DIR finis
                (a placement-group bundle per GPU; Ray shares: ESM-2 0.75, DNABERT-S 0.25), so neither
                model's stage waits for the other and no GPU idles while either has work. ESM-2 3B
                costs ~40x DNABERT-S per frame, so the DNABERT-S job finishes early and ESM-2 then
-               has the GPUs to itself.
+               has the GPUs to itself. A model given as a running service (`esm_service`,
+               `dnabert_service`: `virnucpro serve start`) is embedded by the service's replicas: it
+               gets no actors and no share of a bundle; the other model gets one actor per GPU,
+               reserving --gpus-per-actor of it (default 1).
 3. classify    join the two embeddings per frame and apply the MLP; write prediction_results.txt and
                prediction_results_highestscore.csv (upstream's formats) and predictions.parquet.
                `_predict.json` records what was classified; a resumed complete run is not recomputed.
@@ -25,19 +28,18 @@ embeddings are joined per frame in bounded memory).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import ray
 
-from virnucpro.classifier import load_classifier
-from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, check_model, resolve_model
+from virnucpro.classifier import classifier_chunk_size, load_classifier
+from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, CheckpointError, ModelSource, check_model, resolve_model
 from virnucpro.output import Manifest
 from virnucpro.plot import figures_after_predict
 from virnucpro.predict import (EMBED_DIRS, LETTER_COUNTS, STAGE_TIMES, Classification, PredictError, forget_markers,
@@ -53,6 +55,9 @@ log = logging.getLogger("virnucpro")
 # Ray's GPU share of each model's actor on a GPU they share. Ray does not cap memory or compute by
 # it: both actors use the whole chip; the shares only make Ray place exactly one of each per GPU.
 GPU_SHARE = {ESM2_FAMILY: 0.75, DNABERT_S_FAMILY: 0.25}
+DEFAULT_MODELS = {ESM2_FAMILY: "esm2_t36_3B_UR50D", DNABERT_S_FAMILY: "zhihan1996/DNABERT-S"}
+MODEL_FLAGS = {ESM2_FAMILY: "--esm-model", DNABERT_S_FAMILY: "--dnabert-model"}
+SERVICE_FLAGS = {ESM2_FAMILY: "--esm-service", DNABERT_S_FAMILY: "--dnabert-service"}
 
 
 @dataclass
@@ -85,14 +90,19 @@ class PredictResult:
 
 
 def predict(input: str | Path, out_dir: str | Path, classifier: str | Path,
-            esm_model: str | Path = "esm2_t36_3B_UR50D", dnabert_model: str | Path = "zhihan1996/DNABERT-S",
-            *, chunk_size: int = 500, chunking: str = "compat", threshold: float = 0.5,
+            esm_model: str | Path | None = None, dnabert_model: str | Path | None = None,
+            *, esm_service: str | None = None, dnabert_service: str | None = None,
+            chunk_size: int = 500, chunking: str = "compat", threshold: float = 0.5,
             keep_embeddings: bool = False, workers: int | None = None, plot_contigs: Sequence[str] | None = None,
             plots: bool = True, **options) -> PredictResult:
     """Classify the contigs of a FASTA file as upstream VirNucPro does (the API of `virnucpro predict`).
 
-    classifier: upstream's `300_model.pth` / `500_model.pth` (pickled module) or a state dict of the
-    same MLP, trained for `chunk_size`. threshold: the contig verdict's cut (see `contig_rows`).
+    classifier: upstream's `300_model.pth` / `500_model.pth` (pickled module), a state dict of the
+    same MLP, or `virnucpro train`'s .safetensors, trained for `chunk_size` (refused when the file
+    says it was trained for another). threshold: the contig verdict's cut (see `contig_rows`).
+    esm_model / dnabert_model: default esm2_t36_3B_UR50D / zhihan1996/DNABERT-S, or the service's.
+    esm_service / dnabert_service: embed that model with a running service NAME (`virnucpro serve start`)
+    instead of the run's own actors; its model is the service's (a contradicting model is refused).
     keep_embeddings: keep OUT_DIR/embeddings/ (Parquet, readable with virnucpro.output.read_embeddings).
     workers: preprocessing processes (default: by input size). plots: draw prediction.png (the contigs
     `plot_contigs`, default the first five) and contig_scores.png (virnucpro.plot). Other options are `EmbedOptions`
@@ -100,19 +110,50 @@ def predict(input: str | Path, out_dir: str | Path, classifier: str | Path,
     models; on GPUs `num_actors` is the number of GPUs used (one actor of each model per GPU).
     """
     # the output-column options are embed's: predict reads the default `embedding` column
-    unknown = set(options) - ({f.name for f in fields(EmbedOptions)} - {"repr_layers", "include", "output_dtype"})
+    # and a service is named per model (esm_service, dnabert_service)
+    unknown = set(options) - ({f.name for f in fields(EmbedOptions)} - {"repr_layers", "include", "output_dtype",
+                                                                         "service"})
     if unknown:
         raise TypeError(f"predict() got unexpected option(s): {', '.join(sorted(unknown))}")
-    result = _Run(Path(input), Path(out_dir), Path(classifier), str(esm_model), str(dnabert_model),
-                  chunk_size, chunking, threshold, keep_embeddings, workers, EmbedOptions(**options)).run()
+    opts = EmbedOptions(**options)
+    models = {ESM2_FAMILY: esm_model, DNABERT_S_FAMILY: dnabert_model}
+    services = {f: n for f, n in ((ESM2_FAMILY, esm_service), (DNABERT_S_FAMILY, dnabert_service)) if n}
+    with _services_cluster(opts.address) if services else nullcontext():
+        result = _Run(Path(input), Path(out_dir), Path(classifier), models, services, chunk_size, chunking,
+                      threshold, keep_embeddings, workers, opts).run()
     if plots:
         figures_after_predict(result.out_dir, plot_contigs, threshold)
     return result
 
 
+@contextmanager
+def _services_cluster(address: str | None) -> Iterator[None]:
+    """Connected to the cluster that runs the services (`address`, RAY_ADDRESS or this machine's Ray)
+    for the whole run: their models are checked before preprocessing, the jobs use them after it."""
+    from .service import connect
+
+    connected = not ray.is_initialized()
+    connect(address)
+    try:
+        yield
+    finally:
+        if connected:
+            ray.shutdown()
+
+
+def _same_model(spec: str, source: ModelSource) -> bool:
+    """Whether the MODEL argument `spec` names the model a service loaded (by name, or the same file)."""
+    if spec == source.name:
+        return True
+    try:
+        return resolve_model(spec).path.resolve() == Path(source.path).resolve()
+    except CheckpointError:
+        return False
+
+
 class _Run:
-    def __init__(self, input: Path, out: Path, classifier: Path, esm_model: str, dnabert_model: str,
-                 chunk_size: int, chunking: str, threshold: float, keep_embeddings: bool,
+    def __init__(self, input: Path, out: Path, classifier: Path, models: dict[str, str | Path | None],
+                 services: dict[str, str], chunk_size: int, chunking: str, threshold: float, keep_embeddings: bool,
                  workers: int | None, opts: EmbedOptions):
         self.input, self.out, self.classifier_path = input, out, classifier
         self.chunk_size, self.chunking, self.threshold = chunk_size, chunking, threshold
@@ -121,11 +162,12 @@ class _Run:
         self.stages: dict[str, str] = {}
         self.times: dict[str, float] = {}  # stage -> wall seconds, for the stages this run computed
         self.embed_results: dict[str, EmbedResult] = {}
-        self._check_arguments(esm_model, dnabert_model)
+        self.services = services  # model family -> the service that embeds it
+        self._check_arguments(models)
 
     # --- checks made before anything is written or any model is loaded ---------------------------
 
-    def _check_arguments(self, esm_model: str, dnabert_model: str) -> None:
+    def _check_arguments(self, models: dict[str, str | Path | None]) -> None:
         if not self.input.is_file():
             raise PredictError(f"{self.input}: no such file")
         chunk_bounds(1, self.chunk_size, self.chunking)  # ValueError names the bad argument
@@ -133,12 +175,29 @@ class _Run:
             raise PredictError(f"--threshold must be within [0, 1], got {self.threshold}")
         if self.opts.resume and self.opts.overwrite:
             raise PredictError("--resume and --overwrite exclude each other")
-        self.sources = {DNABERT_S_FAMILY: resolve_model(dnabert_model), ESM2_FAMILY: resolve_model(esm_model)}
-        for family, flag in ((DNABERT_S_FAMILY, "--dnabert-model"), (ESM2_FAMILY, "--esm-model")):
-            got = self.sources[family]
+        self.sources: dict[str, ModelSource] = {}
+        self.dims: dict[str, int] = {}
+        for family in (DNABERT_S_FAMILY, ESM2_FAMILY):
+            model = None if models[family] is None else str(models[family])
+            if family in self.services:
+                self.sources[family], self.dims[family] = self._served_model(family, model)
+                continue
+            got = self.sources[family] = resolve_model(model or DEFAULT_MODELS[family])
             if got.family != family:
-                raise PredictError(f"{flag} {got.name}: a {got.family} model, expected {family}")
-        self.dims = {f: check_model(s) for f, s in self.sources.items()}
+                raise PredictError(f"{MODEL_FLAGS[family]} {got.name}: a {got.family} model, expected {family}")
+            self.dims[family] = check_model(got)
+        if self.opts.gpus_per_actor not in (None, 1.0) and not self.services:
+            log.warning("predict places one actor of each model per GPU; --gpus-per-actor is ignored")
+        self.classification = self._classification()
+
+    def _classification(self) -> Classification | None:
+        """Load the classifier and check that it fits the models' widths and --chunk-size (`train`'s
+        runs, which have none yet, return None)."""
+        trained_for = classifier_chunk_size(self.classifier_path)  # the file's record, or 300_model.pth's name
+        if trained_for is not None and trained_for != self.chunk_size:
+            raise PredictError(f"{self.classifier_path}: the classifier was trained on {trained_for} bp chunks, but "
+                               f"--chunk-size is {self.chunk_size}; give --chunk-size {trained_for} or a classifier "
+                               f"trained for {self.chunk_size}")
         self.model = load_classifier(self.classifier_path)
         want = self.model.hidden_layer.in_features
         dna, esm = self.dims[DNABERT_S_FAMILY], self.dims[ESM2_FAMILY]
@@ -147,15 +206,26 @@ class _Run:
                 f"{self.classifier_path}: the classifier takes {want} input features, but DNABERT-S "
                 f"({self.sources[DNABERT_S_FAMILY].name}) gives {dna} and ESM-2 "
                 f"({self.sources[ESM2_FAMILY].name}) gives {esm}: {dna} + {esm} = {dna + esm}")
-        m = re.match(r"(\d+)_model", self.classifier_path.name)  # upstream's names: 300_model.pth, 500_model.pth
-        if m and int(m.group(1)) != self.chunk_size:
-            log.warning("%s was trained on %s bp chunks, but --chunk-size is %d", self.classifier_path.name,
-                        m.group(1), self.chunk_size)
-        if self.opts.gpus_per_actor not in (None, 1.0):
-            log.warning("predict places one actor of each model per GPU; --gpus-per-actor is ignored")
-        self.classification = Classification(self.out, self.classifier_path, self.model,
-                                             {f: s.name for f, s in self.sources.items()}, self.dims,
-                                             {f: self._embed_dir(f) for f in EMBED_DIRS})
+        return Classification(self.out, self.classifier_path, self.model,
+                              {f: s.name for f, s in self.sources.items()}, self.dims,
+                              {f: self._embed_dir(f) for f in EMBED_DIRS})
+
+    def _served_model(self, family: str, model: str | None) -> tuple[ModelSource, int]:
+        """The model and width of the service that embeds `family`: of that family, and the model the
+        user named if any."""
+        from .service import describe_service
+
+        name, flag = self.services[family], SERVICE_FLAGS[family]
+        info = describe_service(name)  # EmbedError (one line) when it is not running
+        source = info["source"]
+        if source.family != family:
+            raise PredictError(f"{flag} {name}: the service embeds with {source.name}, a {source.family} model; "
+                               f"expected {family}")
+        if model is not None and not _same_model(model, source):
+            raise PredictError(f"{MODEL_FLAGS[family]} {model}, but {flag} {name} serves {source.name}: "
+                               f"give the service alone (its model is used)")
+        log.info("%s %s: %s on the service's replicas", flag, name, source.name)
+        return source, info["dim"]
 
     # --- the pipeline --------------------------------------------------------------------------------
 
@@ -252,15 +322,16 @@ class _Run:
                 todo.append(family)
         if not todo:
             return
-        started_ray = init_ray(self.opts.address, self.opts.dashboard_host)
+        started_ray = init_ray(self.opts.address, self.opts.dashboard_host)  # already, with a service
         pg = None
         try:
-            layout, pg = self._layout(len(todo))
+            layout, pg = self._layout([f for f in todo if f not in self.services])
             inputs = {DNABERT_S_FAMILY: self.out / NUCLEOTIDE_FASTA, ESM2_FAMILY: self.out / PROTEIN_FASTA}
             jobs = {}
             with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="virnucpro-embed") as pool:
                 for i, family in enumerate(todo):
-                    opts = self.opts.replace(**layout[family], progress=self.opts.progress if i == 0 else False)
+                    opts = self.opts.replace(**layout.get(family, {}), service=self.services.get(family),
+                                             progress=self.opts.progress if i == 0 else False)
                     jobs[family] = pool.submit(run_embed, inputs[family], self._embed_dir(family),
                                                self.sources[family].name, opts)
                 errors = []
@@ -281,15 +352,22 @@ class _Run:
             if started_ray:
                 ray.shutdown()
 
-    def _layout(self, num_jobs: int) -> tuple[dict[str, dict], object]:
-        """Per-model EmbedOptions overrides, and the placement group made for them (GPU only)."""
-        place = Placement.of(self.opts.replace(gpus_per_actor=None))  # one actor of each model per GPU
+    def _layout(self, local: list[str]) -> tuple[dict[str, dict], object]:
+        """EmbedOptions overrides for the models embedded by the run's own actors (`local`; a model
+        served by a service needs none), and the placement group made for them (GPU only)."""
+        if not local:
+            return {}, None
+        share = self.opts.gpus_per_actor if self.services else None  # alone: as `virnucpro embed` places it
+        place = Placement.of(self.opts.replace(gpus_per_actor=share))  # else one actor of each model per GPU
         if place.device != "cuda":
             # both jobs' actors must fit at once: an actor holds its CPUs until its job ends, so two
             # jobs each waiting for CPUs the other holds would never start
-            opts = {"num_cpus": min(1.0, place.cluster_cpus / (num_jobs * place.num_actors))}
+            opts = {"num_cpus": min(1.0, place.cluster_cpus / (len(local) * place.num_actors))}
             return {f: {"device": place.device, "num_actors": place.num_actors, "gpus_per_actor": None,
-                        "actor_options": lambda i, o=opts: o} for f in GPU_SHARE}, None
+                        "actor_options": lambda i, o=opts: o} for f in local}, None
+        if len(local) == 1:  # one actor per GPU (a fraction of one, with --gpus-per-actor, shares it)
+            return {local[0]: {"device": "cuda", "num_actors": self.opts.num_actors or max(1, int(place.cluster_gpus)),
+                               "gpus_per_actor": place.gpus_per_actor}}, None
         if place.num_actors > place.cluster_gpus:
             raise PredictError(f"--num-actors {place.num_actors}: the Ray cluster has {place.cluster_gpus:g} GPU(s)")
         return gpu_layout(place.num_actors)

@@ -26,9 +26,11 @@ def test_every_option_has_a_flag_and_defaults_match_the_api(command):
     argv = [command, "in.fa", "-o", "out"] + (["--model", "m"] if command == "embed" else
                                              ["--classifier", "c.pth", "--chunk-size", "500"])
     args = create_parser().parse_args(argv)
-    # predict reads the default embedding column: embed's output-column options are not among its flags
-    expected = _cli_fields(EmbedOptions) - (set(OUTPUT_OPTIONS) if command == "predict" else set())
+    # predict reads the default embedding column: embed's output-column options are not among its flags;
+    # nor is --service (predict names one per model: --esm-service, --dnabert-service)
+    expected = _cli_fields(EmbedOptions) - ({*OUTPUT_OPTIONS, "service"} if command == "predict" else set())
     assert expected <= set(vars(args))
+    assert command == "embed" or ("service" not in vars(args) and {"esm_service", "dnabert_service"} <= set(vars(args)))
     assert command == "embed" or not set(OUTPUT_OPTIONS) & set(vars(args))
     assert from_args(EmbedOptions, args) == EmbedOptions()  # the parser's defaults are the dataclass's
     if command == "predict":

@@ -1,19 +1,29 @@
-"""VirNucPro's classifier: the MLP over [DNABERT-S 768 | ESM-2 2560] features, its safe loader,
-batched inference, and the two result files in upstream's exact formats.
+"""VirNucPro's classifier: the MLP over [DNABERT-S 768 | ESM-2 2560] features, its safe loader and
+savers, batched inference, and the two result files in upstream's exact formats.
 
 Upstream (github.com/Li-Jing-1997/VirNucPro, `train.py` / `prediction.py`) ships `300_model.pth` and
 `500_model.pth` written by `torch.save(model)`: a whole pickled module whose class lived in
 `__main__`. Unpickling such a file normally imports and calls whatever globals it names, so
 `load_classifier` uses a restricted unpickler that resolves only an explicit allow-list.
+
+`virnucpro train` saves a classifier as safetensors (tensors only, nothing to unpickle) whose header
+holds a small JSON record: the layer widths, the chunk size it was trained for and where it came
+from (`save_classifier`; the same record is written beside it as `<name>.json` for people).
+`save_upstream_classifier` writes upstream's pickled form, for upstream's own prediction.py.
+`classifier_chunk_size` says which chunk size a file was trained for, when the file says so.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 import codecs
+import copy
 import csv
+import json
 import os
 import pickle
+import re
+import sys
 import types
 import warnings
 import zipfile
@@ -22,6 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,8 +171,11 @@ def _is_torchscript(path: str | os.PathLike) -> bool:
 
 
 def _load_object(path: str | os.PathLike) -> Any:
-    if str(path).endswith(".safetensors"):
-        raise ClassifierLoadError(f"{path}: safetensors classifier files are not supported")
+    if str(path).endswith(SAFETENSORS_SUFFIX):
+        try:  # tensors and a JSON header only: nothing is unpickled
+            return safetensors.torch.load_file(path, device="cpu")
+        except (OSError, safetensors.SafetensorError) as e:
+            raise ClassifierLoadError(f"{path}: cannot read classifier file: {e}") from e
     if _is_torchscript(path):
         raise ClassifierLoadError(f"{path}: TorchScript archives are not accepted")
     try:
@@ -211,7 +226,8 @@ def _state_dict_of(obj: Any, path: str | os.PathLike) -> Mapping[str, torch.Tens
 
 
 def load_classifier(path: str | os.PathLike) -> MLPClassifier:
-    """Load upstream's `300_model.pth` / `500_model.pth` (or a state dict) as an MLPClassifier in eval mode.
+    """Load upstream's `300_model.pth` / `500_model.pth`, a state dict, or a `.safetensors` file of
+    `save_classifier`, as an MLPClassifier in eval mode.
 
     Layer sizes are read from the weights. Raises ClassifierLoadError for a file holding any other
     global, any other structure, or weights that do not fit the MLP.
@@ -227,6 +243,90 @@ def load_classifier(path: str | os.PathLike) -> MLPClassifier:
     except (KeyError, ValueError, RuntimeError) as e:
         raise ClassifierLoadError(f"{path}: weights do not fit VirNucPro's MLPClassifier: {e}") from e
     return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# saving, and what a file says it was trained for
+
+SAFETENSORS_SUFFIX = ".safetensors"
+METADATA_FORMAT = "virnucpro-classifier"
+_METADATA_KEY = "virnucpro"  # the safetensors header entry holding the JSON record
+_UPSTREAM_NAME = re.compile(r"(\d+)_model\.pth?")  # upstream's 300_model.pth, 500_model.pth
+
+
+def classifier_record(model: MLPClassifier, chunk_size: int, **extra: Any) -> dict:
+    """The JSON record saved with a classifier: format, layer widths, labels, chunk size, and `extra`
+    (provenance: models, training data, recipe, metrics)."""
+    return {"format": METADATA_FORMAT, "version": 1, "input_dim": model.hidden_layer.in_features,
+            "hidden_dim": model.hidden_layer.out_features, "num_classes": model.output_layer.out_features,
+            "labels": list(LABELS), "chunk_size": int(chunk_size), **extra}
+
+
+def save_classifier(model: MLPClassifier, path: str | os.PathLike, record: dict) -> None:
+    """Write `model` as safetensors at `path` (which must end in .safetensors), `record` (see
+    `classifier_record`) in its header, and the same record as `<path minus suffix>.json`.
+
+    The header copy is the one `classifier_metadata` reads, so the file alone says what it is; the
+    JSON beside it is for people and tools that do not read safetensors headers.
+    """
+    path = os.fspath(path)
+    if not path.endswith(SAFETENSORS_SUFFIX):
+        raise ValueError(f"{path}: a safe classifier file must end in {SAFETENSORS_SUFFIX}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    text = json.dumps(record, indent=1)
+    safetensors.torch.save_file(state, path, metadata={_METADATA_KEY: text})
+    with open(path[:-len(SAFETENSORS_SUFFIX)] + ".json", "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+def save_upstream_classifier(model: MLPClassifier, path: str | os.PathLike) -> None:
+    """Write `model` as upstream's train.py does: `torch.save` of the whole module, pickled as
+    `__main__.MLPClassifier`, which upstream's prediction.py (defining that class in its `__main__`)
+    loads with a plain `torch.load`; `load_classifier` loads it too.
+
+    Pickle records a class by the module and name it is found under, and checks that this lookup
+    gives the same class; so a subclass named `__main__.MLPClassifier` is put in `__main__` for the
+    duration of the save (the previous attribute, if any, is restored).
+    """
+    upstream_class = type("MLPClassifier", (MLPClassifier,), {"__module__": "__main__"})
+    clone = copy.deepcopy(model).cpu().eval()
+    clone.__class__ = upstream_class
+    main = sys.modules["__main__"]
+    previous = vars(main).get("MLPClassifier", upstream_class)
+    main.MLPClassifier = upstream_class
+    try:
+        torch.save(clone, path)
+    finally:
+        if previous is upstream_class:
+            del main.MLPClassifier
+        else:
+            main.MLPClassifier = previous
+
+
+def classifier_metadata(path: str | os.PathLike) -> dict:
+    """The record in a `.safetensors` classifier's header ({} when there is none, or for a pickle)."""
+    if not os.fspath(path).endswith(SAFETENSORS_SUFFIX):
+        return {}
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get(_METADATA_KEY)
+    except (OSError, safetensors.SafetensorError) as e:
+        raise ClassifierLoadError(f"{path}: cannot read classifier file: {e}") from e
+    try:
+        record = json.loads(text) if text else {}
+    except ValueError as e:
+        raise ClassifierLoadError(f"{path}: the header's {_METADATA_KEY} record is not JSON: {e}") from e
+    return record if isinstance(record, dict) else {}
+
+
+def classifier_chunk_size(path: str | os.PathLike) -> int | None:
+    """The chunk size a classifier file was trained for, when it says: a safetensors header's
+    `chunk_size`, or upstream's file name `<N>_model.pth`; else None."""
+    size = classifier_metadata(path).get("chunk_size")
+    if size is None:
+        m = _UPSTREAM_NAME.fullmatch(os.path.basename(path))
+        size = m and m.group(1)
+    return int(size) if size is not None else None
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The options of `virnucpro embed` and `predict`, each defined once.
+"""The options of `virnucpro embed`, `predict` and `train`, each defined once.
 
 An option is a dataclass field whose metadata holds its help text, choices and bounds. From these the
 command line is built (`add_arguments`, `from_args`), the keyword API is the dataclass itself
@@ -227,5 +227,32 @@ class PredictOptions:
         _validate(self)
 
 
-__all__ = ["EmbedOptions", "PredictOptions", "OptionError", "add_arguments", "from_args", "option",
+def _fraction(value: float) -> str | None:
+    return None if 0.0 < value < 1.0 else "must be within (0, 1)"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """`virnucpro train`'s recipe; the defaults are upstream VirNucPro's train.py."""
+
+    epochs: int = option(200, "most training epochs", min=1)
+    patience: int = option(5, "stop after this many epochs without a lower validation loss (the best epoch's "
+                              "weights are kept)", min=1)
+    batch_size: int = option(32, "training batch size (BatchNorm needs 2 or more)", min=2)
+    lr: float = option(2e-4, "SGD learning rate", check=_positive)
+    momentum: float = option(0.9, "SGD momentum", min=0)
+    lr_step: int = option(10, "StepLR: multiply the learning rate by --lr-gamma every this many epochs", min=1)
+    lr_gamma: float = option(0.85, "StepLR factor", check=_positive)
+    val_fraction: float = option(0.1, "frames held out at random for validation", check=_fraction)
+    seed: int = option(42, "seed of the split, the initial weights, dropout and the batch order")
+    train_device: str = option("auto", "where the classifier trains (auto: a GPU when this machine has one)",
+                               choices=("auto", "cuda", "cpu"))
+    upstream_format: bool = option(False, "also save upstream's pickled model, <chunk size>_model.pth, which "
+                                          "upstream's prediction.py loads (torch.save of the whole module)")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+__all__ = ["EmbedOptions", "PredictOptions", "TrainOptions", "OptionError", "add_arguments", "from_args", "option",
            "default_dataloader_workers"]

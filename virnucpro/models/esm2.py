@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,8 +281,14 @@ def on_meta_device():
     runs through torch._refs, which imports torch._dynamo, 3 s of a driver that only checks names and
     shapes. (transformers' `no_init_weights` does the same.)"""
     skip = {name: (lambda tensor, *args, **kwargs: tensor) for name in ("normal_", "uniform_", "kaiming_uniform_")}
-    with torch.device("meta"), mock.patch.multiple(nn.init, **skip):
+    with _NN_INIT_PATCH, torch.device("meta"), mock.patch.multiple(nn.init, **skip):
         yield
+
+
+# The device context is per thread, but the nn.init patch is process-wide: two threads inside at once
+# (predict checks both models from two threads) would restore each other's no-ops, leaving nn.init
+# patched for the process (a classifier trained afterwards then starts from uninitialised biases).
+_NN_INIT_PATCH = threading.RLock()
 
 
 def to_device(state: dict[str, torch.Tensor], device: torch.device | str,
