@@ -152,7 +152,7 @@ def run_ours(model, batches: list[np.ndarray], vocab: int) -> float:
     return cuda_time(one_pass)
 
 
-def run_padded(forward, batches: list[np.ndarray], vocab: int, pad_id: int) -> float:
+def run_padded(forward, batches: list[np.ndarray], vocab: int, pad_id: int, warmup: int = 1, repeat: int = 2) -> float:
     """Seconds for one pass of a padded reference: each batch padded to its longest sequence."""
     staged = []
     for b in batches:
@@ -168,7 +168,7 @@ def run_padded(forward, batches: list[np.ndarray], vocab: int, pad_id: int) -> f
         with torch.inference_mode():
             for tokens, mask in staged:
                 forward(tokens, mask)
-    return cuda_time(one_pass, warmup=1, repeat=2)
+    return cuda_time(one_pass, warmup=warmup, repeat=repeat)
 
 
 def row(name: str, seconds: float, lengths_tokens: np.ndarray, flops: float, ceiling: float) -> dict:
@@ -182,7 +182,7 @@ def row(name: str, seconds: float, lengths_tokens: np.ndarray, flops: float, cei
 # --- benchmarks -------------------------------------------------------------------------------------
 
 def bench_esm(name: str, workload: str, lengths: np.ndarray, ceiling: float, budget: int,
-              references: bool) -> list[dict]:
+              references: bool, compiled_peer: bool = True) -> list[dict]:
     layers, d, heads = ESM_SHAPES[name]
     tokens_per_seq = lengths + 2
     flops = esm_flops(tokens_per_seq, layers, d)
@@ -216,6 +216,15 @@ def bench_esm(name: str, workload: str, lengths: np.ndarray, ceiling: float, bud
         torch.cuda.empty_cache()
     except ImportError as e:
         print(f"skip fair-esm: {e}")
+    for compiled in (False, True) if compiled_peer else (False,):
+        rows += transformers_esm(layers, d, heads, lengths, tokens_per_seq, flops, ceiling, budget, compiled)
+    return rows
+
+
+def transformers_esm(layers: int, d: int, heads: int, lengths: np.ndarray, tokens_per_seq: np.ndarray,
+                     flops: float, ceiling: float, budget: int, compiled: bool) -> list[dict]:
+    """transformers' EsmModel in bf16 with SDPA on padded batches: what a careful user builds; with
+    `compiled`, under torch.compile(dynamic=True), its compile time (the first pass) reported too."""
     try:
         from transformers import EsmConfig, EsmModel
         cfg = EsmConfig(vocab_size=33, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
@@ -227,26 +236,45 @@ def bench_esm(name: str, workload: str, lengths: np.ndarray, ceiling: float, bud
             hf = EsmModel(cfg, add_pooling_layer=False)
         torch.set_default_dtype(torch.float32)
         hf.eval().requires_grad_(False)
+        run = torch.compile(hf, dynamic=True) if compiled else hf
 
         def hf_forward(tokens, mask):
-            hf(input_ids=tokens, attention_mask=mask)
-        t = run_padded(hf_forward, token_batches(lengths, budget, 2), 33, 1)
-        rows.append(row(f"transformers EsmModel bf16 sdpa padded (toks {budget})", t, tokens_per_seq, flops, ceiling))
-        hf = None  # free its GPU memory
-        torch.cuda.empty_cache()
+            run(input_ids=tokens, attention_mask=mask)
+        batches = token_batches(lengths, budget, 2)
+        compile_s = None
+        if compiled:  # the first pass compiles (and recompiles for the shapes it meets): time it whole
+            start = time.perf_counter()
+            run_padded(hf_forward, batches, 33, 1, warmup=0, repeat=1)
+            compile_s = time.perf_counter() - start
+        t = run_padded(hf_forward, batches, 33, 1)
+        label = f"transformers EsmModel bf16 sdpa padded{' torch.compile' if compiled else ''} (toks {budget})"
+        r = row(label, t, tokens_per_seq, flops, ceiling)
+        if compile_s is not None:
+            r["first_pass_seconds"] = compile_s
+            print(f"  (transformers torch.compile: first pass {compile_s:.0f} s)", flush=True)
+        return [r]
     except Exception as e:  # noqa: BLE001
+        print(f"skip transformers{' compiled' if compiled else ''}: {type(e).__name__}: {str(e)[:300]}")
+        return []
+    finally:
         torch.set_default_dtype(torch.float32)
-        print(f"skip transformers: {type(e).__name__}: {e}")
-    return rows
+        hf = run = None  # free its GPU memory
+        torch.cuda.empty_cache()
 
 
-def bench_dnabert(lengths_tokens: np.ndarray, ceiling: float, budget: int) -> list[dict]:
+def bench_dnabert(lengths_tokens: np.ndarray, ceiling: float, budget: int = 262144) -> list[dict]:
+    """Ours at DNABERT-S's GPU batch budget, with the attention `select_backend` picks (varlen
+    FlashAttention-2 with ALiBi slopes where torch has it) and with the SDPA-over-a-padded-grid
+    fallback, against the reference code's fp32 setting."""
     c = DNABERTSConfig()
     flops = dnabert_flops(lengths_tokens, c)
     rows = []
-    for dtype, toks, compiled in ((torch.bfloat16, budget, True), (torch.bfloat16, budget, False),
-                                  (torch.float32, 128 * 127, False)):
+    for dtype, toks, compiled, attention in ((torch.bfloat16, budget, True, "auto"),
+                                             (torch.bfloat16, budget, True, "sdpa"),
+                                             (torch.bfloat16, budget, False, "auto"),
+                                             (torch.float32, 128 * 127, False, "sdpa")):
         model = random_dnabert_s(dtype)
+        model.backend = select_backend(torch.device("cuda"), dtype, alibi=True, requested=attention)
         if compiled:
             model.compile_layers()
         if dtype == torch.float32:
@@ -269,6 +297,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer sequences, 650M only")
     ap.add_argument("--budget", type=int, default=65536)
     ap.add_argument("--no-references", action="store_true")
+    ap.add_argument("--no-compiled-peer", action="store_true",
+                    help="skip transformers under torch.compile (its compile takes 1-2 min a model)")
+    ap.add_argument("--workloads", nargs="*", help="keys to run, e.g. esm2_650M/virnucpro dnabert_s (default: all)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     n = 1000 if args.quick else 3000
@@ -282,13 +313,18 @@ def main() -> None:
     if not args.quick:
         plan = [("esm2_3B", "virnucpro", virnucpro_lengths(n, rng)),
                 ("esm2_3B", "proteome", proteome_lengths(n // 2, rng))] + plan
+    dna_lengths = dna_token_lengths(4 * n, rng)
+    wanted = (lambda key: not args.workloads or any(key.startswith(w) for w in args.workloads))
     for name, workload, lengths in plan:
         key = f"{name}/{workload}"
-        results["workloads"][key] = bench_esm(name, workload, lengths, ceiling, args.budget, not args.no_references)
-        _print(key, results["workloads"][key])
+        if wanted(key):
+            results["workloads"][key] = bench_esm(name, workload, lengths, ceiling, args.budget,
+                                                  not args.no_references, not args.no_compiled_peer)
+            _print(key, results["workloads"][key])
     key = "dnabert_s/95-125 tokens"
-    results["workloads"][key] = bench_dnabert(dna_token_lengths(4 * n, rng), ceiling, args.budget)
-    _print(key, results["workloads"][key])
+    if wanted(key):
+        results["workloads"][key] = bench_dnabert(dna_lengths, ceiling)
+        _print(key, results["workloads"][key])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
 

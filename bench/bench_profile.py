@@ -96,22 +96,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--trace-dir", type=Path, default=None, help="also write the chrome traces here")
+    ap.add_argument("--esm", nargs="*", default=["esm2_3B"], choices=list(ESM_SHAPES), help="ESM-2 sizes to profile")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ceiling = matmul_ceiling()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "ceiling_tflops": ceiling / 1e12, "date": time.strftime("%Y-%m-%d"), "workloads": {}}
 
-    layers, d, heads = ESM_SHAPES["esm2_3B"]
-    esm = random_esm2("esm2_3B")
-    esm.compile_layers()
-    batches = token_batches(virnucpro_lengths(1500, rng), 65536, 2)[:4]
-    # linear-layer FLOPs only: what the GEMM kernels do
-    linear = [esm_flops(b, layers, d) - float((4 * b.astype(float) ** 2 * d * layers).sum()) for b in batches]
-    results["workloads"]["esm2_3B/virnucpro"] = profile(
-        esm, batches, 33, linear, ceiling, args.trace_dir / "trace-esm2_3B.json" if args.trace_dir else None)
-    del esm
-    torch.cuda.empty_cache()
+    for name in args.esm:
+        layers, d, heads = ESM_SHAPES[name]
+        esm = random_esm2(name)
+        esm.compile_layers()
+        batches = token_batches(virnucpro_lengths(1500 if name == "esm2_3B" else 3000, rng), 65536, 2)[:4]
+        # linear-layer FLOPs only: what the GEMM kernels do
+        linear = [esm_flops(b, layers, d) - float((4 * b.astype(float) ** 2 * d * layers).sum()) for b in batches]
+        results["workloads"][f"{name}/virnucpro"] = profile(
+            esm, batches, 33, linear, ceiling, args.trace_dir / f"trace-{name}.json" if args.trace_dir else None)
+        del esm
+        torch.cuda.empty_cache()
 
     dna = random_dnabert_s(torch.bfloat16)
     c = dna.config

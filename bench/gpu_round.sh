@@ -16,7 +16,7 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
     tests) python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests-$tag.log" | tail -15 ;;
-    profile) python3 bench/bench_profile.py --out "$OUT/profile-$tag.json" --trace-dir /tmp/traces 2>&1 | grep -v Warning
+    profile) python3 bench/bench_profile.py --out "$OUT/profile-$tag${PROFILE_TAG:-}.json" --trace-dir /tmp/traces ${PROFILE_ARGS:-} 2>&1 | grep -v Warning
              (cd /tmp/traces && tar czf "$OUT/traces-$tag.tgz" .) ;;
     e2e-dnabert) TORCH_LOGS=recompiles python3 bench/bench_e2e.py --model dnabert_s -n "${N_DNA:-60000}" --work /tmp/dna \
                    --out "$OUT/e2e-dnabert_s-1x-$tag.json" ${E2E_ARGS:-} 2>&1 | grep -v "Warning\|warn(" | tail -30 ;;
@@ -27,14 +27,14 @@ for step in "$@"; do
     e2e-esm) python3 bench/bench_e2e.py --model esm2_3B -n "${N_ESM:-20000}" --work /tmp/esm \
                    --out "$OUT/e2e-esm2_3B-${n}x-$tag.json" 2>&1 | grep -v "Warning\|warn(" | tail -8 ;;
     attention) python3 bench/bench_attention.py --out "$OUT/attention-$tag.json" 2>&1 | grep -v "Warning\|warn(" ;;
-    fp8) python3 bench/bench_fp8.py --out "$OUT/fp8-$tag.json" 2>&1 | grep -v "Warning\|warn(" | tail -12 ;;
+    fp8) python3 bench/bench_fp8.py --out "$OUT/fp8-frontier-$tag.json" ${FP8_ARGS:-} 2>&1 | grep -v "Warning\|warn(" | tail -16 ;;
     startup) python3 bench/bench_startup.py --out "$OUT/startup-$tag${STARTUP_TAG:-}.json" --work /tmp/startup ${STARTUP_ARGS:-} 2>&1 \
                | grep -v "Warning\|warn(" ;;
     predict) python3 bench/bench_predict.py --out "$OUT/predict-$tag${PREDICT_TAG:-}.json" --work /tmp/predict \
                --mbp "${PREDICT_MBP:-10}" ${PREDICT_ARGS:-} 2>&1 | grep -v "Warning\|warn(" ;;
     service-scaling) python3 bench/bench_service.py --scaling -n "${N_SCALING:-60000}" --work /tmp/scaling \
                --out "$OUT/service-scaling-esm2_3B-${n}x-$tag.json" 2>&1 | grep -v "Warning\|warn(\| INFO \|(raylet)" | tail -8 ;;
-    models) python3 bench/bench_models.py --out "$OUT/models-$tag.json" 2>&1 | tee "$OUT/models-$tag.txt" | grep -v Warn ;;
+    models) python3 bench/bench_models.py --out "$OUT/models-$tag${MODELS_TAG:-}.json" ${MODELS_ARGS:-} 2>&1 | tee "$OUT/models-$tag${MODELS_TAG:-}.txt" | grep -v Warn ;;
   esac
 done
 echo "=== done $(date +%T)"

@@ -339,7 +339,9 @@ def test_previous_run_needs_resume_or_overwrite(run1, upstream_classifier, esm_t
 def test_no_frames_writes_empty_tables_without_ray(tmp_path, upstream_classifier, esm_tiny, dnabert_tiny):
     fasta = tmp_path / "x.fasta"
     fasta.write_text(">r1\n" + "AACT" * 200 + "\n>r2\nAC\n")  # stops in all six frames; too short
-    result = predict(fasta, tmp_path / "out", upstream_classifier, esm_tiny, dnabert_tiny, chunk_size=300,
+    classifier = tmp_path / "300_model.pth"  # upstream names its classifiers by chunk size
+    shutil.copy(upstream_classifier, classifier)
+    result = predict(fasta, tmp_path / "out", classifier, esm_tiny, dnabert_tiny, chunk_size=300,
                      device="cpu", address="ray://nowhere:1")  # would fail if Ray were started
     assert result.frames == 0 and result.stages["embed"].startswith("skipped")
     assert (tmp_path / "out" / "prediction_results.txt").read_text() == "Sequence_ID\tPrediction\tscore1\tscore2\n"

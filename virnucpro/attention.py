@@ -120,6 +120,39 @@ def _varlen_attn():
     return varlen_attn
 
 
+def _flash_alibi(q, k, v, cu: torch.Tensor, max_seqlen: int, scale: float, slopes: torch.Tensor) -> torch.Tensor:
+    """FlashAttention-2 over packed sequences with the bias -slope * |i - j| (its non-causal ALiBi)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, False, False,
+                                                   scale=scale, alibi_slopes=slopes)[0]
+
+
+@lru_cache(maxsize=None)
+def _flash_alibi_fails(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None where the packed FlashAttention kernel takes ALiBi slopes and agrees with the bias added by
+    hand (PyTorch can be built without it; the sign and the |i - j| form are checked, not assumed);
+    otherwise why not. Two short sequences, a few milliseconds, once per device and dtype."""
+    flash = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if flash is None or "alibi_slopes" not in str(flash.default._schema):
+        return f"torch {torch.__version__}'s flash kernel takes no ALiBi slopes"
+    g = torch.Generator(device=device).manual_seed(0)
+    lengths, H, hd = (37, 70), 4, 64
+    q, k, v = (torch.randn(sum(lengths), H, hd, device=device, dtype=dtype, generator=g) for _ in range(3))
+    slopes = torch.tensor(alibi_slopes(H), device=device, dtype=torch.float32)
+    cu = torch.tensor([0, lengths[0], sum(lengths)], device=device, dtype=torch.int32)
+    try:
+        got = _flash_alibi(q, k, v, cu, max(lengths), hd ** -0.5, slopes)
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0][:120]
+    for start, n in zip((0, lengths[0]), lengths):
+        qs, ks, vs = (t[start:start + n].transpose(0, 1).float() for t in (q, k, v))  # [H, n, hd]
+        pos = torch.arange(n, device=device)
+        bias = -slopes[:, None, None] * (pos[None, :] - pos[:, None]).abs()
+        want = torch.softmax(qs @ ks.transpose(1, 2) * hd ** -0.5 + bias, -1) @ vs
+        if not torch.allclose(got[start:start + n].transpose(0, 1).float(), want, atol=2e-2, rtol=0):
+            return "its ALiBi bias differs from -slope * |i - j|"
+    return None
+
+
 def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, requested: str = "auto") -> Backend:
     """Pick the fastest attention kernel that supports this device, dtype and bias."""
     if requested == "sdpa":
@@ -135,11 +168,14 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
     if alibi:
         if requested == "flex":
             return Backend("flex", f"packed ALiBi attention, {gpu}, {str(dtype).removeprefix('torch.')}")
-        # FlashAttention takes no ALiBi bias. For DNABERT-S's short sequences SDPA with an additive bias
-        # over a padded grid (cuDNN's fused attention on Hopper, else the memory-efficient kernel: PyTorch
-        # picks) measured 8x faster than FlexAttention's packed document mask (bench/results), so it is
-        # the default.
-        return Backend("sdpa", f"ALiBi bias is not supported by varlen FlashAttention; fused SDPA with "
+        why = _flash_alibi_fails(device, dtype)
+        if why is None:
+            return Backend("flash", f"varlen FlashAttention-2 with its ALiBi slopes over packed sequences, "
+                                    f"{gpu}, {str(dtype).removeprefix('torch.')}")
+        # Elsewhere SDPA with an additive bias over a padded grid (cuDNN's fused attention on Hopper,
+        # else the memory-efficient kernel: PyTorch picks); for DNABERT-S's short sequences it measured 8x
+        # faster than FlexAttention's packed document mask (bench/results).
+        return Backend("sdpa", f"varlen FlashAttention with ALiBi unavailable ({why}); fused SDPA with "
                                f"the bias over a padded grid, {gpu}, {str(dtype).removeprefix('torch.')}")
     if _varlen_attn() is None:
         return Backend("sdpa", f"torch {torch.__version__} has no torch.nn.attention.varlen")
@@ -173,6 +209,8 @@ def _attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packin
                        scale: float, alibi: torch.Tensor | None) -> torch.Tensor:
     if backend.name == "flash":
         cu, m = packing.cu_seqlens, packing.max_seqlen
+        if alibi is not None:
+            return _flash_alibi(q, k, v, cu, m, scale, alibi)
         return _varlen_attn()(q, k, v, cu, cu, m, m, scale=scale)
     if backend.name == "flex":
         return _flex_attention(q, k, v, packing, scale, alibi)

@@ -7,9 +7,9 @@ runs on current Triton and whose PyTorch fallback fails in half precision.
 Architecture: word + token-type embeddings and LayerNorm (no position embeddings); post-LN layers of
 ALiBi self-attention (fused Wqkv) and a gated-GELU MLP. Module names follow the checkpoint's keys so
 the state dict loads as is. Sequences are packed; attention (`virnucpro.attention.select_backend`) is
-SDPA over a padded grid with the ALiBi bias added, on CUDA as on CPU: varlen FlashAttention takes no
-bias, and for DNABERT-S's short sequences the fused SDPA kernels measured 8x faster than
-FlexAttention's packed ALiBi kernel, which is used only when asked for (`--attention flex`).
+varlen FlashAttention-2 with its own ALiBi slopes on a CUDA GPU whose torch build has them (checked
+against the bias added by hand at load), else SDPA over a padded grid with the ALiBi bias added (CPU,
+older GPUs), or FlexAttention's packed ALiBi kernel when asked for (`--attention flex`).
 """
 
 from __future__ import annotations
