@@ -65,12 +65,14 @@ def test_esm2_bf16_flash_matches_fp32_fair_esm(tmp_path, monkeypatch, layers, di
 @pytest.mark.parametrize("attention,compiled", [("auto", True), ("auto", False), ("sdpa", False), ("flex", False)])
 def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention, compiled):
     """auto: varlen FlashAttention-2 with its ALiBi slopes where torch's build has them (PyTorch 2.11's
-    does not: "This flash attention build does not support alibi"), else SDPA with the bias over a
-    padded grid; sdpa: that fallback on request; flex: on request."""
+    does not: "This flash attention build does not support alibi"), else our Triton kernel, else SDPA
+    with the bias over a padded grid; sdpa: that fallback on request; flex: on request."""
     if attention == "auto":
-        why = attention_mod._flash_alibi_fails(torch.device("cuda"), torch.bfloat16)
-        print(f"flash with ALiBi: {'available' if why is None else why}")
-        name = "flash" if why is None else "sdpa"
+        cuda = torch.device("cuda")
+        flash, triton = attention_mod._flash_alibi_fails(cuda, torch.bfloat16), \
+            attention_mod._triton_alibi_fails(cuda, torch.bfloat16, 64)
+        print(f"ALiBi kernels: flash {flash or 'available'}; triton {triton or 'available'}")
+        name = "flash" if flash is None else "triton" if triton is None else "sdpa"
     else:
         name = attention
     path = write_dnabert_s_dir(tmp_path / "dnabert", hidden=768, layers=4, heads=12, intermediate=3072,
@@ -79,9 +81,10 @@ def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention,
     assert model.backend.name == name, model.backend.describe()
     if compiled:
         model.compile_layers()
-    kernel = {"flash": "_flash_alibi", "sdpa": "_sdpa_attention", "flex": "_flex_attention"}[name]
-    counter = CallCounter(getattr(attention_mod, kernel))
-    monkeypatch.setattr(attention_mod, kernel, counter)
+    module, kernel = {"flash": (attention_mod, "_flash_alibi"), "triton": (alibi_kernel_module(), "alibi_attention"),
+                      "sdpa": (attention_mod, "_sdpa_attention"), "flex": (attention_mod, "_flex_attention")}[name]
+    counter = CallCounter(getattr(module, kernel))
+    monkeypatch.setattr(module, kernel, counter)
     seqs = random_dna(48, 300, 520, seed=3)
     got = pooled_on_gpu(model, DNABERTSTokenizer(path), seqs)
     assert compiled or counter.calls == 4
@@ -90,6 +93,40 @@ def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention,
     print(f"DNABERT-S: bf16 {name}{' compiled' if compiled else ''} vs fp32 reference cosine min "
           f"{cos.min():.6f} mean {cos.mean():.6f}")
     assert cos.min() >= MIN_COSINE
+
+
+def alibi_kernel_module():
+    import virnucpro.alibi_kernel
+    return virnucpro.alibi_kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_alibi_kernel_matches_the_padded_bias(dtype):
+    """Our packed ALiBi kernel against softmax(q k^T * scale - slope |i - j|) v in float32, per sequence,
+    for lengths around its 64-token blocks and past DNABERT-S's usual ~110 tokens; q, k, v as the
+    model passes them: strided views of one fused QKV tensor."""
+    from virnucpro.alibi_kernel import alibi_attention
+    from virnucpro.attention import alibi_slopes
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [1, 2, 63, 64, 65, 110, 127, 128, 129, 300, 517, 1024]
+    H, hd = 12, 64
+    qkv = torch.randn(sum(lengths), 3, H, hd, device="cuda", dtype=dtype, generator=g) * 2
+    q, k, v = qkv.unbind(1)
+    slopes = torch.tensor(alibi_slopes(H), device="cuda", dtype=torch.float32)
+    cu = F.pad(torch.tensor(lengths, device="cuda").cumsum(0), (1, 0)).int()
+    out = alibi_attention(q, k, v, cu, max(lengths), hd ** -0.5, slopes)
+    worst = 1.0
+    for start, n in zip(cu[:-1].tolist(), lengths):
+        qs, ks, vs = (t[start:start + n].transpose(0, 1).float() for t in (q, k, v))
+        pos = torch.arange(n, device="cuda")
+        bias = -slopes[:, None, None] * (pos[None, :] - pos[:, None]).abs()
+        want = torch.softmax(qs @ ks.transpose(1, 2) * hd ** -0.5 + bias, -1) @ vs  # [H, n, hd]
+        got = out[start:start + n].transpose(0, 1).float()
+        worst = min(worst, float(F.cosine_similarity(got.reshape(-1, hd), want.reshape(-1, hd), dim=-1).min()))
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    print(f"Triton ALiBi kernel {dtype}: worst per-row cosine to float32 {worst:.6f}")
+    assert worst > 0.999
 
 
 def test_embed_through_ray_on_gpu(tmp_path):

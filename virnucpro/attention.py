@@ -87,7 +87,7 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # "flash", "flex" or "sdpa"
+    name: str  # "flash", "triton" (DNABERT-S's packed ALiBi kernel), "flex" or "sdpa"
     reason: str  # why this one: printed once at model load
 
     def describe(self) -> str:
@@ -95,6 +95,8 @@ class Backend:
             return f"FlashAttention-2: enabled ({self.reason})"
         if self.name == "flex":
             return f"FlexAttention: enabled ({self.reason})"
+        if self.name == "triton":
+            return f"FlashAttention-2: not used, packed ALiBi attention in Triton ({self.reason})"
         if "ALiBi" in self.reason:
             return f"FlashAttention-2: not used, PyTorch SDPA with ALiBi bias ({self.reason})"
         return f"FlashAttention-2: disabled, using PyTorch SDPA fallback ({self.reason})"
@@ -129,32 +131,55 @@ def _flash_alibi(q, k, v, cu: torch.Tensor, max_seqlen: int, scale: float, slope
 @lru_cache(maxsize=None)
 def _flash_alibi_fails(device: torch.device, dtype: torch.dtype) -> str | None:
     """None where the packed FlashAttention kernel takes ALiBi slopes and agrees with the bias added by
-    hand (PyTorch can be built without it; the sign and the |i - j| form are checked, not assumed);
-    otherwise why not. Two short sequences, a few milliseconds, once per device and dtype."""
+    hand (PyTorch's builds so far leave ALiBi out: "This flash attention build does not support
+    alibi"); otherwise why not."""
     flash = getattr(torch.ops.aten, "_flash_attention_forward", None)
     if flash is None or "alibi_slopes" not in str(flash.default._schema):
         return f"torch {torch.__version__}'s flash kernel takes no ALiBi slopes"
+    return _packed_alibi_fails(_flash_alibi, device, dtype, 64)
+
+
+@lru_cache(maxsize=None)
+def _triton_alibi_fails(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None where our Triton kernel (`virnucpro.alibi_kernel`) runs here and agrees with the bias added
+    by hand; otherwise why not. Its first call compiles it (Triton caches the binary on disk)."""
+    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
+        return f"head dim {head_dim} is not a power of two in 16..128"
+    try:
+        from .alibi_kernel import alibi_attention
+    except ImportError as e:
+        return f"no Triton ({e})"
+    return _packed_alibi_fails(alibi_attention, device, dtype, head_dim)
+
+
+def _packed_alibi_fails(kernel, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Run `kernel(q, k, v, cu_seqlens, max_seqlen, scale, slopes)` on two packed sequences (one longer
+    than a block) and compare with softmax(q k^T * scale - slope * |i - j|) v computed by hand: the
+    sign and the |i - j| form are checked, not assumed. A few milliseconds, once per device and dtype."""
     g = torch.Generator(device=device).manual_seed(0)
-    lengths, H, hd = (37, 70), 4, 64
-    q, k, v = (torch.randn(sum(lengths), H, hd, device=device, dtype=dtype, generator=g) for _ in range(3))
+    lengths, H = (37, 150), 4
+    q, k, v = (torch.randn(sum(lengths), H, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))
     slopes = torch.tensor(alibi_slopes(H), device=device, dtype=torch.float32)
     cu = torch.tensor([0, lengths[0], sum(lengths)], device=device, dtype=torch.int32)
+    scale = head_dim ** -0.5
     try:
-        got = _flash_alibi(q, k, v, cu, max(lengths), hd ** -0.5, slopes)
-    except RuntimeError as e:
-        return str(e).strip().splitlines()[0][:120]
+        got = kernel(q, k, v, cu, max(lengths), scale, slopes)
+    except Exception as e:  # noqa: BLE001 - a kernel this build or GPU refuses, whatever it raises
+        lines = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {lines[0][:120] if lines else ''}"
     for start, n in zip((0, lengths[0]), lengths):
         qs, ks, vs = (t[start:start + n].transpose(0, 1).float() for t in (q, k, v))  # [H, n, hd]
         pos = torch.arange(n, device=device)
         bias = -slopes[:, None, None] * (pos[None, :] - pos[:, None]).abs()
-        want = torch.softmax(qs @ ks.transpose(1, 2) * hd ** -0.5 + bias, -1) @ vs
+        want = torch.softmax(qs @ ks.transpose(1, 2) * scale + bias, -1) @ vs
         if not torch.allclose(got[start:start + n].transpose(0, 1).float(), want, atol=2e-2, rtol=0):
-            return "its ALiBi bias differs from -slope * |i - j|"
+            return "its ALiBi attention differs from softmax(q k^T * scale - slope * |i - j|) v"
     return None
 
 
-def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, requested: str = "auto") -> Backend:
-    """Pick the fastest attention kernel that supports this device, dtype and bias."""
+def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, requested: str = "auto",
+                   head_dim: int = 64) -> Backend:
+    """Pick the fastest attention kernel that supports this device, dtype, bias and head size."""
     if requested == "sdpa":
         return Backend("sdpa", "requested")
     if device.type != "cuda":
@@ -172,11 +197,15 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
         if why is None:
             return Backend("flash", f"varlen FlashAttention-2 with its ALiBi slopes over packed sequences, "
                                     f"{gpu}, {str(dtype).removeprefix('torch.')}")
+        why_triton = _triton_alibi_fails(device, dtype, head_dim)
+        if why_triton is None:
+            return Backend("triton", f"FlashAttention-2 takes no ALiBi here ({why}); packed ALiBi attention "
+                                     f"kernel in Triton, {gpu}, {str(dtype).removeprefix('torch.')}")
         # Elsewhere SDPA with an additive bias over a padded grid (cuDNN's fused attention on Hopper,
         # else the memory-efficient kernel: PyTorch picks); for DNABERT-S's short sequences it measured 8x
         # faster than FlexAttention's packed document mask (bench/results).
-        return Backend("sdpa", f"varlen FlashAttention with ALiBi unavailable ({why}); fused SDPA with "
-                               f"the bias over a padded grid, {gpu}, {str(dtype).removeprefix('torch.')}")
+        return Backend("sdpa", f"no packed ALiBi kernel (FlashAttention-2: {why}; Triton: {why_triton}); "
+                               f"fused SDPA with the bias over a padded grid, {gpu}, {str(dtype).removeprefix('torch.')}")
     if _varlen_attn() is None:
         return Backend("sdpa", f"torch {torch.__version__} has no torch.nn.attention.varlen")
     return Backend("flash", f"varlen_attn over packed sequences, {gpu}, {str(dtype).removeprefix('torch.')}")
@@ -212,6 +241,9 @@ def _attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packin
         if alibi is not None:
             return _flash_alibi(q, k, v, cu, m, scale, alibi)
         return _varlen_attn()(q, k, v, cu, cu, m, m, scale=scale)
+    if backend.name == "triton":
+        from .alibi_kernel import alibi_attention
+        return alibi_attention(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale, alibi)
     if backend.name == "flex":
         return _flex_attention(q, k, v, packing, scale, alibi)
     return _sdpa_attention(q, k, v, packing, scale, alibi)

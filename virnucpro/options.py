@@ -143,8 +143,9 @@ class EmbedOptions:
     cuda_streams: int = option(2, "concurrent batches per GPU actor, each on its own copy and compute streams",
                                min=1)
     attention: str = option(
-        "auto", "auto: FlashAttention where the GPU supports it (ESM-2), SDPA with the ALiBi bias for "
-                "DNABERT-S; sdpa: force the PyTorch SDPA fallback; flex: FlexAttention for DNABERT-S",
+        "auto", "auto: FlashAttention where the GPU supports it (ESM-2), a packed ALiBi kernel in Triton for "
+                "DNABERT-S (else SDPA with the bias); sdpa: force the PyTorch SDPA fallback; flex: FlexAttention "
+                "for DNABERT-S",
         choices=("auto", "sdpa", "flex"))
     repr_layers: tuple[int, ...] | None = option(
         None, "layers to output, numbered as fair-esm does: 0 the embedding output, N the last layer (after "

@@ -6,10 +6,11 @@ runs on current Triton and whose PyTorch fallback fails in half precision.
 
 Architecture: word + token-type embeddings and LayerNorm (no position embeddings); post-LN layers of
 ALiBi self-attention (fused Wqkv) and a gated-GELU MLP. Module names follow the checkpoint's keys so
-the state dict loads as is. Sequences are packed; attention (`virnucpro.attention.select_backend`) is
-varlen FlashAttention-2 with its own ALiBi slopes on a CUDA GPU whose torch build has them (checked
-against the bias added by hand at load), else SDPA over a padded grid with the ALiBi bias added (CPU,
-older GPUs), or FlexAttention's packed ALiBi kernel when asked for (`--attention flex`).
+the state dict loads as is. Sequences are packed; attention (`virnucpro.attention.select_backend`) on
+a CUDA GPU is varlen FlashAttention-2 with its own ALiBi slopes where torch's build has them (none so
+far), else our packed ALiBi kernel in Triton (`virnucpro.alibi_kernel`), each checked at load against
+the bias added by hand; else SDPA over a padded grid with the ALiBi bias added (CPU, float32, no
+Triton, `--attention sdpa`), or FlexAttention's packed ALiBi kernel when asked for (`--attention flex`).
 """
 
 from __future__ import annotations
@@ -310,7 +311,8 @@ def load_dnabert_s(model_dir: str | Path, device: torch.device | str = "cpu",
     model = _matched(model_dir, config, state)
     model.load_state_dict(state, assign=True)
     model.alibi_slopes = model.alibi_slopes.to(device)
-    model.backend = select_backend(torch.device(device), dtype, alibi=True, requested=attention_backend)
+    model.backend = select_backend(torch.device(device), dtype, alibi=True, requested=attention_backend,
+                                   head_dim=config.hidden_size // config.num_attention_heads)
     log.info("DNABERT-S %d layers x %d dim from %s on %s/%s: %s", config.num_hidden_layers,
              config.hidden_size, model_dir, device, str(dtype).removeprefix("torch."), model.backend.describe())
     return model.eval().requires_grad_(False)
