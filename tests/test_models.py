@@ -252,3 +252,31 @@ def test_default_token_budgets():
     dna = ModelSource(DNABERT_S_FAMILY, Path("d"), "d")
     assert [default_toks_per_batch(s, "cpu") for s in (esm, dna)] == [4096, 4096]
     assert [default_toks_per_batch(s, "cuda") for s in (esm, dna)] == [65536, 262144]
+
+
+def test_packed_alibi_probe_accepts_the_right_bias_and_names_a_wrong_one():
+    """The load-time check that decides whether a packed ALiBi kernel (FlashAttention-2's slopes, our
+    Triton kernel) is used: a kernel computing -slope * |i - j| passes, one with the wrong sign or a
+    one-sided distance is refused with a reason, and one that raises is refused with its error."""
+    from virnucpro.attention import _packed_alibi_fails, _triton_alibi_fails
+
+    def by_hand(sign, distance):
+        def kernel(q, k, v, cu, max_seqlen, scale, slopes):
+            out = torch.empty_like(q)
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+                pos = torch.arange(b - a)
+                bias = sign * slopes[:, None, None] * distance(pos[None, :] - pos[:, None])
+                qs, ks, vs = (t[a:b].transpose(0, 1).float() for t in (q, k, v))
+                out[a:b] = (torch.softmax(qs @ ks.transpose(1, 2) * scale + bias, -1) @ vs).transpose(0, 1)
+            return out
+        return kernel
+
+    def raises(*args):
+        raise RuntimeError("This flash attention build does not support alibi.")
+
+    cpu = torch.device("cpu")
+    assert _packed_alibi_fails(by_hand(-1, torch.abs), cpu, torch.float32, 16) is None
+    assert "differs" in _packed_alibi_fails(by_hand(+1, torch.abs), cpu, torch.float32, 16)
+    assert "differs" in _packed_alibi_fails(by_hand(-1, lambda d: d.clamp(min=0)), cpu, torch.float32, 16)
+    assert "does not support alibi" in _packed_alibi_fails(raises, cpu, torch.float32, 16)
+    assert "power of two" in _triton_alibi_fails(cpu, torch.bfloat16, 48)
