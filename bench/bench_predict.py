@@ -130,33 +130,37 @@ def cli(*args: str) -> tuple[float, str]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True,
-                          cwd=ROOT)
+                          cwd=ROOT, timeout=900)
     if proc.returncode:
         raise RuntimeError(f"virnucpro {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start, (proc.stdout.strip().splitlines() or [""])[-1]
 
 
 def run_through_services(fasta: Path, models: tuple[Path, Path, Path], out: Path, chunk_size: int,
-                         extra: list[str]) -> dict:
+                         extra: list[str], serve_args: list[str]) -> dict:
     """Both models as services sharing the GPU(s) (`virnucpro serve start`, half a GPU a replica, timed
     once), then two `predict` jobs through them: the first right after the start, and a second one, what
     every later job of the day waits for."""
     esm_ckpt, dnabert_dir, _ = models
-    started = {}
+    ray_was_running = Path("/tmp/ray/ray_current_cluster").exists()
+    started, tried = {}, []
     try:
         for name, model in (("bench-esm", esm_ckpt), ("bench-dna", dnabert_dir)):
-            share = [] if "cpu" in extra else ["--gpus-per-replica", "0.5"]
+            share = [] if "cpu" in serve_args else ["--gpus-per-replica", "0.5"]
+            tried.append(name)  # stopped below even if its start fails half-way
             started[name] = round(cli("serve", "start", "--model", str(model), "--name", name, *share,
-                                      "--http-port", "8940", *extra)[0], 2)
+                                      "--http-port", "8940", *serve_args)[0], 2)
             print(f"serve start {name}: {started[name]:.1f} s", flush=True)
         jobs = [run_ours(fasta, models, out, chunk_size, ["--esm-service", "bench-esm", "--dnabert-service",
                                                           "bench-dna", *extra]) for _ in range(2)]
     finally:
-        for name in started:
+        for name in tried:
             try:
                 cli("serve", "stop", "--name", name)
-            except RuntimeError as e:
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
                 print(e, file=sys.stderr)
+        if not ray_was_running:  # `serve start` started a Ray head: stop it, or it would run beside upstream's timing
+            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
     return {"serve_start_seconds": started, "first_job": jobs[0], "second_job": jobs[1]}
 
 
@@ -350,7 +354,7 @@ def main() -> None:
     write_json(args.out, result)  # ours alone, should upstream's sample not finish
     if args.services:
         result["ours_through_services"] = run_through_services(fasta, models, work / "out-services",
-                                                               args.chunk_size, ["--device", "cpu"] * args.tiny)
+                                                               args.chunk_size, extra, ["--device", "cpu"] * args.tiny)
         for job in ("first_job", "second_job"):
             r = result["ours_through_services"][job]
             print(f"ours through warm services, {job.replace('_', ' ')}: {r['wall_seconds']:.1f} s wall; "

@@ -16,8 +16,9 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
     tests) python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests-$tag.log" | tail -15 ;;
-    profile) python3 bench/bench_profile.py --out "$OUT/profile-$tag${PROFILE_TAG:-}.json" --trace-dir /tmp/traces ${PROFILE_ARGS:-} 2>&1 | grep -v Warning
-             (cd /tmp/traces && tar czf "$OUT/traces-$tag.tgz" .) ;;
+    profile) rm -rf /tmp/traces
+             python3 bench/bench_profile.py --out "$OUT/profile-$tag${PROFILE_TAG:-}.json" --trace-dir /tmp/traces ${PROFILE_ARGS:-} 2>&1 | grep -v Warning
+             (cd /tmp/traces && tar czf "$OUT/traces-$tag${PROFILE_TAG:-}.tgz" .) ;;
     e2e-dnabert) TORCH_LOGS=recompiles python3 bench/bench_e2e.py --model dnabert_s -n "${N_DNA:-60000}" --work /tmp/dna \
                    --out "$OUT/e2e-dnabert_s-1x-$tag.json" ${E2E_ARGS:-} 2>&1 | grep -v "Warning\|warn(" | tail -30 ;;
     e2e-dnabert-large) python3 bench/bench_e2e.py --model dnabert_s -n 300000 --work /tmp/dna-large \

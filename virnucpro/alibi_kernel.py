@@ -21,7 +21,7 @@ def _alibi_attention_fwd(Q, K, V, O, cu_seqlens, slopes,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                          scale_log2e,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, block, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     begin = tl.load(cu_seqlens + seq)
     length = tl.load(cu_seqlens + seq + 1) - begin
     if block * BLOCK_M >= length:  # the grid is sized for the longest sequence of the batch
@@ -66,7 +66,8 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((T, H, hd), device=q.device, dtype=q.dtype)
     block = 64  # DNABERT-S's sequences are ~100-500 tokens: small blocks waste little on their ends
-    grid = (triton.cdiv(max_seqlen, block), cu_seqlens.numel() - 1, H)
+    # sequences on the grid's x axis: y and z are limited to 65535, and a batch can hold more sequences
+    grid = (cu_seqlens.numel() - 1, triton.cdiv(max_seqlen, block), H)
     _alibi_attention_fwd[grid](q, k, v, out, cu_seqlens, slopes,
                                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                out.stride(0), out.stride(1), scale * LOG2E,
