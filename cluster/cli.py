@@ -15,13 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from virnucpro.options import EmbedOptions, OptionError, PredictOptions, TrainOptions, add_arguments, from_args
+from virnucpro.options import (OUTPUT_OPTIONS, PIPELINE_EMBED_OPTIONS, EmbedOptions, OptionError,  # noqa: F401
+                               PredictOptions, TrainOptions, add_arguments, from_args)
 
 from .session import start_ray
 
 log = logging.getLogger("virnucpro")
 
-OUTPUT_OPTIONS = ("repr_layers", "include", "output_dtype")  # embed's output columns; predict reads its own
 MODEL_HELP = ("a fair-esm checkpoint name (esm2_t36_3B_UR50D, from the torch hub cache) or .pt path; a Hugging "
               "Face id (zhihan1996/DNABERT-S, from the HF cache) or a model directory")
 
@@ -78,15 +78,9 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out-dir", type=Path, required=True)
     p.add_argument("--classifier", type=Path, required=True,
                    help="upstream's 300_model.pth / 500_model.pth, or a state dict of the same MLP")
-    p.add_argument("--esm-model", help="ESM-2 model (default: esm2_t36_3B_UR50D, or --esm-service's)")
-    p.add_argument("--dnabert-model", help="DNABERT-S model (default: zhihan1996/DNABERT-S, or --dnabert-service's)")
-    for flag, model in (("--esm-service", "ESM-2"), ("--dnabert-service", "DNABERT-S")):
-        p.add_argument(flag, metavar="NAME", help=f"embed with the running service NAME (virnucpro serve start) "
-                                                  f"instead of starting {model} actors; its model is used")
+    _add_models(p)
     add_arguments(p, PredictOptions, required=("chunk_size",))
-    add_arguments(p.add_argument_group("compute"), EmbedOptions,  # predict needs the default embedding column
-                  only=tuple(f.name for f in dataclasses.fields(EmbedOptions)  # and names a service per model
-                             if f.name not in (*OUTPUT_OPTIONS, "service")))
+    add_arguments(p.add_argument_group("compute"), EmbedOptions, only=PIPELINE_EMBED_OPTIONS)
 
     p = sub.add_parser("train", help="train a VirNucPro classifier on viral and non-viral sequences",
                        description="Preprocess and embed --virus and --others as predict does (kept in OUT_DIR/virus "
@@ -96,15 +90,10 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("--virus", type=Path, required=True, help="viral sequences (nucleotide FASTA), label virus")
     p.add_argument("--others", type=Path, required=True, help="non-viral sequences (nucleotide FASTA), label others")
     p.add_argument("-o", "--out-dir", type=Path, required=True)
-    p.add_argument("--esm-model", help="ESM-2 model (default: esm2_t36_3B_UR50D, or --esm-service's)")
-    p.add_argument("--dnabert-model", help="DNABERT-S model (default: zhihan1996/DNABERT-S, or --dnabert-service's)")
-    for flag, model in (("--esm-service", "ESM-2"), ("--dnabert-service", "DNABERT-S")):
-        p.add_argument(flag, metavar="NAME", help=f"embed with the running service NAME instead of {model} actors")
+    _add_models(p)
     add_arguments(p, PredictOptions, only=("chunk_size", "chunking", "workers"), required=("chunk_size",))
     add_arguments(p.add_argument_group("training"), TrainOptions)
-    add_arguments(p.add_argument_group("compute"), EmbedOptions,
-                  only=tuple(f.name for f in dataclasses.fields(EmbedOptions)
-                             if f.name not in (*OUTPUT_OPTIONS, "service")))
+    add_arguments(p.add_argument_group("compute"), EmbedOptions, only=PIPELINE_EMBED_OPTIONS)
 
     p = sub.add_parser("plot", help="draw prediction.png and contig_scores.png of a predict run (needs matplotlib)",
                        description="Redraw the figures of a `virnucpro predict` run in OUT_DIR: prediction.png "
@@ -119,6 +108,15 @@ def create_parser() -> argparse.ArgumentParser:
                    help="the line drawn on contig_scores.png: the run's predict --threshold (default: %(default)s)")
     p.add_argument("--verbose", "-v", action="store_true")
     return parser
+
+
+def _add_models(p: argparse.ArgumentParser) -> None:
+    """predict's and train's two models, each a model or a running service."""
+    p.add_argument("--esm-model", help="ESM-2 model (default: esm2_t36_3B_UR50D, or --esm-service's)")
+    p.add_argument("--dnabert-model", help="DNABERT-S model (default: zhihan1996/DNABERT-S, or --dnabert-service's)")
+    for flag, model in (("--esm-service", "ESM-2"), ("--dnabert-service", "DNABERT-S")):
+        p.add_argument(flag, metavar="NAME", help=f"embed with the running service NAME (virnucpro serve start) "
+                                                  f"instead of starting {model} actors; its model is used")
 
 
 def run(args: argparse.Namespace, actor_class: type | None = None) -> str:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ import ray
 
 from virnucpro.classifier import classifier_chunk_size, load_classifier
 from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, CheckpointError, ModelSource, check_model, resolve_model
+from virnucpro.options import PIPELINE_EMBED_OPTIONS
 from virnucpro.output import Manifest
 from virnucpro.plot import figures_after_predict
 from virnucpro.predict import (EMBED_DIRS, LETTER_COUNTS, STAGE_TIMES, Classification, PredictError, forget_markers,
@@ -109,10 +110,7 @@ def predict(input: str | Path, out_dir: str | Path, classifier: str | Path,
     fields (device, dtype, num_actors, toks_per_batch, resume, overwrite, ...), applied to both
     models; on GPUs `num_actors` is the number of GPUs used (one actor of each model per GPU).
     """
-    # the output-column options are embed's: predict reads the default `embedding` column
-    # and a service is named per model (esm_service, dnabert_service)
-    unknown = set(options) - ({f.name for f in fields(EmbedOptions)} - {"repr_layers", "include", "output_dtype",
-                                                                         "service"})
+    unknown = set(options) - set(PIPELINE_EMBED_OPTIONS)
     if unknown:
         raise TypeError(f"predict() got unexpected option(s): {', '.join(sorted(unknown))}")
     opts = EmbedOptions(**options)

@@ -31,7 +31,7 @@ import torch
 import virnucpro
 from virnucpro.classifier import classifier_record, save_classifier, save_upstream_classifier
 from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY
-from virnucpro.options import TrainOptions
+from virnucpro.options import PIPELINE_EMBED_OPTIONS, TrainOptions
 from virnucpro.predict import EMBED_DIRS, PredictError, prepare_out_dir
 from virnucpro.train import FEATURE_ORDER, FitResult, fit, format_metrics, labelled, set_features
 
@@ -45,9 +45,6 @@ SETS = ("virus", "others")  # OUT_DIR/<set>/: a predict-style OUT_DIR of each la
 CLASSIFIER = "classifier.safetensors"
 CLASSIFIER_JSON = "classifier.json"
 METRICS_JSON = "metrics.json"
-# embed's output-column options do not apply (the classifier reads the default embedding column), and a
-# service is named per model
-_NOT_TRAIN_OPTIONS = {"repr_layers", "include", "output_dtype", "service"}
 
 
 def upstream_name(chunk_size: int) -> str:
@@ -105,7 +102,7 @@ def train(virus: str | Path, others: str | Path, out_dir: str | Path, esm_model:
     """
     start = time.perf_counter()
     train_names = {f.name for f in fields(TrainOptions)}
-    embed_names = {f.name for f in fields(EmbedOptions)} - _NOT_TRAIN_OPTIONS
+    embed_names = set(PIPELINE_EMBED_OPTIONS)
     unknown = set(options) - train_names - embed_names
     if unknown:
         raise TypeError(f"train() got unexpected option(s): {', '.join(sorted(unknown))}")

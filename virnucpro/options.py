@@ -191,6 +191,13 @@ class EmbedOptions:
         return dataclasses.replace(self, **changes)
 
 
+OUTPUT_OPTIONS = ("repr_layers", "include", "output_dtype")  # embed's output columns
+# The EmbedOptions that predict and train take: they read the default `embedding` column, so not the
+# output columns, and they name a service per model (esm_service, dnabert_service), so not `service`.
+PIPELINE_EMBED_OPTIONS = tuple(f.name for f in dataclasses.fields(EmbedOptions)
+                               if f.name not in (*OUTPUT_OPTIONS, "service"))
+
+
 def default_dataloader_workers(num_gpus: int) -> int:
     """min(cpu_count // num_gpus, 8), at least 1."""
     return max(1, min((os.cpu_count() or 1) // max(1, num_gpus), 8))
