@@ -111,18 +111,13 @@ def write_models(work: Path, size: str) -> tuple[Path, Path, Path]:
 def run_ours(fasta: Path, models: tuple[Path, Path, Path], out: Path, chunk_size: int, extra: list[str]) -> dict:
     """`virnucpro predict` in a fresh process: wall clock from the spawn, stage seconds from `_predict.json`."""
     esm_ckpt, dnabert_dir, classifier = models
-    cmd = [sys.executable, "-m", "cluster.cli", "predict", str(fasta), "-o", str(out), "--classifier", str(classifier),
-           "--esm-model", str(esm_ckpt), "--dnabert-model", str(dnabert_dir), "--chunk-size", str(chunk_size),
-           "--overwrite", "--no-progress", "--no-plots", *extra]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    args = ["predict", str(fasta), "-o", str(out), "--classifier", str(classifier), "--esm-model", str(esm_ckpt),
+            "--dnabert-model", str(dnabert_dir), "--chunk-size", str(chunk_size), "--overwrite", "--no-progress",
+            "--no-plots", *extra]
+    wall, summary = cli(*args)
     record = json.loads((out / "_predict.json").read_text())
-    return {"command": " ".join(["virnucpro", *cmd[3:]]), "wall_seconds": round(wall, 2),
-            "stage_seconds": record.get("seconds", {}), "summary": proc.stdout.strip().splitlines()[-1]}
+    return {"command": " ".join(["virnucpro", *args]), "wall_seconds": round(wall, 2),
+            "stage_seconds": record.get("seconds", {}), "summary": summary}
 
 
 def cli(*args: str) -> tuple[float, str]:
@@ -130,7 +125,7 @@ def cli(*args: str) -> tuple[float, str]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True,
-                          cwd=ROOT, timeout=900)
+                          cwd=ROOT, timeout=1800)
     if proc.returncode:
         raise RuntimeError(f"virnucpro {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start, (proc.stdout.strip().splitlines() or [""])[-1]
