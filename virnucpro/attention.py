@@ -175,14 +175,23 @@ def _packed_alibi_fails(kernel, device: torch.device, dtype: torch.dtype, head_d
     except Exception as e:  # noqa: BLE001 - a kernel this build or GPU refuses, whatever it raises
         lines = str(e).strip().splitlines()
         return f"{type(e).__name__}: {lines[0][:120] if lines else ''}"
-    for start, n in zip((0, lengths[0]), lengths):
-        qs, ks, vs = (t[start:start + n].transpose(0, 1).float() for t in (q, k, v))  # [H, n, hd]
-        pos = torch.arange(n, device=device)
-        bias = -slopes[:, None, None] * (pos[None, :] - pos[:, None]).abs()
-        want = torch.softmax(qs @ ks.transpose(1, 2) * scale + bias, -1) @ vs
-        if not torch.allclose(got[start:start + n].transpose(0, 1).float(), want, atol=2e-2, rtol=1e-2):
-            return "its ALiBi attention differs from softmax(q k^T * scale - slope * |i - j|) v"
+    if not torch.allclose(got.float(), alibi_by_hand(q, k, v, cu, scale, slopes), atol=2e-2, rtol=1e-2):
+        return "its ALiBi attention differs from softmax(q k^T * scale - slope * |i - j|) v"
     return None
+
+
+def alibi_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                  slopes: torch.Tensor) -> torch.Tensor:
+    """The reference for the packed ALiBi kernels: softmax(q k^T * scale - slope * |i - j|) v within each
+    sequence, in float32, one sequence at a time. q, k, v [T, H, hd] -> float32 [T, H, hd]."""
+    out = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1).float() for t in (q, k, v))  # [H, n, hd]
+        pos = torch.arange(end - start, device=q.device)
+        bias = -slopes.float()[:, None, None] * (pos[None, :] - pos[:, None]).abs()
+        out[start:end] = (torch.softmax(qs @ ks.transpose(1, 2) * scale + bias, -1) @ vs).transpose(0, 1)
+    return out
 
 
 def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, requested: str = "auto",
