@@ -189,7 +189,13 @@ class Embedder:
         """Compile the layers in this one thread, for the shapes batches will have (several sequences,
         or one alone), then switch the batches to them. Meanwhile batches run eagerly: a compile takes
         6-13 s for ESM-2 3B (bench/results/startup-*.json), longer than a small job's whole run, so
-        the first parts do not wait for it. A compile that fails leaves the actor eager, and says so."""
+        the first parts do not wait for it. A compile that fails leaves the actor eager, and says so.
+
+        On an H200 host most of that is importing the compiler (torch._dynamo and torch._inductor,
+        8-11 s), against 1.5 s (DNABERT-S) to 3 s (ESM-2 650M) to compile from a warm cache
+        (bench/results/probe-compile-*.json). Importing it here before the weights load finished the
+        compile ~5 s sooner but held the load up by 3 s (the two threads' imports contend), so the first
+        part came later; the import stays after the load."""
         start = time.perf_counter()
         # Batches run beside this thread: with Python's default 5 ms GIL switch interval each of their
         # kernel launches can wait that long for the compiling thread, and the compile itself took 2x as

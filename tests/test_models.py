@@ -280,3 +280,35 @@ def test_packed_alibi_probe_accepts_the_right_bias_and_names_a_wrong_one():
     assert "differs" in _packed_alibi_fails(by_hand(-1, lambda d: d.clamp(min=0)), cpu, torch.float32, 16)
     assert "does not support alibi" in _packed_alibi_fails(raises, cpu, torch.float32, 16)
     assert "power of two" in _triton_alibi_fails(cpu, torch.bfloat16, 48)
+
+
+def test_compiled_layer_is_one_graph_through_the_packed_attention_op(dnabert_tiny, monkeypatch):
+    """The GPU kernels (flash, triton) reach torch.compile as one custom op, so each compiled layer is a
+    single graph, shared by all layers, with no graph break: fewer graphs to trace is what makes an
+    actor's compile short. The Triton kernel is stood in for by the float32 reference on the CPU."""
+    import sys
+    import types
+
+    from torch._dynamo.utils import counters
+
+    from virnucpro.attention import Backend, alibi_by_hand
+
+    fake = types.ModuleType("virnucpro.alibi_kernel")
+    fake.alibi_attention = lambda q, k, v, cu, m, scale, slopes: alibi_by_hand(q, k, v, cu, scale, slopes).to(q.dtype)
+    monkeypatch.setitem(sys.modules, "virnucpro.alibi_kernel", fake)
+    model, tok = load_dnabert_s(dnabert_tiny), DNABERTSTokenizer(dnabert_tiny)
+    seqs = random_dna(6, 3, 300, seed=4)
+    expected = ours_pooled(model, tok, seqs)  # sdpa, eager
+    model.backend = Backend("triton", "the float32 reference standing in for the kernel")
+    layers = model.compiled_layers()
+    torch._dynamo.reset()
+    counters.clear()
+    tokens, lengths, _ = tok.encode(seqs)
+    for batch in ([0, 1, 2, 3], [4], [5]):  # several sequences, then one alone: no recompile for either
+        keep = np.isin(np.repeat(np.arange(len(seqs)), lengths), batch)
+        lens = torch.from_numpy(lengths[batch]).long()
+        with torch.inference_mode():
+            got = model.embed(torch.from_numpy(tokens[keep]).long(), Packing.from_lengths(lens), layers)
+        assert rel_err(got, expected[batch]).max() < TOL
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
