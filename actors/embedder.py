@@ -191,11 +191,11 @@ class Embedder:
         6-13 s for ESM-2 3B (bench/results/startup-*.json), longer than a small job's whole run, so
         the first parts do not wait for it. A compile that fails leaves the actor eager, and says so.
 
-        On an H200 host most of that is importing the compiler (torch._dynamo and torch._inductor,
-        8-11 s), against 1.5 s (DNABERT-S) to 3 s (ESM-2 650M) to compile from a warm cache
-        (bench/results/probe-compile-*.json). Importing it here before the weights load finished the
-        compile ~5 s sooner but held the load up by 3 s (the two threads' imports contend), so the first
-        part came later; the import stays after the load."""
+        For DNABERT-S and ESM-2 650M on an H200 host, most of it is importing the compiler
+        (torch._dynamo and torch._inductor, 7.4-11.3 s), against 1.5 s (DNABERT-S) to 3.2 s (650M) to
+        compile from a warm cache (bench/results/probe-compile-*.json). Importing it before the weights
+        load finished the compile 4.5 s sooner but held the load up by 3 s (the two threads' imports
+        contend), so the actor was ready 2.4 s later; the import stays after the load."""
         start = time.perf_counter()
         # Batches run beside this thread: with Python's default 5 ms GIL switch interval each of their
         # kernel launches can wait that long for the compiling thread, and the compile itself took 2x as

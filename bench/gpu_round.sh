@@ -14,8 +14,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 [ -d /tmp/site ] && [ ! -f /tmp/site/.compiled ] && python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1 && touch /tmp/site/.compiled
 # The image's torch has no bytecode either (a pip-installed torch has): torch and torch._dynamo imported
 # in 3.4 s and 4.0 s without it, 2.1 s and 3.5 s with it (bench/results/imports-nvidia-h200.txt).
-torch_dir=$(python3 -c "import os, torch; print(os.path.dirname(torch.__file__))")
-[ -w "$torch_dir" ] && [ ! -f /tmp/.torch-compiled ] && python3 -m compileall -q -j 0 "$torch_dir" >/dev/null 2>&1; touch /tmp/.torch-compiled
+if [ ! -f /tmp/.torch-compiled ]; then
+  torch_dir=$(python3 -c "import os, torch; print(os.path.dirname(torch.__file__))")
+  [ -w "$torch_dir" ] && python3 -m compileall -q -j 0 "$torch_dir" >/dev/null 2>&1 && touch /tmp/.torch-compiled
+fi
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in

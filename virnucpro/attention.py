@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -250,27 +251,35 @@ def keep_out_of_compile() -> None:
     flash and triton go through the custom op `virnucpro::packed_attention`: dynamo traces a layer
     through it as one node, so each layer is one graph, shared by all layers. With a graph break there
     instead, dynamo traced four graphs (the layer and its attention module, each split, with resume
-    functions): a warm-cache compile of DNABERT-S took 5.6 s of dynamo time on a CPU against 2.3 s
-    now, and on an H200 the layers run as fast or faster (ESM-2 650M 347.5 K and 336.6 K tokens/s in
-    two runs against 329.2 K, bench/results/models-nvidia-h200-custom-op*.json). sdpa and flex keep the graph break."""
+    functions; a CPU test counts them). On an H200 a warm-cache compile of DNABERT-S then takes 1.5 s
+    (bench/results/probe-compile-*.json), and the layers run as fast as before, within run-to-run
+    noise (ESM-2 650M 347.5 K and 336.6 K tokens/s, models-nvidia-h200-custom-op*.json, against
+    329.2 K and 344.7 K in earlier runs). sdpa and flex keep the graph break."""
     global _kernels
-    if _kernels is not _attention_kernels:
-        return
-    op = _packed_attention_op()
-    eager = torch.compiler.disable(_attention_kernels)
+    with _register_lock:  # two layers' compiles may start at once; the op is registered once
+        if _kernels is not _attention_kernels:
+            return
+        op = _packed_attention_op()
+        eager = torch.compiler.disable(_attention_kernels)
 
-    def kernels(q, k, v, packing, backend, scale, alibi):
-        if backend.name in ("flash", "triton"):
-            return op(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale, alibi, backend.name)
-        return eager(q, k, v, packing, backend, scale, alibi)
+        def kernels(q, k, v, packing, backend, scale, alibi):
+            if backend.name in ("flash", "triton"):
+                return op(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale, alibi, backend.name)
+            return eager(q, k, v, packing, backend, scale, alibi)
 
-    _kernels = kernels
+        _kernels = kernels
+
+
+_register_lock = threading.Lock()
 
 
 @lru_cache(maxsize=None)
 def _packed_attention_op():
     """`_packed_kernel` registered as a torch custom op (what torch.compile needs to trace over it)."""
-    op = torch.library.custom_op("virnucpro::packed_attention", mutates_args=())(_packed_kernel)
+    op = torch.library.custom_op(  # the schema spelled out: torch < 2.5 cannot read string annotations
+        "virnucpro::packed_attention", mutates_args=(),
+        schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale, "
+               "Tensor? alibi, str backend) -> Tensor")(_packed_kernel)
 
     @op.register_fake
     def _(q, k, v, cu_seqlens, max_seqlen, scale, alibi, backend):
@@ -288,8 +297,10 @@ def _packed_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
         from .alibi_kernel import alibi_attention
         return alibi_attention(q, k, v, cu_seqlens, max_seqlen, scale, alibi)
     if alibi is not None:
-        return _flash_alibi(q, k, v, cu_seqlens, max_seqlen, scale, alibi)
-    return _varlen_attn()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+        out = _flash_alibi(q, k, v, cu_seqlens, max_seqlen, scale, alibi)
+    else:
+        out = _varlen_attn()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+    return out.contiguous()  # as the op's fake says (FA2 follows q's strides; a no-op for our models)
 
 
 def _attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, backend: Backend,
