@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from virnucpro.options import (OUTPUT_OPTIONS, PIPELINE_EMBED_OPTIONS, EmbedOptions, OptionError,  # noqa: F401
-                               PredictOptions, TrainOptions, add_arguments, from_args)
+from virnucpro.options import (PIPELINE_EMBED_OPTIONS, EmbedOptions, OptionError, PredictOptions, TrainOptions,
+                               add_arguments, from_args)
 
 from .session import start_ray
 

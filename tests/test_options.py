@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import OUTPUT_OPTIONS, create_parser, main
-from virnucpro.options import EmbedOptions, OptionError, PredictOptions, from_args
+from cluster.cli import create_parser, main
+from virnucpro.options import OUTPUT_OPTIONS, EmbedOptions, OptionError, PredictOptions, from_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
