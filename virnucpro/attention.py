@@ -263,7 +263,7 @@ def keep_out_of_compile() -> None:
         eager = torch.compiler.disable(_attention_kernels)
 
         def kernels(q, k, v, packing, backend, scale, alibi):
-            if backend.name in ("flash", "triton"):
+            if backend.name in PACKED_KERNELS:
                 return op(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale, alibi, backend.name)
             return eager(q, k, v, packing, backend, scale, alibi)
 
@@ -290,6 +290,9 @@ def _packed_attention_op():
     return torch.ops.virnucpro.packed_attention.default
 
 
+PACKED_KERNELS = ("flash", "triton")  # the backends `_packed_kernel` runs: they need only cu_seqlens, max_seqlen
+
+
 def _packed_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                    scale: float, alibi: torch.Tensor | None, backend: str) -> torch.Tensor:
     """The kernels that need only the packing's boundaries: flash (FA2 varlen) and triton (ALiBi)."""
@@ -305,7 +308,7 @@ def _packed_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
 
 def _attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, backend: Backend,
                        scale: float, alibi: torch.Tensor | None) -> torch.Tensor:
-    if backend.name in ("flash", "triton"):
+    if backend.name in PACKED_KERNELS:
         return _packed_kernel(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale, alibi, backend.name)
     if backend.name == "flex":
         return _flex_attention(q, k, v, packing, scale, alibi)
