@@ -263,9 +263,9 @@ def transformers_esm(layers: int, d: int, heads: int, lengths: np.ndarray, token
 
 
 def bench_dnabert(lengths_tokens: np.ndarray, ceiling: float, budget: int = 262144) -> list[dict]:
-    """Ours at DNABERT-S's GPU batch budget, with the attention `select_backend` picks (varlen
-    FlashAttention-2 with ALiBi slopes where torch has it) and with the SDPA-over-a-padded-grid
-    fallback, against the reference code's fp32 setting."""
+    """Ours at DNABERT-S's GPU batch budget, with the attention `select_backend` picks (FlashAttention-2
+    with ALiBi slopes where torch has them, else the packed ALiBi kernel in Triton) and with the
+    SDPA-over-a-padded-grid fallback, against the reference code's fp32 setting."""
     c = DNABERTSConfig()
     flops = dnabert_flops(lengths_tokens, c)
     rows = []

@@ -15,7 +15,6 @@ actor's two warm-up shapes (what `Embedder._compile_in_background` runs), and dy
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -34,28 +33,20 @@ def variant(model_name: str, beside: bool) -> dict:
     import numpy as np
     import torch
 
-    from virnucpro.attention import Packing, select_backend
-    from virnucpro.models.dnabert_s import DNABERTS, DNABERTSConfig
-    from virnucpro.models.esm2 import ESM2, ESM2Config
+    from bench.bench_models import random_dnabert_s, random_esm2
+    from virnucpro.attention import Packing
 
     out = {"import_torch": time.perf_counter() - t0}
-    cuda = torch.cuda.is_available()  # (the CPU only checks that this script runs)
-    device = torch.device("cuda" if cuda else "cpu")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    with device:
-        model = (DNABERTS(DNABERTSConfig()) if model_name == "dnabert_s" else ESM2(ESM2Config(33, 1280, 20)))
-        model = model.to(torch.bfloat16).eval().requires_grad_(False)
-    model.backend = select_backend(device, torch.bfloat16, alibi=model_name == "dnabert_s",
-                                   head_dim=64)
+    model = random_dnabert_s(torch.bfloat16) if model_name == "dnabert_s" else random_esm2(model_name)
 
     @torch.inference_mode()
     def run(seq_tokens, layers=None):
-        lens = torch.tensor(seq_tokens, device=device)
-        tokens = torch.randint(5, 20, (int(seq_tokens.sum()),), device=device)
+        lens = torch.tensor(seq_tokens, device="cuda")
+        tokens = torch.randint(5, 20, (int(seq_tokens.sum()),), device="cuda")
         model.embed(tokens, Packing.from_lengths(lens, int(seq_tokens.max())), layers)
 
     run(np.full(100, 120))  # the eager path's first use (kernels loaded) is not the compile's
-    sync()
+    torch.cuda.synchronize()
     done, eager_batches = threading.Event(), 0
 
     def compile_layers():
@@ -68,10 +59,10 @@ def variant(model_name: str, beside: bool) -> dict:
         out["import_inductor"] = time.perf_counter() - t
         t = time.perf_counter()
         layers = model.compiled_layers()
-        with torch.cuda.stream(torch.cuda.Stream()) if cuda else contextlib.nullcontext():
+        with torch.cuda.stream(torch.cuda.Stream()):
             for lengths in ([9, 6, 4], [7]):
                 run(np.array(lengths), layers)
-        sync()
+        torch.cuda.synchronize()
         out["compile"] = time.perf_counter() - t
         done.set()
 
@@ -80,7 +71,7 @@ def variant(model_name: str, beside: bool) -> dict:
     thread.start()
     while beside and not done.is_set():
         run(np.full(2000, 120))
-        sync()
+        torch.cuda.synchronize()
         eager_batches += 1
     thread.join()
     out["total"] = time.perf_counter() - t
@@ -118,7 +109,7 @@ def main() -> None:
         result["variants"][name] = {**json.loads(line[7:]), "process": round(time.perf_counter() - t, 2)}
         print(name, json.dumps(result["variants"][name]), flush=True)
     import torch
-    result.update(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__)
+    result.update(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 
