@@ -284,8 +284,8 @@ def test_packed_alibi_probe_accepts_the_right_bias_and_names_a_wrong_one():
 
 def test_compiled_layer_is_one_graph_through_the_packed_attention_op(dnabert_tiny, monkeypatch):
     """The GPU kernels (flash, triton) reach torch.compile as one custom op, so each compiled layer is a
-    single graph, shared by all layers, with no graph break: fewer graphs to trace is what makes an
-    actor's compile short. The Triton kernel is stood in for by the float32 reference on the CPU."""
+    single graph, shared by all layers, with no graph break (four graphs with one): less for dynamo to
+    trace when an actor compiles. The Triton kernel is stood in for by the float32 reference on the CPU."""
     import sys
     import types
 
