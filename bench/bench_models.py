@@ -192,8 +192,7 @@ def bench_esm(name: str, workload: str, lengths: np.ndarray, ceiling: float, bud
     t = run_ours(model, batches, 33)
     rows.append(row(f"ours bf16 packed {model.backend.name} (toks {budget})", t, tokens_per_seq, flops, ceiling))
     try:
-        for layer in model.layers:
-            layer.compile(dynamic=True)
+        model.compile_layers()
         t = run_ours(model, batches, 33)
         rows.append(row(f"ours bf16 packed {model.backend.name} compiled layers", t, tokens_per_seq, flops, ceiling))
     except Exception as e:  # noqa: BLE001

@@ -11,6 +11,12 @@ Each run reports its wall clock from the process's spawn and the start-up timeli
 (seconds from the process's start to: driver started (imports, arguments), model checked, indexed,
 Ray up, planned, actor placed, weights loaded, warmed up, first part), and how long the actor's
 background compile took (batches run eagerly until it is done). Also `--help`.
+
+`--runs ... ray_running` adds a run that joins a Ray started beforehand (`ray start --head`, then
+`embed --address auto`), as on a workstation or cluster where Ray stays up: the start-up without
+Ray's own. And `ray_init`: where `ray.init()`'s seconds go on this machine (cProfile, cumulative, in a
+fresh process): starting the GCS and the dashboard/API server (ray.init waits until it has written
+its address), then waiting until the raylet has registered, then connecting.
 """
 
 from __future__ import annotations
@@ -41,9 +47,14 @@ def timeline_of(log: str) -> dict[str, float]:
     return {k.replace(" ", "_"): float(v) for k, v in _PHASE.findall(line.split("start-up:", 1)[-1])}
 
 
+def cache_env(cache: Path) -> dict[str, str]:
+    """This environment with its own compile cache (and this checkout importable)."""
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def run_embed(fasta: Path, ckpt: Path, out: Path, cache: Path, extra: list[str]) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = cache_env(cache)
     cmd = [sys.executable, "-m", "cluster.cli", "embed", str(fasta), "-o", str(out), "--model", str(ckpt),
            "--overwrite", "--no-progress", *extra]
     start = time.time()
@@ -57,6 +68,31 @@ def run_embed(fasta: Path, ckpt: Path, out: Path, cache: Path, extra: list[str])
     return {"wall_seconds": round(wall, 2), "timeline": timeline,
             "compile_seconds": float(compiled.group(1)) if compiled else None,
             "summary": proc.stdout.strip().splitlines()[-1]}
+
+
+_RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]  # `ray`, where its script is not on PATH
+_RAY_INIT_PROFILE = """
+import cProfile, json, pstats, time
+t = time.perf_counter(); import ray; imported = time.perf_counter() - t
+p = cProfile.Profile(); p.enable(); t = time.perf_counter(); ray.init(logging_level="WARNING")
+total = time.perf_counter() - t; p.disable(); ray.shutdown()
+wanted = {"start_head_processes": "head processes (GCS, monitor, API server)", "start_api_server":
+          "API server (dashboard), until its address is written", "start_raylet": "raylet started",
+          "get_node": "waiting for the raylet to register", "connect": "driver connected"}
+stats = pstats.Stats(p).stats
+out = {"import_ray": round(imported, 2), "init": round(total, 2)}
+for (path, _, func), (_, _, _, cum, _) in stats.items():
+    if func in wanted and "ray/_private" in path:
+        out[wanted[func]] = max(out.get(wanted[func], 0), round(cum, 2))
+print(json.dumps(out))
+"""
+
+
+def ray_init_profile() -> dict:
+    proc = subprocess.run([sys.executable, "-c", _RAY_INIT_PROFILE], capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr[-500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def help_seconds(repeat: int = 3) -> list[float]:
@@ -75,6 +111,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=2000, help="sequences per input (a small job: start-up dominates)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--embed-args", default="", help="extra `virnucpro embed` arguments, e.g. '--num-actors 1'")
+    ap.add_argument("--runs", nargs="+", default=["first", "second"], choices=["first", "second", "ray_running"],
+                    help="in this order; ray_running: joining a Ray started beforehand, with the compile cache left")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="startup-"))
     import torch
@@ -84,6 +122,8 @@ def main() -> None:
               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "n": args.n,
               "help_seconds": help_seconds(), "models": {}}
     print(f"--help: {result['help_seconds']} s", flush=True)
+    result["ray_init"] = [ray_init_profile() for _ in range(2)]
+    print(f"ray.init: {result['ray_init']}", flush=True)
     for model in args.models:
         dir_ = work / model
         dir_.mkdir(parents=True, exist_ok=True)
@@ -91,9 +131,19 @@ def main() -> None:
         fasta, ckpt = write_inputs(model, args.n, dir_)
         print(f"{model}: inputs written in {time.time() - t:.0f} s", flush=True)
         runs = {}
-        for name in ("first", "second"):
+        for name in args.runs:
             print(f"{model}, {name} run:", flush=True)
-            runs[name] = run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", args.embed_args.split())
+            extra = args.embed_args.split()
+            if name == "ray_running":
+                # its workers (the actors) inherit the raylet's environment: the same compile cache
+                subprocess.run([*_RAY_CLI, "start", "--head", "--disable-usage-stats"], check=True, capture_output=True,
+                               env=cache_env(dir_ / "compile-cache"))
+                extra += ["--address", "auto"]
+            try:
+                runs[name] = run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", extra)
+            finally:
+                if name == "ray_running":
+                    subprocess.run([*_RAY_CLI, "stop", "--force"], capture_output=True)
         result["models"][model] = runs
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

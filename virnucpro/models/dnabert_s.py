@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, alibi_slopes, attention, keep_out_of_compile, select_backend
+from ..attention import (COMPILE_OPTIONS, Backend, Packing, alibi_slopes, attention, compile_layer, keep_out_of_compile,
+                         select_backend)
 from ..sequences import DNA
 from .esm2 import CheckpointError, check_state_dict, load_error, load_weights_only, on_meta_device, to_device
 from .family import ModelFamily
@@ -230,14 +231,13 @@ class DNABERTS(nn.Module):
     def compiled_layers(self) -> list[nn.Module]:
         """Each layer under torch.compile for dynamic token counts, sharing its weights (fuses the post-LN,
         GELU gate, residuals); nothing compiles until they first run (see ESM2.compiled_layers)."""
-        keep_out_of_compile()
-        return [torch.compile(layer, dynamic=True) for layer in self.encoder.layer]
+        return [compile_layer(layer) for layer in self.encoder.layer]
 
     def compile_layers(self) -> None:
         """Compile the layers in place (scripts that compile before they run anything)."""
         keep_out_of_compile()
         for layer in self.encoder.layer:
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, options=COMPILE_OPTIONS)
 
     def embed(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
         """Mean over all tokens of each sequence, [CLS] and [SEP] included (as DNABERT-S), float32 [B, D]."""

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, attention, keep_out_of_compile, select_backend
+from ..attention import COMPILE_OPTIONS, Backend, Packing, attention, compile_layer, keep_out_of_compile, select_backend
 from ..sequences import PROTEIN
 from .family import ModelFamily
 
@@ -225,14 +225,13 @@ class ESM2(nn.Module):
         rotary, GELU and residual adds around the GEMMs and the flash kernel (+20-35% tokens/s on H200,
         bench/results). Nothing compiles until they first run; `self.layers` stay as they were, so
         batches can run eagerly while another thread compiles (actors.embedder)."""
-        keep_out_of_compile()
-        return [torch.compile(layer, dynamic=True) for layer in self.layers]
+        return [compile_layer(layer) for layer in self.layers]
 
     def compile_layers(self) -> None:
         """Compile the layers in place (scripts that compile before they run anything)."""
         keep_out_of_compile()
         for layer in self.layers:
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, options=COMPILE_OPTIONS)
 
     def embed(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
         """Mean over residue positions (no <cls>, no <eos>), float32 [B, D]."""
