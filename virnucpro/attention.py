@@ -272,20 +272,11 @@ def keep_out_of_compile() -> None:
 
 _register_lock = threading.Lock()
 
-# Inductor settings for the compiled layers (bench/probe_inductor.py, results/probe-inductor-*.json, one
-# H200). ESM-2 650M's two LayerNorms a layer, 1280 wide, are above Inductor's 1024-element limit for a
-# one-pass ("persistent") reduction and ran as looped ones at ~40% of the memory bandwidth (12% of its
-# GPU time). multi_kernel compiles both kinds and keeps the faster one for each shape on its first run;
-# coordinate descent tunes each kernel's block sizes and warps at compile time (its choice is cached
-# on disk with the kernels, so only a first run pays for it).
-COMPILE_OPTIONS = {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}
-
-
-def compile_layer(layer: torch.nn.Module) -> torch.nn.Module:
-    """`layer` under torch.compile for dynamic token counts, sharing its weights; nothing compiles
-    until it first runs."""
+def compile_layer(layer: torch.nn.Module, options: dict | None = None) -> torch.nn.Module:
+    """`layer` under torch.compile for dynamic token counts, sharing its weights, with Inductor
+    `options` (each model's `compile_options`); nothing compiles until it first runs."""
     keep_out_of_compile()
-    return torch.compile(layer, dynamic=True, options=COMPILE_OPTIONS)
+    return torch.compile(layer, dynamic=True, options=options or {})
 
 
 @lru_cache(maxsize=None)
