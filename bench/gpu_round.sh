@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call's worth of GPU work: `bash bench/gpu_round.sh STEP...`, results and logs under $OUT.
-# Steps: tests, profile, attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup, predict,
+# Steps: tests, profile, inductor, attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup, predict,
 # service-scaling (N_SCALING proteins, default 60000: ~6 min on 2 H200s).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -41,6 +41,7 @@ for step in "$@"; do
                --mbp "${PREDICT_MBP:-10}" ${PREDICT_ARGS:-} 2>&1 | grep -v "Warning\|warn(" ;;
     service-scaling) python3 bench/bench_service.py --scaling -n "${N_SCALING:-60000}" --work /tmp/scaling \
                --out "$OUT/service-scaling-esm2_3B-${n}x-$tag.json" 2>&1 | grep -v "Warning\|warn(\| INFO \|(raylet)" | tail -8 ;;
+    inductor) python3 bench/probe_inductor.py --out "$OUT/probe-inductor-$tag.json" ${INDUCTOR_ARGS:-} 2>&1 | grep "tok/s\|Error\|ceiling" ;;
     models) python3 bench/bench_models.py --out "$OUT/models-$tag${MODELS_TAG:-}.json" ${MODELS_ARGS:-} 2>&1 | tee "$OUT/models-$tag${MODELS_TAG:-}.txt" | grep -v Warn ;;
   esac
 done
