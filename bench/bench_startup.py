@@ -14,9 +14,11 @@ background compile took (batches run eagerly until it is done). Also `--help`.
 
 `--runs ... ray_running` adds a run that joins a Ray started beforehand (`ray start --head`, then
 `embed --address auto`), as on a workstation or cluster where Ray stays up: the start-up without
-Ray's own. And `ray_init`: where `ray.init()`'s seconds go on this machine (cProfile, cumulative, in a
-fresh process): starting the GCS and the dashboard/API server (ray.init waits until it has written
-its address), then waiting until the raylet has registered, then connecting.
+Ray's own. Every invocation also records `ray_init`, where `ray.init()`'s seconds go on this machine
+(cProfile, cumulative, twice, each in a fresh process): starting the GCS and the dashboard/API server
+(ray.init waits until it has written its address), then waiting until the raylet has registered,
+then connecting. It refuses to run beside a Ray started with `ray start` (runs would join it), and
+the ray_running run stops the Ray it started with `ray stop`: run it on a machine of its own.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def timeline_of(log: str) -> dict[str, float]:
 
 def cache_env(cache: Path) -> dict[str, str]:
     """This environment with its own compile cache (and this checkout importable)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
-            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+            "PYTHONPATH": path}
 
 
 def run_embed(fasta: Path, ckpt: Path, out: Path, cache: Path, extra: list[str]) -> dict:
@@ -104,49 +107,72 @@ def help_seconds(repeat: int = 3) -> list[float]:
     return times
 
 
+def ray_running_here() -> bool:
+    """Whether a Ray started with `ray start` runs on this machine: `ray.init()` would join it, and a
+    run meant to start its own Ray would measure no Ray start at all."""
+    from ray._private.services import find_gcs_addresses
+    return bool(find_gcs_addresses())
+
+
+def ray_running_run(fasta: Path, ckpt: Path, dir_: Path, extra: list[str]) -> dict:
+    """`embed --address auto` joining a Ray started beforehand with this run's compile cache (its
+    workers, the actors, inherit the raylet's environment); that Ray is stopped afterwards."""
+    started = subprocess.run([*_RAY_CLI, "start", "--head", "--disable-usage-stats"], capture_output=True, text=True,
+                             env=cache_env(dir_ / "compile-cache"))
+    try:
+        if started.returncode:
+            raise RuntimeError(f"ray start --head failed:\n{started.stderr[-2000:]}")
+        return run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", [*extra, "--address", "auto"])
+    finally:
+        # `ray stop` stops every Ray of this user on the machine: the check in main() made sure it was ours
+        subprocess.run([*_RAY_CLI, "stop", "--force"], capture_output=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--models", nargs="+", default=["esm2_3B", "dnabert_s"])
     ap.add_argument("-n", type=int, default=2000, help="sequences per input (a small job: start-up dominates)")
-    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--work", type=Path, default=None, help="default: a new temporary directory (an empty compile cache)")
     ap.add_argument("--embed-args", default="", help="extra `virnucpro embed` arguments, e.g. '--num-actors 1'")
     ap.add_argument("--runs", nargs="+", default=["first", "second"], choices=["first", "second", "ray_running"],
                     help="in this order; ray_running: joining a Ray started beforehand, with the compile cache left")
     args = ap.parse_args()
+    if ray_running_here():
+        sys.exit("a Ray started with `ray start` runs on this machine: the runs would join it instead of starting "
+                 "their own (and ray_running would stop it); stop it first (`ray stop`)")
     work = args.work or Path(tempfile.mkdtemp(prefix="startup-"))
     import torch
 
     result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "gpus": torch.cuda.device_count(), "torch": torch.__version__, "host": platform.node(),
-              "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "n": args.n,
+              "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "n": args.n, "argv": sys.argv[1:],
+              "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                       cwd=ROOT).stdout.strip(),
               "help_seconds": help_seconds(), "models": {}}
     print(f"--help: {result['help_seconds']} s", flush=True)
     result["ray_init"] = [ray_init_profile() for _ in range(2)]
     print(f"ray.init: {result['ray_init']}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for model in args.models:
         dir_ = work / model
         dir_.mkdir(parents=True, exist_ok=True)
         t = time.time()
         fasta, ckpt = write_inputs(model, args.n, dir_)
         print(f"{model}: inputs written in {time.time() - t:.0f} s", flush=True)
-        runs = {}
+        runs = result["models"][model] = {}
         for name in args.runs:
             print(f"{model}, {name} run:", flush=True)
             extra = args.embed_args.split()
-            if name == "ray_running":
-                # its workers (the actors) inherit the raylet's environment: the same compile cache
-                subprocess.run([*_RAY_CLI, "start", "--head", "--disable-usage-stats"], check=True, capture_output=True,
-                               env=cache_env(dir_ / "compile-cache"))
-                extra += ["--address", "auto"]
             try:
-                runs[name] = run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", extra)
-            finally:
                 if name == "ray_running":
-                    subprocess.run([*_RAY_CLI, "stop", "--force"], capture_output=True)
-        result["models"][model] = runs
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+                    runs[name] = ray_running_run(fasta, ckpt, dir_, extra)
+                else:
+                    runs[name] = run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", extra)
+            except RuntimeError as e:  # one failed run is a result too; the others still count
+                print(f"  failed: {e}", flush=True)
+                runs[name] = {"error": str(e)[-3000:]}
+            args.out.write_text(json.dumps(result, indent=1))  # after each run: a later failure loses nothing
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ one pass over the same planned batches with CUDA events after a warm-up pass, to
   multi_kernel        Inductor emits persistent and looped versions of each reduction (up to 16384
                       wide) and picks the faster one per shape at run time
   both                the two together
-The compile time is the first (warm-up) pass's wall clock, compile included, with this process's
-cache (an actor's first run pays it once; later runs read Inductor's on-disk cache).
+The compile time is the first (warm-up) pass's wall clock, compile included. The variants run in one
+process, in order: the first pays one-off costs (cuBLAS, imports) and later ones reuse Inductor's
+in-process caches, so compare the first-pass times only roughly. Each variant's kernels are tuned on
+the real batches (its first pass), unlike an actor's, whose compiled layers first run on a tiny
+warm-up (actors/embedder.py).
 """
 
 from __future__ import annotations

@@ -272,12 +272,6 @@ def keep_out_of_compile() -> None:
 
 _register_lock = threading.Lock()
 
-def compile_layer(layer: torch.nn.Module, options: dict | None = None) -> torch.nn.Module:
-    """`layer` under torch.compile for dynamic token counts, sharing its weights, with Inductor
-    `options` (each model's `compile_options`); nothing compiles until it first runs."""
-    keep_out_of_compile()
-    return torch.compile(layer, dynamic=True, options=options or {})
-
 
 @lru_cache(maxsize=None)
 def _packed_attention_op():

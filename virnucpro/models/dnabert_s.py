@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, alibi_slopes, attention, compile_layer, keep_out_of_compile, select_backend
+from ..attention import Backend, Packing, alibi_slopes, attention, keep_out_of_compile, select_backend
 from ..sequences import DNA
 from .esm2 import CheckpointError, check_state_dict, load_error, load_weights_only, on_meta_device, to_device
 from .family import ModelFamily
@@ -189,9 +189,6 @@ class DNABERTS(nn.Module):
     family = "dnabert_s"
     bos_name = "cls"  # the [CLS] token's output column: cls_<L>
     specials = (0, 0)  # DNABERT-S means every token, [CLS] and [SEP] included; so do its per-token outputs
-    # Inductor options for the compiled layers: none. Coordinate descent gave nothing here (1.963 M
-    # tokens/s with and without, bench/results/probe-inductor-nvidia-h200.json) for 2 s more compile.
-    compile_options: dict = {}
 
     def __init__(self, config: DNABERTSConfig):
         super().__init__()
@@ -233,13 +230,14 @@ class DNABERTS(nn.Module):
     def compiled_layers(self) -> list[nn.Module]:
         """Each layer under torch.compile for dynamic token counts, sharing its weights (fuses the post-LN,
         GELU gate, residuals); nothing compiles until they first run (see ESM2.compiled_layers)."""
-        return [compile_layer(layer, self.compile_options) for layer in self.encoder.layer]
+        keep_out_of_compile()
+        return [torch.compile(layer, dynamic=True) for layer in self.encoder.layer]
 
     def compile_layers(self) -> None:
         """Compile the layers in place (scripts that compile before they run anything)."""
         keep_out_of_compile()
         for layer in self.encoder.layer:
-            layer.compile(dynamic=True, options=self.compile_options)
+            layer.compile(dynamic=True)
 
     def embed(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
         """Mean over all tokens of each sequence, [CLS] and [SEP] included (as DNABERT-S), float32 [B, D]."""

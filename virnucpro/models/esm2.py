@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, attention, compile_layer, keep_out_of_compile, select_backend
+from ..attention import Backend, Packing, attention, keep_out_of_compile, select_backend
 from ..sequences import PROTEIN
 from .family import ModelFamily
 
@@ -160,13 +160,6 @@ class ESM2(nn.Module):
     family = "esm2"
     bos_name = "bos"  # the <cls> token's output column: bos_<L>, as fair-esm's `--include bos`
     specials = (1, 1)  # tokens before and after the residues (<cls>, <eos>): not in means and per-token outputs
-    # Inductor options for the compiled layers. Coordinate descent tunes each fused kernel's block sizes
-    # and warps at compile time (cached on disk with the kernels): 650M's two LayerNorms a layer, 1280
-    # wide, run as looped reductions, and this took it from 336.5 K to 355.4 K tokens/s on an H200
-    # (bench/results/probe-inductor-nvidia-h200.json), for ~14 s more of a first, cold compile.
-    # multi_kernel (+5.5% alone) is left out: torch 2.11 fails to load its kernels from the FX graph
-    # cache (gpu-tests-nvidia-h200-multi-kernel.log), i.e. on every run after the first.
-    compile_options = {"coordinate_descent_tuning": True}
 
     def __init__(self, config: ESM2Config, num_layers_to_run: int | None = None, lm_head: bool = False):
         super().__init__()
@@ -232,13 +225,14 @@ class ESM2(nn.Module):
         rotary, GELU and residual adds around the GEMMs and the flash kernel (+20-35% tokens/s on H200,
         bench/results). Nothing compiles until they first run; `self.layers` stay as they were, so
         batches can run eagerly while another thread compiles (actors.embedder)."""
-        return [compile_layer(layer, self.compile_options) for layer in self.layers]
+        keep_out_of_compile()
+        return [torch.compile(layer, dynamic=True) for layer in self.layers]
 
     def compile_layers(self) -> None:
         """Compile the layers in place (scripts that compile before they run anything)."""
         keep_out_of_compile()
         for layer in self.layers:
-            layer.compile(dynamic=True, options=self.compile_options)
+            layer.compile(dynamic=True)
 
     def embed(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
         """Mean over residue positions (no <cls>, no <eos>), float32 [B, D]."""
