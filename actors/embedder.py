@@ -27,7 +27,7 @@ import torch
 
 from virnucpro.attention import Packing
 from virnucpro.batching import TokenBatch
-from virnucpro.models import ModelSource, compute_columns, load_model, residue_counts
+from virnucpro.models import ModelSource, compute_columns, default_toks_per_batch, load_model, residue_counts
 from virnucpro.options import EmbedOptions
 from virnucpro.output import Column, OutputLocation, plan_columns, write_part
 
@@ -171,6 +171,7 @@ class Embedder:
         # the layers batches run through: the model's own (eager) until their compiled versions are ready
         self.layers: list | None = None
         self.compiled = self.device.type == "cuda" if opts.compile is None else opts.compile
+        self.toks_per_batch = opts.toks_per_batch or default_toks_per_batch(source, self.device.type)
         if self.compiled:
             threading.Thread(target=self._compile_in_background, name="virnucpro-compile", daemon=True).start()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -206,8 +207,8 @@ class Embedder:
             layers = self.model.compiled_layers()
             stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for lengths in ([9, 6, 4], [7]):
-                    self._run_random(np.array(lengths), layers)
+                for lengths in self._compile_shapes():
+                    self._run_random(lengths, layers)
             if stream is not None:
                 stream.synchronize()
         except Exception:  # noqa: BLE001 - eager layers compute the same embeddings, only slower
@@ -220,6 +221,15 @@ class Embedder:
         self.timeline["compiled"] = time.time()
         log.info("actor %s: layers compiled in %.1f s; batches now run compiled", self.name,
                  time.perf_counter() - start)
+
+    def _compile_shapes(self) -> list[np.ndarray]:
+        """The token counts of the sequences the compiled layers first run on. Inductor takes its size
+        hints from the first call's shapes and tunes each kernel's launch on its first launch (kept in
+        its disk cache), so the first is batch-sized, not a toy: a quarter of the token budget (it runs
+        beside the eager batches in flight) in 128-token sequences. Then one sequence alone, which
+        compiles a graph of its own (a dimension of size 1 is specialised); a run rarely has one."""
+        n = max(2, self.toks_per_batch // 4 // 128)
+        return [np.full(n, 128, np.int64), np.array([7], np.int64)]
 
     @torch.inference_mode()
     def _run_random(self, seq_tokens: np.ndarray, layers: list | None = None) -> None:

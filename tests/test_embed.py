@@ -221,3 +221,46 @@ def test_no_actor_placed_fails_in_one_line_after_the_wait(tmp_path, esm_tiny, lo
     with pytest.raises(EmbedError, match=r"^no actor could be placed in 2 s: actor\(s\) 0 of 1 not ready.*ray status"):
         embed(tmp_path / "b.faa", tmp_path / "out", esm_tiny, device="cpu", num_actors=1, progress=False,
               actor_wait_seconds=2, actor_options=lambda i: {"resources": {"no_such_resource": 1}})
+
+
+def test_actor_compiles_on_a_batch_sized_shape_before_a_single_sequence(tmp_path, esm_tiny, monkeypatch):
+    """Inductor takes its size hints from a compiled layer's first call and tunes each kernel on its
+    first launch, so an actor's background compile first runs a batch-sized shape (a quarter of its
+    token budget), not a few tokens, then one sequence alone; then batches switch to the compiled
+    layers, with the same embeddings. The layers stand in for their compiled versions here: what is
+    checked is what the compile thread runs them on."""
+    import time
+
+    import torch
+
+    from actors.embedder import ActorConfig, Embedder
+    from virnucpro.batching import make_batch
+    from virnucpro.models import resolve_model
+    from virnucpro.models.esm2 import ESM2, ESM2Tokenizer
+    from virnucpro.options import EmbedOptions
+    from virnucpro.sequences import FastaIndex
+
+    first_calls = []
+    run_random = Embedder._run_random
+
+    def recording(self, seq_tokens, layers=None):
+        if layers is not None:
+            first_calls.append(np.asarray(seq_tokens).copy())
+        return run_random(self, seq_tokens, layers)
+    monkeypatch.setattr(Embedder, "_run_random", recording)
+    monkeypatch.setattr(ESM2, "compiled_layers", lambda self: list(self.layers))
+    seqs = random_proteins(12, 30, 200, seed=8)
+    write_fasta(tmp_path / "in.faa", seqs)
+    index = FastaIndex.build(tmp_path / "in.faa", "protein", tmp_path)
+    batch = make_batch(index, np.arange(len(index)), ESM2Tokenizer(), 0)
+    actor = Embedder(ActorConfig(resolve_model(esm_tiny), None, "cpu", EmbedOptions(compile=True, toks_per_batch=8192)))
+    eager = actor.compute(batch)
+    deadline = time.monotonic() + 60
+    while actor.layers is None and actor.compiled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert actor.layers is not None and actor.info()["compiled"]
+    assert len(first_calls) == 2
+    assert len(first_calls[0]) >= 2 and 8192 // 4 - 128 < first_calls[0].sum() <= 8192 // 4
+    assert len(first_calls[1]) == 1
+    compiled = actor.compute(batch)
+    assert torch.allclose(torch.from_numpy(compiled), torch.from_numpy(eager), rtol=1e-5, atol=1e-6)
