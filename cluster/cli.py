@@ -60,7 +60,7 @@ def create_parser() -> argparse.ArgumentParser:
         v = verbs.add_parser(verb, help=text)
         v.add_argument("--name", default=None if verb == "status" else "virnucpro",
                        help="service name" + ("" if verb == "status" else " (default: %(default)s)"))
-        v.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or this machine)")
+        v.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or the Ray running on this machine)")
         v.add_argument("--verbose", "-v", action="store_true")
 
     p = sub.add_parser("preprocess", help="VirNucPro chunking and six-frame translation")

@@ -69,7 +69,7 @@ class EmbedResult:
     batches_computed: int  # fewer than num_batches when a run was resumed
     tokens_computed: int
     compute_seconds: float  # from the first batch dealt to the last part written
-    seconds: float  # the whole call: indexing, Ray and actor start-up included
+    seconds: float  # from the timeline's origin (the command's start, or the call's) to the end: all of start-up included
     actors: list[dict] = field(default_factory=list)
     batches_retried: int = 0  # batches dealt again because their actor died
     batches_retried_after_errors: int = 0  # batches dealt again after an error that may not recur
@@ -117,7 +117,6 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
               timeline: Timeline | None = None, ray_up: Future | None = None) -> EmbedResult:
     """`embed` with its options parsed. `ray_up`: Ray being started in the background (`start_ray`),
     as the command line does before its imports; by default it is started here, at once."""
-    start = time.perf_counter()
     timeline = timeline or Timeline()
     timeline.mark("driver_started")  # imports done, arguments parsed
     # Ray takes seconds to start: meanwhile the model is checked. A service runs on this machine's Ray.
@@ -187,7 +186,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
     _complete(out, manifest, len(index), len(plan))
     shutil.rmtree(scratch, ignore_errors=True)
     result = EmbedResult(out.local_path or out.uri, len(index), len(plan), len(todo), totals.tokens,
-                         totals.elapsed(), time.perf_counter() - start, pool.infos(),
+                         totals.elapsed(), time.time() - timeline.origin, pool.infos(),
                          batches_retried=run.scheduler.retried, actors_replaced=pool.replaced,
                          batches_retried_after_errors=run.scheduler.retried_after_errors,
                          forward_seconds=totals.forward, write_seconds=totals.write,

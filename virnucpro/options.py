@@ -119,8 +119,9 @@ class EmbedOptions:
     gpus_per_actor: float | None = option(
         None, "Ray GPU resource each actor reserves (default 1 with --device cuda, 0 on CPU); 0.5 puts two "
               "actors of a small model on one GPU", min=0, check=_gpu_share)
-    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS if set, else start a local Ray; "
-                                       "with --service, the Ray running on this machine)")
+    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS if set, else the Ray started on "
+                                       "this machine with `ray start` if any, else a local Ray for this run; with "
+                                       "--service, the Ray running on this machine)")
     service: str | None = option(None, "send the batches to the running service NAME (virnucpro serve start), "
                                        "whose replicas keep the model loaded, instead of starting actors",
                                  metavar="NAME")
