@@ -136,6 +136,7 @@ class ActorConfig:
     device: str = "auto"  # "cuda", "cpu" or "auto"
     options: EmbedOptions = field(default_factory=EmbedOptions)  # dtype, streams, attention, compile, ...
     profile_batches: int = 3  # batches traced with --profile
+    cpu_threads: int = 0  # on a CPU: torch's intra-op threads, this actor's share of the node (0: torch's default)
 
 
 class Embedder:
@@ -163,6 +164,10 @@ class Embedder:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
+        elif config.cpu_threads:
+            # set here, not as OMP_NUM_THREADS in the actor's runtime_env: an actor with a runtime_env of its
+            # own cannot take one of Ray's idle workers, which may have imported torch already (docs/cluster.md)
+            torch.set_num_threads(config.cpu_threads)
         self.model = load_model(source, self.device, self.dtype, opts.attention)
         self.timeline["weights_loaded"] = time.time()
         self.plans: dict[tuple, tuple[list[Column], torch.dtype]] = {}

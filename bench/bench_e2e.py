@@ -32,7 +32,8 @@ from virnucpro.models import load_model, load_tokenizer, resolve_model  # noqa: 
 from virnucpro.sequences import FastaIndex  # noqa: E402
 from virnucpro.tiny import esm2_state_dict, write_dnabert_s_dir  # noqa: E402
 
-SHAPES = {"esm2_3B": (36, 2560, 40), "esm2_650M": (33, 1280, 20)}
+SHAPES = {"esm2_3B": (36, 2560, 40), "esm2_650M": (33, 1280, 20),
+          "esm2_8M": (6, 320, 20)}  # 8M: start-up on a CPU (bench_startup)
 
 
 def write_inputs(model: str, n: int, work: Path) -> tuple[Path, Path]:

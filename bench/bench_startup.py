@@ -12,9 +12,12 @@ Each run reports its wall clock from the process's spawn and the start-up timeli
 Ray up, planned, actor placed, weights loaded, warmed up, first part), and how long the actor's
 background compile took (batches run eagerly until it is done). Also `--help`.
 
-`--runs ... ray_running` adds a run that joins a Ray started beforehand (`ray start --head`, then
+`--runs ... ray_running` adds runs that join a Ray started beforehand (`ray start --head`, then
 `embed --address auto`), as on a workstation or cluster where Ray stays up: the start-up without
-Ray's own. Every invocation also records `ray_init`, where `ray.init()`'s seconds go on this machine
+Ray's own. One driver connects and leaves first (Ray prestarts its idle workers for the first driver),
+then `--jobs` embeds run one after another. `ray_running_preload` is the same with
+`RAY_preload_python_modules=torch,actors.embedder` in `ray start`'s environment, so that Ray's idle
+workers import torch and the model code before an actor takes one (docs/cluster.md). Every invocation also records `ray_init`, where `ray.init()`'s seconds go on this machine
 (cProfile, cumulative, twice, each in a fresh process): starting the GCS and the dashboard/API server
 (ray.init waits until it has written its address), then waiting until the raylet has registered,
 then connecting. It refuses to run beside a Ray started with `ray start` (runs would join it), and
@@ -114,15 +117,28 @@ def ray_running_here() -> bool:
     return bool(find_gcs_addresses())
 
 
-def ray_running_run(fasta: Path, ckpt: Path, dir_: Path, extra: list[str]) -> dict:
-    """`embed --address auto` joining a Ray started beforehand with this run's compile cache (its
-    workers, the actors, inherit the raylet's environment); that Ray is stopped afterwards."""
+PRELOAD = "torch,actors.embedder"  # what Ray's idle workers import before an actor takes one (ray_running_preload)
+
+
+def ray_running_runs(fasta: Path, ckpt: Path, dir_: Path, extra: list[str], jobs: int, preload: bool,
+                     settle: float) -> list[dict]:
+    """`jobs` runs of `embed --address auto`, one after another, joining a Ray started beforehand with
+    this model's compile cache (its workers, the actors, inherit the raylet's environment). A driver
+    connects and leaves first, then `settle` seconds pass: a Ray that has been up a while. That Ray is
+    stopped afterwards."""
+    env = cache_env(dir_ / "compile-cache")
+    if preload:
+        env["RAY_preload_python_modules"] = PRELOAD
     started = subprocess.run([*_RAY_CLI, "start", "--head", "--disable-usage-stats"], capture_output=True, text=True,
-                             env=cache_env(dir_ / "compile-cache"))
+                             env=env)
     try:
         if started.returncode:
             raise RuntimeError(f"ray start --head failed:\n{started.stderr[-2000:]}")
-        return run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", [*extra, "--address", "auto"])
+        subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto', logging_level='ERROR')"],
+                       capture_output=True, env=env)
+        time.sleep(settle)
+        return [run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", [*extra, "--address", "auto"])
+                for _ in range(jobs)]
     finally:
         # `ray stop` stops every Ray of this user on the machine: the check in main() made sure it was ours
         subprocess.run([*_RAY_CLI, "stop", "--force"], capture_output=True)
@@ -135,8 +151,13 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=2000, help="sequences per input (a small job: start-up dominates)")
     ap.add_argument("--work", type=Path, default=None, help="default: a new temporary directory (an empty compile cache)")
     ap.add_argument("--embed-args", default="", help="extra `virnucpro embed` arguments, e.g. '--num-actors 1'")
-    ap.add_argument("--runs", nargs="+", default=["first", "second"], choices=["first", "second", "ray_running"],
-                    help="in this order; ray_running: joining a Ray started beforehand, with the compile cache left")
+    ap.add_argument("--runs", nargs="+", default=["first", "second"],
+                    choices=["first", "second", "ray_running", "ray_running_preload"],
+                    help="in this order; ray_running: joining a Ray started beforehand, with the compile cache left; "
+                         "ray_running_preload: its idle workers preloading torch and the model code")
+    ap.add_argument("--jobs", type=int, default=3, help="ray_running runs: embeds one after another on one Ray")
+    ap.add_argument("--settle", type=float, default=10.0,
+                    help="ray_running runs: seconds between Ray's first driver leaving and the first embed")
     args = ap.parse_args()
     if ray_running_here():
         sys.exit("a Ray started with `ray start` runs on this machine: the runs would join it instead of starting "
@@ -165,8 +186,9 @@ def main() -> None:
             print(f"{model}, {name} run:", flush=True)
             extra = args.embed_args.split()
             try:
-                if name == "ray_running":
-                    runs[name] = ray_running_run(fasta, ckpt, dir_, extra)
+                if name.startswith("ray_running"):
+                    jobs = ray_running_runs(fasta, ckpt, dir_, extra, args.jobs, name.endswith("preload"), args.settle)
+                    runs[name] = {**jobs[0], "jobs": jobs}  # the first job's figures at the top, as before
                 else:
                     runs[name] = run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", extra)
             except RuntimeError as e:  # one failed run is a result too; the others still count

@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -291,7 +291,7 @@ def _new_pool(actor_class: type, config: ActorConfig, target: _Target, opts: Emb
     streams = opts.cuda_streams if place.device == "cuda" else 1
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if opts.expandable_segments else {}
     if place.device == "cpu":  # torch's intra-op threads in each CPU actor: its share of the node
-        env["OMP_NUM_THREADS"] = str(max(1, int(place.cluster_cpus) // place.num_actors))
+        config = replace(config, cpu_threads=max(1, int(place.cluster_cpus) // place.num_actors))
     options = dict(
         num_gpus=place.gpus_per_actor,
         num_cpus=1,
