@@ -130,6 +130,7 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
         from .progress import Timeline, process_start_time
 
         timeline = Timeline(process_start_time())
+        _refuse_previous_run(args.out_dir, opts)
         # Ray starts while the driver imports torch and checks the model
         ray_up = start_ray(opts.address, opts.dashboard_host, on_ready=lambda: timeline.mark("ray_up"))
         from .driver import run_embed
@@ -220,6 +221,22 @@ def main(argv: list[str] | None = None, *, actor_class: type | None = None) -> i
         print("virnucpro: interrupted; rerun with --resume to finish", file=sys.stderr)
         return 130
     return 0
+
+
+def _refuse_previous_run(out_dir: str | Path, opts: EmbedOptions) -> None:
+    """The driver's own check, made before Ray starts: a command that would only be refused (a previous
+    run's output, no --resume or --overwrite) says so at once, not after Ray's start (8 s on a 2-CPU VM)."""
+    if opts.resume or opts.overwrite:
+        return
+    from virnucpro.output import PREVIOUS_RUN, OutputLocation
+
+    try:
+        out = OutputLocation.parse(out_dir)
+        previous = out.holds_run()
+    except Exception:  # noqa: BLE001 - an unreachable or odd location: the driver's full check reports it
+        return
+    if previous:
+        raise RuntimeError(f"{out}: {PREVIOUS_RUN}")
 
 
 def _user_error(e: Exception) -> bool:

@@ -44,7 +44,8 @@ from actors.embedder import ActorConfig, BatchError, Embedder, PartResult
 from virnucpro.batching import Plan, TokenBatch, make_batch, plan_fingerprint, token_counts
 from virnucpro.models import ModelSource, check_model, default_toks_per_batch, load_tokenizer, resolve_model
 from virnucpro.options import EmbedOptions, default_dataloader_workers
-from virnucpro.output import LEGACY_MANIFEST, MANIFEST, Manifest, OutputLocation, default_columns, part_schema
+from virnucpro.output import (LEGACY_MANIFEST, MANIFEST, PART_NAME, PREVIOUS_RUN, Manifest, OutputLocation,
+                             default_columns, part_schema)
 from virnucpro.sequences import FastaIndex
 
 from .pool import ActorPool, Lease, cause
@@ -55,7 +56,7 @@ from .session import Placement, start_ray
 log = logging.getLogger("virnucpro")
 
 STOP_WAIT_SECONDS = 30  # a failed run waits this long for the batches its actors are computing
-_PART = re.compile(r"part-(\d{6,})\.parquet")
+_PART = PART_NAME
 # a write cut short (output._temporary_name): a part, the manifest (either format) or the writability test
 _TEMPORARY = re.compile(r"\.(part-\d{6,}\.parquet|_manifest\.(parquet|json)|\.write-test)\..+\.tmp")
 _ACTOR_FAILED = (RayActorError, ObjectLostError, WorkerCrashedError)  # the actor, not the batch, failed
@@ -336,7 +337,7 @@ def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
     except Exception as e:  # noqa: BLE001 - OSError locally, pyarrow / fsspec errors elsewhere
         raise EmbedError(f"{out}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
     parts = [name for name in files if _PART.fullmatch(name)]
-    previous = MANIFEST in files or LEGACY_MANIFEST in files or bool(parts)
+    previous = out.holds_run(files)
     if opts.resume or opts.overwrite:  # temporaries of writes a killed run left behind
         _remove_temporaries(out, files)
     if previous and opts.overwrite:
@@ -345,8 +346,7 @@ def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
         out.delete(MANIFEST)
         out.delete(LEGACY_MANIFEST)
     elif previous and not opts.resume:
-        raise EmbedError(f"{out}: holds the output of a previous run; use --resume to finish it or "
-                         f"--overwrite to replace it")
+        raise EmbedError(f"{out}: {PREVIOUS_RUN}")
 
 
 def _remove_temporaries(out: OutputLocation, files: dict[str, int]) -> None:

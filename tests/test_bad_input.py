@@ -219,6 +219,22 @@ def test_refused_with_one_clear_line(case, tmp_path, models, local_ray, capsys):
     assert not Path("/tmp/virnucpro-bad-input-pwned").exists()
 
 
+def test_previous_output_refused_before_ray_starts(tmp_path, models, monkeypatch, capsys):
+    """A command that would only be refused says so before Ray starts (seconds), not after."""
+    import cluster.cli
+
+    def start_ray(*args, **kwargs):
+        raise AssertionError("Ray started for a command that is refused")
+
+    monkeypatch.setattr(cluster.cli, "start_ray", start_ray)
+    _previous_run(tmp_path)
+    assert main(_argv([_ok_protein(tmp_path)], tmp_path, models["esm"])) == 1
+    assert "out: holds the output of a previous run; use --resume" in capsys.readouterr().err
+    # --overwrite replaces it: the command gets as far as starting Ray
+    with pytest.raises(AssertionError, match="Ray started"):
+        main(_argv([_ok_protein(tmp_path), "--overwrite"], tmp_path, models["esm"]))
+
+
 # --- handled: documented, logged, visible in the rows -------------------------------------------------
 
 def _rows(out: Path) -> dict[str, dict]:

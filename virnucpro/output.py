@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -46,6 +47,8 @@ MANIFEST = "_manifest.parquet"  # a Parquet file with no rows, so that every rea
 MANIFEST_KEY = "virnucpro.manifest"  # the key of the manifest's JSON in that file's key-value metadata
 LEGACY_MANIFEST = "_manifest.json"  # format 1: JSON beside the parts (polars refused such a directory)
 FORMAT_VERSION = 2
+PART_NAME = re.compile(r"part-(\d{6,})\.parquet")  # part-000042.parquet: batch 42's rows
+PREVIOUS_RUN = "holds the output of a previous run; use --resume to finish it or --overwrite to replace it"
 
 
 OUTPUT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -314,6 +317,11 @@ class OutputLocation:
         """File name -> size, for the files directly in the directory (one listing call)."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+
+    def holds_run(self, files: dict[str, int] | None = None) -> bool:
+        """Whether the directory holds a run's output (a manifest or parts); `files`: its `list_files()`."""
+        files = self.list_files() if files is None else files
+        return MANIFEST in files or LEGACY_MANIFEST in files or any(PART_NAME.fullmatch(f) for f in files)
 
     def read_bytes(self, name: str) -> bytes | None:
         try:
