@@ -119,9 +119,24 @@ class ActorPool:
                  ", compiled" if first["compiled"] else ", compiling (eager meanwhile)" if first.get("compiling") else "",
                  first["attention"])
         if len(infos) < self.size and self.resources:  # (a service's replicas are all running: no warning)
-            log.warning("starting with %d of %d actors; the others join when Ray places them: %s", len(infos),
-                        self.size, self.pending_text())
+            # on a cluster that can hold them all, the others are only slower to load (as in `make demo`):
+            # news, not a warning; otherwise they wait for resources, perhaps for nodes an autoscaler adds
+            fits = self.cluster_holds_all()
+            (log.info if fits else log.warning)("starting with %d of %d actors; the others join when %s: %s",
+                                                len(infos), self.size, "ready" if fits else "Ray places them",
+                                                self.pending_text())
         return infos
+
+    def cluster_holds_all(self) -> bool:
+        """Whether the cluster's resources, counting those in use, could hold all the pool's actors at once.
+
+        >>> pool.resources, pool.size, ray.cluster_resources()["CPU"]
+        ({'CPU': 1}, 2, 2.0)
+        >>> pool.cluster_holds_all()
+        True
+        """
+        total = ray.cluster_resources()
+        return all(total.get(k, 0.0) + 1e-9 >= v * self.size for k, v in self.resources.items())
 
     def infos(self) -> list[dict]:
         """`info()` of every actor that has been ready, in slot order."""

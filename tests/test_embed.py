@@ -13,8 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from cluster.driver import EmbedError, embed
+from cluster.pool import ActorPool
 from tests import faults
 from tests.conftest import fair_esm_pooled, fair_esm_reference, random_dna, random_proteins, write_fasta
 from tests.reference_dnabert import reference_dnabert_embed
@@ -214,6 +216,15 @@ def test_more_actors_than_the_cluster_can_place_starts_with_those_placed(tmp_pat
     assert 1 <= len(result.actors) <= 2  # the third never gets a CPU; the second may join in time
     assert re.search(r"starting with [12] of 3 actors.*actor\(s\) (\d, )?\d of 3 not ready \(being placed or "
                      r"loading the model\), each needs \{'CPU': 1\}", caplog.text), caplog.text
+
+
+def test_pool_tells_slow_actors_from_unplaceable_ones(local_ray):
+    """Actors that the cluster can hold are only loading (an info line); more than it can hold wait (a warning)."""
+    cpus = ray.cluster_resources()["CPU"]
+    fits = ActorPool(lambda i: None, int(cpus), 1, resources={"CPU": 1})
+    too_many = ActorPool(lambda i: None, int(cpus) + 1, 1, resources={"CPU": 1})
+    no_gpu = ActorPool(lambda i: None, 1, 1, resources={"CPU": 1, "GPU": 1})
+    assert fits.cluster_holds_all() and not too_many.cluster_holds_all() and not no_gpu.cluster_holds_all()
 
 
 def test_no_actor_placed_fails_in_one_line_after_the_wait(tmp_path, esm_tiny, local_ray):
