@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from virnucpro.attention import Packing
@@ -170,6 +171,11 @@ class Embedder:
             torch.set_num_threads(config.cpu_threads)
         self.model = load_model(source, self.device, self.dtype, opts.attention)
         self.timeline["weights_loaded"] = time.time()
+        if self.device.type == "cuda":
+            # pyarrow imports pandas (if installed) at its first pa.array: 0.37 s of the first part's write on
+            # a 2-CPU VM. Done beside the GPU warm-up, it is off the first part's path. (Not on a CPU, where no
+            # warm-up waits: it slowed the first batch's forward more than it saved.)
+            threading.Thread(target=pa.array, args=([0],), name="virnucpro-warm-pyarrow", daemon=True).start()
         self.plans: dict[tuple, tuple[list[Column], torch.dtype]] = {}
         # the output columns of this actor's own jobs (--repr-layers, --include, --output-dtype)
         self.outputs = self._plan(opts.repr_layers, opts.include, opts.output_dtype)
