@@ -134,11 +134,19 @@ def ray_running_runs(fasta: Path, ckpt: Path, dir_: Path, extra: list[str], jobs
     try:
         if started.returncode:
             raise RuntimeError(f"ray start --head failed:\n{started.stderr[-2000:]}")
-        subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto', logging_level='ERROR')"],
-                       capture_output=True, env=env)
+        first = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto', logging_level='ERROR')"],
+                               capture_output=True, text=True, env=env)
+        if first.returncode:
+            raise RuntimeError(f"the first driver could not connect:\n{first.stderr[-2000:]}")
         time.sleep(settle)
-        return [run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", [*extra, "--address", "auto"])
-                for _ in range(jobs)]
+        runs = []
+        for _ in range(jobs):
+            try:
+                runs.append(run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", [*extra, "--address", "auto"]))
+            except RuntimeError as e:  # the jobs before it still count
+                print(f"  failed: {e}", flush=True)
+                runs.append({"error": str(e)[-3000:]})
+        return runs
     finally:
         # `ray stop` stops every Ray of this user on the machine: the check in main() made sure it was ours
         subprocess.run([*_RAY_CLI, "stop", "--force"], capture_output=True)
@@ -159,6 +167,8 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=10.0,
                     help="ray_running runs: seconds between Ray's first driver leaving and the first embed")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error("--jobs: at least 1")
     if ray_running_here():
         sys.exit("a Ray started with `ray start` runs on this machine: the runs would join it instead of starting "
                  "their own (and ray_running would stop it); stop it first (`ray stop`)")
@@ -187,8 +197,11 @@ def main() -> None:
             extra = args.embed_args.split()
             try:
                 if name.startswith("ray_running"):
-                    jobs = ray_running_runs(fasta, ckpt, dir_, extra, args.jobs, name.endswith("preload"), args.settle)
-                    runs[name] = {**jobs[0], "jobs": jobs}  # the first job's figures at the top, as before
+                    preload = name.endswith("preload")
+                    jobs = ray_running_runs(fasta, ckpt, dir_, extra, args.jobs, preload, args.settle)
+                    # the first job's figures at the top, as before (which then ran with no driver before it)
+                    runs[name] = {**jobs[0], "jobs": jobs, "settle_seconds": args.settle,
+                                  "ray_preload_python_modules": PRELOAD if preload else None}
                 else:
                     runs[name] = run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", extra)
             except RuntimeError as e:  # one failed run is a result too; the others still count

@@ -225,8 +225,9 @@ def main(argv: list[str] | None = None, *, actor_class: type | None = None) -> i
 
 def _refuse_previous_run(out_dir: str | Path, opts: EmbedOptions) -> None:
     """The driver's own check, made before Ray starts: a command that would only be refused (a previous
-    run's output, no --resume or --overwrite) says so at once, not after Ray's start (8 s on a 2-CPU VM)."""
-    if opts.resume or opts.overwrite:
+    run's output, no --resume or --overwrite) says so at once, not after Ray's start (8 s on a 2-CPU VM).
+    Local directories only: listing a bucket can take seconds, better spent beside Ray's start."""
+    if opts.resume or opts.overwrite or "://" in str(out_dir):
         return
     from virnucpro.output import PREVIOUS_RUN, OutputLocation
 

@@ -119,8 +119,9 @@ class ActorPool:
                  ", compiled" if first["compiled"] else ", compiling (eager meanwhile)" if first.get("compiling") else "",
                  first["attention"])
         if len(infos) < self.size and self.resources:  # (a service's replicas are all running: no warning)
-            # on a cluster that can hold them all, the others are only slower to load (as in `make demo`):
-            # news, not a warning; otherwise they wait for resources, perhaps for nodes an autoscaler adds
+            # nodes that can hold them all: the others are loading, or wait for resources another job holds
+            # (`make demo` on 2 CPUs: loading); news, not a warning. Otherwise some wait for a node that
+            # may never come (or that an autoscaler adds).
             fits = self.cluster_holds_all()
             (log.info if fits else log.warning)("starting with %d of %d actors; the others join when %s: %s",
                                                 len(infos), self.size, "ready" if fits else "Ray places them",
@@ -128,15 +129,20 @@ class ActorPool:
         return infos
 
     def cluster_holds_all(self) -> bool:
-        """Whether the cluster's resources, counting those in use, could hold all the pool's actors at once.
+        """Whether the cluster's nodes, were nothing else running, could hold all the pool's actors at once
+        (each actor on one node: a node's CPUs do not make up for another's GPUs).
 
-        >>> pool.resources, pool.size, ray.cluster_resources()["CPU"]
-        ({'CPU': 1}, 2, 2.0)
+        >>> pool.resources, pool.size, [n["Resources"]["CPU"] for n in ray.nodes()]
+        ({'CPU': 1}, 2, [2.0])
         >>> pool.cluster_holds_all()
         True
         """
-        total = ray.cluster_resources()
-        return all(total.get(k, 0.0) + 1e-9 >= v * self.size for k, v in self.resources.items())
+        room = 0
+        for node in ray.nodes():
+            if node.get("Alive"):
+                total = node.get("Resources", {})
+                room += min(int(total.get(k, 0.0) / v + 1e-9) for k, v in self.resources.items())
+        return room >= self.size
 
     def infos(self) -> list[dict]:
         """`info()` of every actor that has been ready, in slot order."""

@@ -224,7 +224,22 @@ def test_pool_tells_slow_actors_from_unplaceable_ones(local_ray):
     fits = ActorPool(lambda i: None, int(cpus), 1, resources={"CPU": 1})
     too_many = ActorPool(lambda i: None, int(cpus) + 1, 1, resources={"CPU": 1})
     no_gpu = ActorPool(lambda i: None, 1, 1, resources={"CPU": 1, "GPU": 1})
-    assert fits.cluster_holds_all() and not too_many.cluster_holds_all() and not no_gpu.cluster_holds_all()
+    halves = ActorPool(lambda i: None, int(cpus) * 2, 1, resources={"CPU": 0.5})
+    assert fits.cluster_holds_all() and halves.cluster_holds_all()
+    assert not too_many.cluster_holds_all() and not no_gpu.cluster_holds_all()
+
+
+def test_pool_counts_room_node_by_node(monkeypatch):
+    """A CPU-only head and a worker with 8 GPUs but 4 CPUs hold 4 GPU actors of one CPU each, not 8."""
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 8.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    gpu = {"CPU": 1, "GPU": 1}
+    assert ActorPool(lambda i: None, 4, 1, resources=gpu).cluster_holds_all()
+    assert not ActorPool(lambda i: None, 5, 1, resources=gpu).cluster_holds_all()
+    halves = {"CPU": 0.5, "GPU": 0.5}  # the worker's 4 CPUs are what runs out
+    assert ActorPool(lambda i: None, 8, 1, resources=halves).cluster_holds_all()
+    assert not ActorPool(lambda i: None, 9, 1, resources=halves).cluster_holds_all()
 
 
 def test_no_actor_placed_fails_in_one_line_after_the_wait(tmp_path, esm_tiny, local_ray):
