@@ -12,6 +12,9 @@ one pass over the same planned batches with CUDA events after a warm-up pass, to
   multi_kernel        Inductor emits persistent and looped versions of each reduction (up to 16384
                       wide) and picks the faster one per shape at run time
   both                the two together
+  autotune_gemm       Inductor's Triton GEMM templates autotuned against cuBLAS (max_autotune_gemm),
+                      so a winning template carries the GELU or residual add in its epilogue
+  autotune_gemm_cd    that and coordinate descent
 The compile time is the first (warm-up) pass's wall clock, compile included. The variants run in one
 process, in order: the first pays one-off costs (cuBLAS, imports) and later ones reuse Inductor's
 in-process caches, so compare the first-pass times only roughly. Each variant's kernels are tuned on
@@ -43,6 +46,11 @@ VARIANTS = {
     "coordinate_descent": {"coordinate_descent_tuning": True},
     "multi_kernel": {"triton.multi_kernel": 1},
     "both": {"coordinate_descent_tuning": True, "triton.multi_kernel": 1},
+    # Inductor's own Triton GEMM templates, autotuned against cuBLAS, with the GELU and the residual
+    # add fused into their epilogues where a template wins (cuBLAS offers no exact-GELU epilogue)
+    "autotune_gemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"},
+    "autotune_gemm_cd": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN",
+                         "coordinate_descent_tuning": True},
 }
 
 
