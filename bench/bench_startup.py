@@ -17,7 +17,9 @@ background compile took (batches run eagerly until it is done). Also `--help`.
 Ray's own. One driver connects and leaves first (Ray prestarts its idle workers for the first driver),
 then `--jobs` embeds run one after another. `ray_running_preload` is the same with
 `RAY_preload_python_modules=torch,actors.embedder` in `ray start`'s environment, so that Ray's idle
-workers import torch and the model code before an actor takes one (docs/cluster.md). Every invocation also records `ray_init`, where `ray.init()`'s seconds go on this machine
+workers import torch and the model code before an actor takes one (docs/cluster.md). `service` starts
+Ray and `virnucpro serve start --model` (timed), then runs `--jobs` embeds with `--service`: a job
+through replicas that keep the model loaded. Every invocation also records `ray_init`, where `ray.init()`'s seconds go on this machine
 (cProfile, cumulative, twice, each in a fresh process): starting the GCS and the dashboard/API server
 (ray.init waits until it has written its address), then waiting until the raylet has registered,
 then connecting. It refuses to run beside a Ray started with `ray start` (runs would join it), and
@@ -59,9 +61,11 @@ def cache_env(cache: Path) -> dict[str, str]:
             "PYTHONPATH": path}
 
 
-def run_embed(fasta: Path, ckpt: Path, out: Path, cache: Path, extra: list[str]) -> dict:
+def run_embed(fasta: Path, ckpt: Path | None, out: Path, cache: Path, extra: list[str]) -> dict:
+    """One `virnucpro embed` in a fresh process; `ckpt` None: the service's model (`extra` names it)."""
     env = cache_env(cache)
-    cmd = [sys.executable, "-m", "cluster.cli", "embed", str(fasta), "-o", str(out), "--model", str(ckpt),
+    model = ["--model", str(ckpt)] if ckpt is not None else []
+    cmd = [sys.executable, "-m", "cluster.cli", "embed", str(fasta), "-o", str(out), *model,
            "--overwrite", "--no-progress", *extra]
     start = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -152,6 +156,40 @@ def ray_running_runs(fasta: Path, ckpt: Path, dir_: Path, extra: list[str], jobs
         subprocess.run([*_RAY_CLI, "stop", "--force"], capture_output=True)
 
 
+def service_runs(fasta: Path, ckpt: Path, dir_: Path, extra: list[str], jobs: int) -> tuple[float, list[dict]]:
+    """`jobs` runs of `embed --service`, one after another, through a warm service: `ray start --head`,
+    `virnucpro serve start --model` (timed: it returns once the replica has the model loaded), then
+    the embeds, which start no actor and load no weights. Returns (serve start's seconds, the runs);
+    the service and that Ray are stopped afterwards."""
+    env = cache_env(dir_ / "compile-cache")
+    started = subprocess.run([*_RAY_CLI, "start", "--head", "--disable-usage-stats"], capture_output=True, text=True,
+                             env=env)
+    try:
+        if started.returncode:
+            raise RuntimeError(f"ray start --head failed:\n{started.stderr[-2000:]}")
+        t = time.time()
+        served = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "start", "--model", str(ckpt),
+                                 "--address", "auto", "--name", "startup"], capture_output=True, text=True, env=env,
+                                cwd=ROOT)
+        serve_seconds = time.time() - t
+        if served.returncode:
+            raise RuntimeError(f"serve start failed:\n{served.stderr[-3000:]}")
+        print(f"  serve start: {serve_seconds:.1f} s", flush=True)
+        runs = []
+        for _ in range(jobs):
+            try:
+                runs.append(run_embed(fasta, None, dir_ / "out", dir_ / "compile-cache",
+                                      [*extra, "--service", "startup", "--address", "auto"]))
+            except RuntimeError as e:
+                print(f"  failed: {e}", flush=True)
+                runs.append({"error": str(e)[-3000:]})
+        return serve_seconds, runs
+    finally:
+        subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "stop", "--name", "startup", "--address", "auto"],
+                       capture_output=True, env=env, cwd=ROOT)
+        subprocess.run([*_RAY_CLI, "stop", "--force"], capture_output=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -160,10 +198,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="default: a new temporary directory (an empty compile cache)")
     ap.add_argument("--embed-args", default="", help="extra `virnucpro embed` arguments, e.g. '--num-actors 1'")
     ap.add_argument("--runs", nargs="+", default=["first", "second"],
-                    choices=["first", "second", "ray_running", "ray_running_preload"],
+                    choices=["first", "second", "ray_running", "ray_running_preload", "service"],
                     help="in this order; ray_running: joining a Ray started beforehand, with the compile cache left; "
-                         "ray_running_preload: its idle workers preloading torch and the model code")
-    ap.add_argument("--jobs", type=int, default=3, help="ray_running runs: embeds one after another on one Ray")
+                         "ray_running_preload: its idle workers preloading torch and the model code; "
+                         "service: `embed --service` through a warm `virnucpro serve start` service")
+    ap.add_argument("--jobs", type=int, default=3, help="ray_running and service runs: embeds one after another")
     ap.add_argument("--settle", type=float, default=10.0,
                     help="ray_running runs: seconds between Ray's first driver leaving and the first embed")
     args = ap.parse_args()
@@ -202,6 +241,9 @@ def main() -> None:
                     # the first job's figures at the top, as before (which then ran with no driver before it)
                     runs[name] = {**jobs[0], "jobs": jobs, "settle_seconds": args.settle,
                                   "ray_preload_python_modules": PRELOAD if preload else None}
+                elif name == "service":
+                    serve_seconds, jobs = service_runs(fasta, ckpt, dir_, extra, args.jobs)
+                    runs[name] = {**jobs[0], "jobs": jobs, "serve_start_seconds": round(serve_seconds, 2)}
                 else:
                     runs[name] = run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", extra)
             except RuntimeError as e:  # one failed run is a result too; the others still count
