@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from virnucpro.attention import Packing
-from virnucpro.batching import TokenBatch
+from virnucpro.batching import BatchError, PartResult, TokenBatch  # noqa: F401 - also imported from here
 from virnucpro.models import ModelSource, compute_columns, default_toks_per_batch, load_model, residue_counts
 from virnucpro.options import EmbedOptions
 from virnucpro.output import Column, OutputLocation, plan_columns, write_part
@@ -35,10 +35,6 @@ from virnucpro.output import Column, OutputLocation, plan_columns, write_part
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class BatchError(RuntimeError):
-    """A batch that cannot be computed: not worth retrying elsewhere (bad input, out of memory)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,19 +62,6 @@ def recommend_toks_per_batch(batch_tokens: int, peak_bytes: int, weight_bytes: i
     per_token = max(peak_bytes - weight_bytes, 1) / max(batch_tokens, 1)
     usable = 0.8 * (total_bytes - weight_bytes)
     return max(256, int(usable / per_token) // 256 * 256)
-
-
-@dataclass
-class PartResult:
-    batch_id: int
-    file: str
-    rows: int
-    tokens: int
-    seconds: float  # the whole call: forward_seconds + write_seconds + waiting for a stream pair
-    actor: str
-    node: str = ""  # Ray node id of the actor that wrote the part
-    forward_seconds: float = 0.0  # host-to-device copy, forward pass, pooled embeddings back on the host
-    write_seconds: float = 0.0  # the Parquet part, encoded and written
 
 
 class _Metrics:

@@ -131,12 +131,11 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
 
         timeline = Timeline(process_start_time())
         _refuse_previous_run(args.out_dir, opts)
-        # Ray starts while the driver imports torch and checks the model
+        # Ray starts while the driver imports torch and checks the model (a job through a service: neither)
         ray_up = start_ray(opts.address, opts.dashboard_host, on_ready=lambda: timeline.mark("ray_up"))
         from .driver import run_embed
 
-        return run_embed(args.input, args.out_dir, args.model, opts, actor_class or _embedder(), timeline,
-                         ray_up).summary()
+        return run_embed(args.input, args.out_dir, args.model, opts, actor_class, timeline, ray_up).summary()
     if args.command == "preprocess":
         from virnucpro.preprocess import default_workers, preprocess_fasta
 
@@ -187,12 +186,6 @@ def _serve(args: argparse.Namespace) -> str:
     rows = service_status(args.name)
     return "\n".join(f"{s['name']}\t{s['status']}\t{s['model']}\treplicas {s['replicas']}\t{s['route']}"
                      for s in rows) or "no virnucpro service is running"
-
-
-def _embedder() -> type:
-    from actors.embedder import Embedder
-
-    return Embedder
 
 
 def _fields(opts) -> dict:

@@ -40,9 +40,11 @@ import pyarrow.parquet as pq
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
-from actors.embedder import ActorConfig, BatchError, Embedder, PartResult
-from virnucpro.batching import Plan, TokenBatch, make_batch, plan_fingerprint, token_counts
-from virnucpro.models import ModelSource, check_model, default_toks_per_batch, load_tokenizer, resolve_model
+# Nothing here imports torch: a job through a running service (--service) needs none of it, and
+# importing it is 2.2-2.5 s of a driver's start on an H200 host. A job with its own actors imports
+# the model code (and torch) where it checks the model and defines the actors.
+from virnucpro.batching import BatchError, PartResult, Plan, TokenBatch, make_batch, plan_fingerprint, token_counts
+from virnucpro.checkpoint import ModelSource
 from virnucpro.options import EmbedOptions, default_dataloader_workers
 from virnucpro.output import (LEGACY_MANIFEST, MANIFEST, PART_NAME, PREVIOUS_RUN, Manifest, OutputLocation,
                              default_columns, part_schema)
@@ -100,21 +102,22 @@ class EmbedResult:
                 f"-> {self.out_dir}")
 
 
-def embed(input: str | Path, out_dir: str | Path, model: str | Path, *, actor_class: type = Embedder,
+def embed(input: str | Path, out_dir: str | Path, model: str | Path | None, *, actor_class: type | None = None,
           timeline: Timeline | None = None, **options) -> EmbedResult:
     """Embed every sequence of a FASTA file into Parquet under out_dir (the Python API of `virnucpro embed`).
 
     out_dir is a local directory or a URI on any pyarrow/fsspec filesystem (`s3://bucket/run`).
     Options are the fields of `virnucpro.options.EmbedOptions`; a value out of range raises
-    `OptionError` before anything starts. `actor_class`: the actor run on each worker, `Embedder` or a
-    subclass of it (the tests inject faults this way). `timeline`: where start-up phases are marked
+    `OptionError` before anything starts. `actor_class`: the actor run on each worker, `Embedder` (the
+    default) or a subclass of it (the tests inject faults this way). `model` None: `service=NAME`'s. `timeline`: where start-up phases are marked
     (default: from this call's start). Returns an `EmbedResult`; read the rows with
     `virnucpro.output.read_embeddings(out_dir)` or `pyarrow.parquet.read_table(out_dir)`.
     """
-    return run_embed(Path(input), out_dir, str(model), EmbedOptions(**options), actor_class, timeline)
+    return run_embed(Path(input), out_dir, None if model is None else str(model), EmbedOptions(**options),
+                     actor_class, timeline)
 
 
-def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, actor_class: type = Embedder,
+def run_embed(input: Path, out_dir: str | Path, model: str | None, opts: EmbedOptions, actor_class: type | None = None,
               timeline: Timeline | None = None, ray_up: Future | None = None) -> EmbedResult:
     """`embed` with its options parsed. `ray_up`: Ray being started in the background (`start_ray`),
     as the command line does before its imports; by default it is started here, at once."""
@@ -138,8 +141,11 @@ def run_embed(input: Path, out_dir: str | Path, model: str, opts: EmbedOptions, 
         if opts.service:
             target, pool = _Target.service(opts, out)
         else:
+            from actors.embedder import ActorConfig, Embedder
+
             target.place(opts)
-            pool = _new_pool(actor_class, ActorConfig(target.source, out.uri, target.device, opts), target, opts)
+            pool = _new_pool(actor_class or Embedder, ActorConfig(target.source, out.uri, target.device, opts),
+                             target, opts)
             pool.launch()  # the actors load their model while the input is indexed and planned
         source, tokenizer, dim = target.source, target.tokenizer, target.dim
         index = FastaIndex.build(input, source.sequence_kind, scratch)
@@ -257,6 +263,8 @@ class _Target:
     @classmethod
     def local(cls, model: str, opts: EmbedOptions) -> _Target:
         """The job's own actors will load `model`; checked here (names and shapes), before they start."""
+        from virnucpro.models import check_model, load_tokenizer, resolve_model
+
         source = resolve_model(model)
         return cls(source, load_tokenizer(source, opts.truncation_seq_length), check_model(source),
                    opts.truncation_seq_length, 0)
@@ -265,6 +273,8 @@ class _Target:
         """Once Ray is up: the device and actor count from the cluster's resources."""
         self.placement = place = Placement.of(opts)
         self.device, self.num_gpus = place.device, place.num_gpus
+        from virnucpro.models import default_toks_per_batch
+
         self.toks_per_batch = default_toks_per_batch(self.source, place.device)
 
     @classmethod
@@ -285,7 +295,7 @@ class _Target:
         return target, pool
 
 
-def _new_pool(actor_class: type, config: ActorConfig, target: _Target, opts: EmbedOptions) -> ActorPool:
+def _new_pool(actor_class: type, config, target: _Target, opts: EmbedOptions) -> ActorPool:
     """The run's actors: `place.num_actors` of `actor_class`, each taking its CUDA streams' worth of
     batches plus one queued behind them (which hides the dispatch latency)."""
     place = target.placement

@@ -22,7 +22,7 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from actors.embedder import BatchError
+from virnucpro.batching import BatchError
 from virnucpro.sequences import SequenceError
 
 ACTOR_DIED, RETRY, PERMANENT, STORAGE = "actor_died", "retry", "permanent", "storage"

@@ -17,8 +17,6 @@ import shutil
 import subprocess
 import sys
 
-from actors.embedder import ActorConfig
-from virnucpro.models import check_model, default_toks_per_batch, resolve_model
 from virnucpro.options import EmbedOptions
 
 from .pool import ActorPool
@@ -64,7 +62,9 @@ def start_service(model: str, name: str = DEFAULT_NAME, replicas: int = 1, gpus_
     `actor_class`: what each replica runs, `Embedder` or a subclass (the tests inject faults with it)."""
     from ray import serve
 
+    from actors.embedder import ActorConfig
     from actors.service import EmbeddingService, ServiceConfig
+    from virnucpro.models import check_model, default_toks_per_batch, resolve_model
 
     from .session import Placement
 

@@ -16,6 +16,7 @@ from virnucpro.models import (DNABERT_S_FAMILY, ESM2_FAMILY, FAMILIES, Checkpoin
                               default_toks_per_batch, load_model, load_tokenizer, resolve_model)
 from virnucpro.models.dnabert_s import DNABERTSTokenizer, load_dnabert_s
 from virnucpro.models.esm2 import ALPHABET, MASK, ESM2Tokenizer, load_esm2
+from virnucpro.sequences import DNA, PROTEIN
 from virnucpro.tiny import write_dnabert_s_dir, write_esm2_checkpoint
 
 TOL = 1e-5
@@ -248,8 +249,8 @@ def test_family_registry_describes_each_model(esm_tiny, dnabert_tiny):
 
 
 def test_default_token_budgets():
-    esm = ModelSource(ESM2_FAMILY, Path("m.pt"), "m")
-    dna = ModelSource(DNABERT_S_FAMILY, Path("d"), "d")
+    esm = ModelSource(ESM2_FAMILY, Path("m.pt"), "m", PROTEIN)
+    dna = ModelSource(DNABERT_S_FAMILY, Path("d"), "d", DNA)
     assert [default_toks_per_batch(s, "cpu") for s in (esm, dna)] == [4096, 4096]
     assert [default_toks_per_batch(s, "cuda") for s in (esm, dna)] == [65536, 262144]
 

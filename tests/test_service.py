@@ -8,6 +8,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -78,6 +80,20 @@ def test_job_through_the_service_matches_its_own_actors(service, esm_tiny, tmp_p
     # resume works as for a job's own actors: nothing left to do
     again = embed(tmp_path / "in.faa", tmp_path / "svc", None, service="svc", resume=True, progress=False)
     assert again.batches_computed == 0
+
+
+def test_a_job_through_the_service_imports_no_torch(service, tmp_path):
+    """`virnucpro embed --service` plans with the tokenizer the service hands it, and gets `PartResult`s
+    back: its process never imports torch (2.2-2.5 s of a driver's start on an H200 host)."""
+    ids = write_fasta(tmp_path / "in.faa", random_proteins(40, 5, 120, seed=57))
+    argv = ["embed", str(tmp_path / "in.faa"), "-o", str(tmp_path / "out"), "--service", "svc",
+            "--address", ray.get_runtime_context().gcs_address, "--no-progress"]
+    code = (f"import sys; from cluster.cli import main; rc = main({argv!r}); "
+            f"print('torch imported:', 'torch' in sys.modules); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch imported: False" in proc.stdout
+    _assert_exactly_once(tmp_path / "out", ids)
 
 
 def test_two_jobs_at_once_share_the_replicas(service, tmp_path):

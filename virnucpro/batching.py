@@ -41,6 +41,25 @@ class TokenBatch:
                 f"{int(self.seq_tokens.max())} tokens, first id '{self.ids[0]}')")
 
 
+class BatchError(RuntimeError):
+    """A batch that cannot be computed: not worth retrying elsewhere (bad input, out of memory)."""
+
+
+@dataclass
+class PartResult:
+    """A batch computed: the Parquet part an actor or replica wrote, and what it took."""
+
+    batch_id: int
+    file: str
+    rows: int
+    tokens: int
+    seconds: float  # the whole call: forward_seconds + write_seconds + waiting for a stream pair
+    actor: str
+    node: str = ""  # Ray node id of the actor that wrote the part
+    forward_seconds: float = 0.0  # host-to-device copy, forward pass, pooled embeddings back on the host
+    write_seconds: float = 0.0  # the Parquet part, encoded and written
+
+
 def plan_batches(num_tokens: np.ndarray, toks_per_batch: int) -> list[np.ndarray]:
     """Cut sequences (given their token counts) into batches of at most toks_per_batch tokens.
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,8 @@ from ..attention import Packing
 from ..output import Column
 from . import dnabert_s, esm2
 from .dnabert_s import DNABERTS
-from .esm2 import ESM2, CheckpointError
+from .esm2 import ESM2
+from ..checkpoint import CheckpointError, ModelSource
 from .family import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
@@ -39,21 +39,6 @@ ESM2_FAMILY = esm2.FAMILY.name  # "esm2"
 DNABERT_S_FAMILY = dnabert_s.FAMILY.name  # "dnabert_s"
 # a batch's token budget on CPU, for every family: CPU batches stay small for memory locality
 CPU_TOKS_PER_BATCH = 4096
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    family: str  # a key of FAMILIES: "esm2" or "dnabert_s"
-    path: Path  # the .pt file or the model directory
-    name: str  # what the user asked for, recorded in the output
-
-    @property
-    def model_family(self) -> ModelFamily:
-        return FAMILIES[self.family]
-
-    @property
-    def sequence_kind(self) -> str:
-        return self.model_family.sequence_kind
 
 
 def _torch_hub_dir() -> Path:
@@ -94,6 +79,10 @@ def _family_of_dir(path: Path) -> str:
     raise CheckpointError(f"{path}: config.json describes a '{model_type}' model, not {readers}")
 
 
+def _source(family: str, path: Path, name: str) -> ModelSource:
+    return ModelSource(family, path, name, FAMILIES[family].sequence_kind)
+
+
 def resolve_model(spec: str | Path) -> ModelSource:
     """Turn a MODEL argument into a local file or directory and a family (see module docstring)."""
     text = str(spec)
@@ -101,19 +90,19 @@ def resolve_model(spec: str | Path) -> ModelSource:
     if path.is_file():
         if path.suffix != ".pt":
             raise CheckpointError(f"{path}: expected a fair-esm .pt file or a model directory")
-        return ModelSource(ESM2_FAMILY, path, text)
+        return _source(ESM2_FAMILY, path, text)
     if path.is_dir():
-        return ModelSource(_family_of_dir(path), path, text)
+        return _source(_family_of_dir(path), path, text)
     if text.startswith("esm") and "/" not in text:
         hub = _torch_hub_dir() / f"{text.removesuffix('.pt')}.pt"
         if hub.is_file():
-            return ModelSource(ESM2_FAMILY, hub, text)
+            return _source(ESM2_FAMILY, hub, text)
         raise CheckpointError(f"model '{text}': not in the torch hub cache ({hub}); nothing is downloaded - "
                               f"fetch it there first or give a path")
     if text.count("/") == 1 and not text.startswith((".", "/")):
         snap = _hf_snapshot(text)
         if snap is not None:
-            return ModelSource(_family_of_dir(snap), snap, text)
+            return _source(_family_of_dir(snap), snap, text)
         raise CheckpointError(f"model '{text}': not in the Hugging Face cache; nothing is downloaded - "
                               f"fetch it first (huggingface-cli download {text}) or give a directory")
     raise CheckpointError(f"model '{text}': no such file or directory, and not a known checkpoint name")

@@ -25,21 +25,17 @@ from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Backend, Packing, attention, keep_out_of_compile, select_backend
+from ..checkpoint import CheckpointError
 from ..sequences import PROTEIN
+from ..tokenizers import ALPHABET, CLS, EOS, MASK, PAD, UNK, ESM2Tokenizer  # noqa: F401 - also imported from here
 from .family import ModelFamily
 
 log = logging.getLogger(__name__)
-
-# fair-esm's "ESM-1b" alphabet, used by every ESM-2 checkpoint: 4 specials, 25 residues, '.', '-',
-# one filler to a multiple of 8, then <mask>.
-ALPHABET = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-", "<null_1>", "<mask>"]
-CLS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 32
 
 # (layers, embed dim, heads) of the published checkpoints, for checkpoints without a readable cfg
 KNOWN_SHAPES = {
@@ -59,42 +55,6 @@ class ESM2Config:
     attention_heads: int
     token_dropout: bool = True
     vocab_size: int = len(ALPHABET)
-
-
-class ESM2Tokenizer:
-    """Residues -> ESM-2 token ids, as fair-esm's BatchConverter: <cls> seq[:truncation] <eos>."""
-
-    def __init__(self, truncation_seq_length: int | None = 1022):
-        self.truncation_seq_length = truncation_seq_length
-        # J (Leu/Ile), the one letter missing from the vocabulary (fair-esm raises KeyError on it),
-        # is read as X, the unknown residue ESM-2 saw in training; validation lets no other byte in.
-        lut = np.full(256, ALPHABET.index("X"), dtype=np.int32)
-        for i, tok in enumerate(ALPHABET):
-            if len(tok) == 1:
-                lut[ord(tok)] = i
-        self._lut = lut
-
-    def num_tokens(self, length: int) -> int:
-        trunc = self.truncation_seq_length
-        return (length if trunc is None else min(length, trunc)) + 2
-
-    @property
-    def max_residues(self) -> int | None:
-        """Residues of a sequence that `encode` uses: reading more of a long record is wasted."""
-        return self.truncation_seq_length
-
-    def encode(self, sequences: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Packed token ids int32 [T], tokens per sequence int32 [B], truncated bool [B]."""
-        trunc = self.truncation_seq_length
-        pieces, lengths, truncated = [], [], []
-        for seq in sequences:
-            raw = np.frombuffer(seq.encode("ascii"), dtype=np.uint8)
-            truncated.append(trunc is not None and len(raw) > trunc)
-            if trunc is not None:
-                raw = raw[:trunc]
-            pieces.append(np.concatenate(([CLS], self._lut[raw], [EOS])).astype(np.int32))
-            lengths.append(len(raw) + 2)
-        return np.concatenate(pieces), np.asarray(lengths, np.int32), np.asarray(truncated, bool)
 
 
 def rotary_tables(position: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,10 +203,6 @@ class ESM2(nn.Module):
 
 _PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 _IGNORED = re.compile(r"^(lm_head\.weight$|contact_head\.|.*rot_emb\.inv_freq$|.*self_attn\.bias_[kv]$)")
-
-
-class CheckpointError(ValueError):
-    """A model file that is missing, of another family, or of unexpected shapes."""
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], where: object,
