@@ -57,6 +57,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def batch_shape(seq_tokens: np.ndarray) -> tuple[int, int, int]:
+    """(sequences, tokens, longest sequence) of a batch given its sequences' token counts: what its
+    memory grows with (packed activations with tokens; a padded attention grid with sequences x longest)."""
+    return len(seq_tokens), int(np.sum(seq_tokens)), int(np.max(seq_tokens, initial=0))
+
+
 def recommend_toks_per_batch(batch_tokens: int, peak_bytes: int, weight_bytes: int, total_bytes: int) -> int:
     """A token budget that should fit, from what this batch used: activations scale with tokens."""
     per_token = max(peak_bytes - weight_bytes, 1) / max(batch_tokens, 1)
@@ -154,6 +160,9 @@ class Embedder:
             torch.set_num_threads(config.cpu_threads)
         self.model = load_model(source, self.device, self.dtype, opts.attention)
         self.timeline["weights_loaded"] = time.time()
+        # (sequences, tokens, longest) of the largest warm-up run so far: a service's replica is asked
+        # to prepare for every job, and a batch within one it ran needs no warm-up of its own
+        self.warmed_up_on = (0, 0, 0)
         if self.device.type == "cuda":
             # pyarrow imports pandas (if installed) at its first pa.array: 0.37 s of the first part's write on
             # a 2-CPU VM. Done beside the GPU warm-up, it is off the first part's path. (Not on a CPU, where no
@@ -251,9 +260,17 @@ class Embedder:
         On a GPU the actor runs one batch of that shape first, so that memory is grown, kernels are
         chosen and shape-specific attention plans are built before the first real batch, and so that
         a budget that cannot fit fails here, with the out-of-memory report, not mid-run. The driver
-        calls this once its plan exists; the constructor (model load, compile) runs meanwhile."""
+        calls this once its plan exists; the constructor (model load, compile) runs meanwhile. A batch
+        no larger in sequences, tokens and longest sequence than one it warmed up on before (a service's
+        next job) is not run again: the memory it needs was grown then (0.7-1 s of an H200 for ESM-2 3B)."""
         if largest_batch is not None and self.device.type == "cuda":
-            self._warm_up(np.asarray(largest_batch, np.int64))
+            largest = np.asarray(largest_batch, np.int64)
+            if all(a <= b for a, b in zip(batch_shape(largest), self.warmed_up_on)):
+                log.debug("actor %s: the plan's largest batch (%d tokens) is within one it warmed up on", self.name,
+                          int(largest.sum()))
+            else:
+                self._warm_up(largest)
+                self.warmed_up_on = tuple(max(a, b) for a, b in zip(self.warmed_up_on, batch_shape(largest)))
         self.timeline.setdefault("warmed_up", time.time())
         return self.info()
 
