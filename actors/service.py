@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from virnucpro.batching import Plan, TokenBatch
+from virnucpro.batching import PartResult, Plan, TokenBatch
 from virnucpro.models import load_tokenizer
 from virnucpro.sequences import SequenceError, iter_fasta
 
-from .embedder import ActorConfig, Embedder, PartResult
+from .embedder import ActorConfig, Embedder
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -54,6 +55,9 @@ from .pool import ActorPool, Lease, cause
 from .progress import DriverMetrics, Progress, Timeline
 from .scheduling import ACTOR_DIED, STORAGE, EmbedError, Scheduler, failure_kind
 from .session import Placement, start_ray
+
+if TYPE_CHECKING:
+    from actors.embedder import ActorConfig
 
 log = logging.getLogger("virnucpro")
 
@@ -119,7 +123,8 @@ def embed(input: str | Path, out_dir: str | Path, model: str | Path | None, *, a
 
 def run_embed(input: Path, out_dir: str | Path, model: str | None, opts: EmbedOptions, actor_class: type | None = None,
               timeline: Timeline | None = None, ray_up: Future | None = None) -> EmbedResult:
-    """`embed` with its options parsed. `ray_up`: Ray being started in the background (`start_ray`),
+    """`embed` with its options parsed. `model` None: the service's (`opts.service`); `actor_class` None:
+    `Embedder`. `ray_up`: Ray being started in the background (`start_ray`),
     as the command line does before its imports; by default it is started here, at once."""
     timeline = timeline or Timeline()
     timeline.mark("driver_started")  # imports done, arguments parsed
@@ -295,7 +300,7 @@ class _Target:
         return target, pool
 
 
-def _new_pool(actor_class: type, config, target: _Target, opts: EmbedOptions) -> ActorPool:
+def _new_pool(actor_class: type, config: ActorConfig, target: _Target, opts: EmbedOptions) -> ActorPool:
     """The run's actors: `place.num_actors` of `actor_class`, each taking its CUDA streams' worth of
     batches plus one queued behind them (which hides the dispatch latency)."""
     place = target.placement

@@ -293,9 +293,9 @@ def test_actor_compiles_on_a_batch_sized_shape_before_a_single_sequence(tmp_path
 
 
 def test_warm_up_only_for_a_batch_larger_than_any_warmed_up_on(esm_tiny, monkeypatch):
-    """A service's replica prepares for every job: it runs the job's largest batch only when that batch
-    has more sequences, more tokens or a longer sequence than every warm-up before (on a GPU: 0.7-1 s
-    of ESM-2 3B a job). The warm-up itself needs CUDA; what is checked is which batches it runs on."""
+    """A service's replica prepares for every job: it runs the job's largest batch only when no one
+    batch it warmed up on before had as many sequences, tokens and as long a sequence (on a GPU about
+    0.7 s of ESM-2 3B a job, estimated). The warm-up needs CUDA; what is checked is which batches run."""
     import torch
 
     from actors.embedder import ActorConfig, Embedder
@@ -307,8 +307,9 @@ def test_warm_up_only_for_a_batch_larger_than_any_warmed_up_on(esm_tiny, monkeyp
     monkeypatch.setattr(actor, "_warm_up", lambda seq_tokens: ran.append(seq_tokens.tolist()))
     monkeypatch.setattr(actor, "info", dict)  # it would name the GPU
     actor.device = torch.device("cuda")  # only its type is read, before the (replaced) warm-up
-    for largest in ([100, 90, 80], [100, 50], [100, 90, 80], [60, 60, 60, 60], [120], [100, 90, 80]):
+    for largest in ([100, 90, 80], [100, 50], [100, 90, 80], [60, 60, 60, 60], [120], [100, 90, 80],
+                    [120, 50, 50, 50], [110, 40, 30]):
         actor.prepare(np.array(largest))
-    # [100, 50] and the repeats fit within the first; 4 sequences and 240 tokens do not; nor does 120 long
-    assert ran == [[100, 90, 80], [60, 60, 60, 60], [120]]
-    assert actor.warmed_up_on == (4, 270, 120)
+    # [100, 50] and the repeats fit within the first; 4 sequences do not, nor 120 long; [120, 50, 50, 50]
+    # is within the three together but within none alone; [110, 40, 30] is within [120, 50, 50, 50]
+    assert ran == [[100, 90, 80], [60, 60, 60, 60], [120], [120, 50, 50, 50]]

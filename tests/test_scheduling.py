@@ -8,7 +8,7 @@ import errno
 import pytest
 
 import cluster.scheduling as scheduling
-from actors.embedder import BatchError
+from virnucpro.batching import BatchError
 from cluster.scheduling import ACTOR_DIED, PERMANENT, RETRY, STORAGE, Scheduler, failure_kind
 from virnucpro.sequences import SequenceError
 

@@ -26,7 +26,7 @@ from cluster.cli import main
 from cluster.driver import embed
 from cluster.service import service_status, start_service, stop_service
 from tests import faults
-from tests.conftest import random_proteins, write_fasta
+from tests.conftest import random_dna, random_proteins, write_fasta
 from virnucpro.options import EmbedOptions
 from virnucpro.output import part_metadata, read_embeddings
 
@@ -82,15 +82,24 @@ def test_job_through_the_service_matches_its_own_actors(service, esm_tiny, tmp_p
     assert again.batches_computed == 0
 
 
-def test_a_job_through_the_service_imports_no_torch(service, tmp_path):
+@pytest.mark.parametrize("family", ["esm2", "dnabert_s"])
+def test_a_job_through_the_service_imports_no_torch(service, dnabert_tiny, family, tmp_path):
     """`virnucpro embed --service` plans with the tokenizer the service hands it, and gets `PartResult`s
     back: its process never imports torch (2.2-2.5 s of a driver's start on an H200 host)."""
-    ids = write_fasta(tmp_path / "in.faa", random_proteins(40, 5, 120, seed=57))
-    argv = ["embed", str(tmp_path / "in.faa"), "-o", str(tmp_path / "out"), "--service", "svc",
+    if family == "esm2":
+        name, ids = service, write_fasta(tmp_path / "in.fa", random_proteins(40, 5, 120, seed=57))
+    else:  # its tokenizer is Hugging Face's, rebuilt from its JSON in the driver
+        name, ids = "dna", write_fasta(tmp_path / "in.fa", random_dna(40, 20, 400, seed=58))
+        start_service(str(dnabert_tiny), name, opts=EmbedOptions(device="cpu", toks_per_batch=2048), http_port=PORT)
+    argv = ["embed", str(tmp_path / "in.fa"), "-o", str(tmp_path / "out"), "--service", name,
             "--address", ray.get_runtime_context().gcs_address, "--no-progress"]
     code = (f"import sys; from cluster.cli import main; rc = main({argv!r}); "
             f"print('torch imported:', 'torch' in sys.modules); sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    finally:
+        if name != service:
+            stop_service(name)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch imported: False" in proc.stdout
     _assert_exactly_once(tmp_path / "out", ids)

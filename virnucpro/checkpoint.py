@@ -2,7 +2,7 @@
 
 `virnucpro.models.resolve_model` makes a `ModelSource`; the model code (and torch) is imported only
 where a model is checked or loaded. A driver that sends its batches to a running service receives
-the service's `ModelSource` and tokenizer (`virnucpro.tokenizers`) and imports neither: importing
+the service's `ModelSource` and tokenizer (`virnucpro.tokenization`) and imports neither: importing
 torch is 2.2-2.5 s of a driver's start on an H200 host.
 """
 
@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .models.family import ModelFamily
 
 
 class CheckpointError(ValueError):
@@ -27,7 +31,7 @@ class ModelSource:
     sequence_kind: str  # its family's: the alphabet input is validated against
 
     @property
-    def model_family(self):  # -> virnucpro.models.ModelFamily
+    def model_family(self) -> ModelFamily:
         from .models import FAMILIES  # the families' modules import torch: only where a model is checked or loaded
 
         return FAMILIES[self.family]

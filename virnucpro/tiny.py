@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models.esm2 import ALPHABET
+from .tokenization import ALPHABET
 
 SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
 

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from ..attention import Packing
+from ..checkpoint import CheckpointError, ModelSource
 from ..output import Column
 from . import dnabert_s, esm2
 from .dnabert_s import DNABERTS
 from .esm2 import ESM2
-from ..checkpoint import CheckpointError, ModelSource
 from .family import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (

@@ -27,7 +27,7 @@ from torch import nn
 from ..attention import Backend, Packing, alibi_slopes, attention, keep_out_of_compile, select_backend
 from ..checkpoint import CheckpointError
 from ..sequences import DNA
-from ..tokenizers import DNABERTSTokenizer  # noqa: F401 - also imported from here (FAMILY uses it)
+from ..tokenization import DNABERTSTokenizer  # noqa: F401 - also imported from here (FAMILY uses it)
 from .esm2 import check_state_dict, load_error, load_weights_only, on_meta_device, to_device
 from .family import ModelFamily
 

@@ -32,7 +32,7 @@ from torch import nn
 from ..attention import Backend, Packing, attention, keep_out_of_compile, select_backend
 from ..checkpoint import CheckpointError
 from ..sequences import PROTEIN
-from ..tokenizers import ALPHABET, CLS, EOS, MASK, PAD, UNK, ESM2Tokenizer  # noqa: F401 - also imported from here
+from ..tokenization import ALPHABET, CLS, EOS, MASK, PAD, UNK, ESM2Tokenizer  # noqa: F401 - also imported from here
 from .family import ModelFamily
 
 log = logging.getLogger(__name__)
