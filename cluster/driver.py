@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -47,8 +46,8 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError, WorkerC
 from virnucpro.batching import BatchError, PartResult, Plan, TokenBatch, make_batch, plan_fingerprint, token_counts
 from virnucpro.checkpoint import ModelSource
 from virnucpro.options import EmbedOptions, default_dataloader_workers
-from virnucpro.output import (LEGACY_MANIFEST, MANIFEST, PART_NAME, PREVIOUS_RUN, Manifest, OutputLocation,
-                             default_columns, part_schema)
+from virnucpro.output import (LEGACY_MANIFEST, MANIFEST, PART_NAME, PREVIOUS_RUN, WRITE_TEST, Manifest, OutputLocation,
+                             default_columns, is_cut_short, part_schema)
 from virnucpro.sequences import FastaIndex
 
 from .pool import ActorPool, Lease, cause
@@ -62,9 +61,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("virnucpro")
 
 STOP_WAIT_SECONDS = 30  # a failed run waits this long for the batches its actors are computing
-_PART = PART_NAME
-# a write cut short (output._temporary_name): a part, the manifest (either format) or the writability test
-_TEMPORARY = re.compile(r"\.(part-\d{6,}\.parquet|_manifest\.(parquet|json)|\.write-test)\..+\.tmp")
 _ACTOR_FAILED = (RayActorError, ObjectLostError, WorkerCrashedError)  # the actor, not the batch, failed
 
 
@@ -346,12 +342,12 @@ def _writers(opts: EmbedOptions) -> int:
 def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
     try:
         out.make_dirs()
-        out.write_atomic(".write-test", lambda f: f.write(b""))
-        out.delete(".write-test")
+        out.write_atomic(WRITE_TEST, lambda f: f.write(b""))
+        out.delete(WRITE_TEST)
         files = out.list_files()
     except Exception as e:  # noqa: BLE001 - OSError locally, pyarrow / fsspec errors elsewhere
         raise EmbedError(f"{out}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
-    parts = [name for name in files if _PART.fullmatch(name)]
+    parts = [name for name in files if PART_NAME.fullmatch(name)]
     previous = out.holds_run(files)
     if opts.resume or opts.overwrite:  # temporaries of writes a killed run left behind
         _remove_temporaries(out, files)
@@ -367,7 +363,7 @@ def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
 def _remove_temporaries(out: OutputLocation, files: dict[str, int]) -> None:
     """Delete what writes cut short left (an actor killed while it wrote a part): nothing else."""
     for name in files:
-        if _TEMPORARY.fullmatch(name):
+        if is_cut_short(name):
             out.delete(name)
 
 
@@ -403,14 +399,14 @@ def _finished_batches(out: OutputLocation, manifest: Manifest, plan: Plan) -> np
     files = out.list_files()
     done = np.zeros(len(plan), bool)
     for name in list(manifest.parts):
-        m = _PART.fullmatch(name)
+        m = PART_NAME.fullmatch(name)
         b = int(m.group(1)) if m else -1
         if name in files and 0 <= b < len(plan) and manifest.parts[name] == plan.rows(b):
             done[b] = True
         else:
             del manifest.parts[name]
     for name in files:
-        m = _PART.fullmatch(name)
+        m = PART_NAME.fullmatch(name)
         if not m or name in manifest.parts or int(m.group(1)) >= len(plan):
             continue
         b = int(m.group(1))

@@ -146,3 +146,15 @@ def test_embed_writes_the_columns_asked_for(tmp_path, esm_tiny, local_ray):
     assert per_token.value_lengths().to_pylist() == counts.tolist() == [len(s) for s in seqs]
     flat = per_token.flatten().flatten().to_numpy().astype(np.float32).reshape(-1, 64)
     assert np.allclose(flat, want["per_token_2"].numpy(), atol=2e-3, rtol=2e-3)
+
+
+def test_only_writes_cut_short_count_as_temporaries():
+    """A run deletes what its own cut-short writes left (`.NAME.<12 hex>.tmp` of a part, the manifest
+    or the write test) and nothing else a user may keep in the output directory."""
+    from virnucpro.output import LEGACY_MANIFEST, MANIFEST, WRITE_TEST, _temporary_name, is_cut_short
+
+    for name in ("part-000042.parquet", "part-1234567.parquet", MANIFEST, LEGACY_MANIFEST, WRITE_TEST):
+        assert is_cut_short(_temporary_name(name)), name
+    for name in ("part-000042.parquet", ".notes.txt.0123456789ab.tmp", ".part-42.parquet.0123456789ab.tmp",
+                 ".part-000042.parquet.tmp", ".part-000042.parquet.xyz.tmp", "_manifest.parquet.0123456789ab.tmp"):
+        assert not is_cut_short(name), name

@@ -215,10 +215,21 @@ def part_schema(out_dir: "str | Path | OutputLocation", name: str) -> pa.Schema:
     return pq.read_schema(loc.join(name), filesystem=loc.fs).remove_metadata()
 
 
+WRITE_TEST = ".write-test"  # what a run writes and deletes first, to find an unwritable output early
+_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")  # _temporary_name's pattern
+
+
 def _temporary_name(name: str) -> str:
     """Where `name` is written before it is renamed into place: hidden, unique per writer, and
     recognisable as a write cut short (`.NAME.<random>.tmp`)."""
     return f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def is_cut_short(name: str) -> bool:
+    """Whether `name` is what a write of a part, the manifest or the write test left when it was cut
+    short (its writer killed): safe to delete, and nothing else is."""
+    m = _TEMPORARY.fullmatch(name)
+    return m is not None and (PART_NAME.fullmatch(m[1]) is not None or m[1] in (MANIFEST, LEGACY_MANIFEST, WRITE_TEST))
 
 
 @contextmanager
