@@ -271,7 +271,7 @@ class Embedder:
             # sequences x longest, which no single earlier batch may have reached
             if any(all(a <= b for a, b in zip(shape, ran)) for ran in self.warmed_up_on):
                 log.debug("actor %s: the plan's largest batch (%d tokens) is within one it warmed up on", self.name,
-                          int(largest.sum()))
+                          shape[1])
             else:
                 self._warm_up(largest)
                 self.warmed_up_on.append(shape)

@@ -29,6 +29,7 @@ the ray_running run stops the Ray it started with `ray stop`: run it on a machin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,36 +126,49 @@ def ray_running_here() -> bool:
 PRELOAD = "torch,actors.embedder"  # what Ray's idle workers import before an actor takes one (ray_running_preload)
 
 
-def ray_running_runs(fasta: Path, ckpt: Path, dir_: Path, extra: list[str], jobs: int, preload: bool,
-                     settle: float) -> list[dict]:
-    """`jobs` runs of `embed --address auto`, one after another, joining a Ray started beforehand with
-    this model's compile cache (its workers, the actors, inherit the raylet's environment). A driver
-    connects and leaves first, then `settle` seconds pass: a Ray that has been up a while. That Ray is
-    stopped afterwards."""
-    env = cache_env(dir_ / "compile-cache")
-    if preload:
-        env["RAY_preload_python_modules"] = PRELOAD
+@contextlib.contextmanager
+def ray_head(env: dict[str, str]) -> Iterator[None]:
+    """A Ray started with `ray start --head` in `env` (its workers, the actors, inherit the raylet's
+    environment), stopped when the block ends."""
     started = subprocess.run([*_RAY_CLI, "start", "--head", "--disable-usage-stats"], capture_output=True, text=True,
                              env=env)
     try:
         if started.returncode:
             raise RuntimeError(f"ray start --head failed:\n{started.stderr[-2000:]}")
+        yield
+    finally:
+        # `ray stop` stops every Ray of this user on the machine: the check in main() made sure it was ours
+        subprocess.run([*_RAY_CLI, "stop", "--force"], capture_output=True)
+
+
+def jobs_in_a_row(jobs: int, fasta: Path, ckpt: Path | None, dir_: Path, extra: list[str]) -> list[dict]:
+    """`jobs` runs of `embed ... --address auto` one after another; a failed one is recorded and the
+    ones before it still count."""
+    runs = []
+    for _ in range(jobs):
+        try:
+            runs.append(run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", [*extra, "--address", "auto"]))
+        except RuntimeError as e:
+            print(f"  failed: {e}", flush=True)
+            runs.append({"error": str(e)[-3000:]})
+    return runs
+
+
+def ray_running_runs(fasta: Path, ckpt: Path, dir_: Path, extra: list[str], jobs: int, preload: bool,
+                     settle: float) -> list[dict]:
+    """`jobs` runs of `embed --address auto`, one after another, joining a Ray started beforehand with
+    this model's compile cache. A driver connects and leaves first, then `settle` seconds pass: a Ray
+    that has been up a while. That Ray is stopped afterwards."""
+    env = cache_env(dir_ / "compile-cache")
+    if preload:
+        env["RAY_preload_python_modules"] = PRELOAD
+    with ray_head(env):
         first = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto', logging_level='ERROR')"],
                                capture_output=True, text=True, env=env)
         if first.returncode:
             raise RuntimeError(f"the first driver could not connect:\n{first.stderr[-2000:]}")
         time.sleep(settle)
-        runs = []
-        for _ in range(jobs):
-            try:
-                runs.append(run_embed(fasta, ckpt, dir_ / "out", dir_ / "compile-cache", [*extra, "--address", "auto"]))
-            except RuntimeError as e:  # the jobs before it still count
-                print(f"  failed: {e}", flush=True)
-                runs.append({"error": str(e)[-3000:]})
-        return runs
-    finally:
-        # `ray stop` stops every Ray of this user on the machine: the check in main() made sure it was ours
-        subprocess.run([*_RAY_CLI, "stop", "--force"], capture_output=True)
+        return jobs_in_a_row(jobs, fasta, ckpt, dir_, extra)
 
 
 def service_runs(fasta: Path, ckpt: Path, dir_: Path, extra: list[str], jobs: int) -> tuple[float, list[dict]]:
@@ -162,11 +177,7 @@ def service_runs(fasta: Path, ckpt: Path, dir_: Path, extra: list[str], jobs: in
     the embeds, which start no actor and load no weights. Returns (serve start's seconds, the runs);
     the service and that Ray are stopped afterwards."""
     env = cache_env(dir_ / "compile-cache")
-    started = subprocess.run([*_RAY_CLI, "start", "--head", "--disable-usage-stats"], capture_output=True, text=True,
-                             env=env)
-    try:
-        if started.returncode:
-            raise RuntimeError(f"ray start --head failed:\n{started.stderr[-2000:]}")
+    with ray_head(env):
         t = time.time()
         served = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "start", "--model", str(ckpt),
                                  "--address", "auto", "--name", "startup"], capture_output=True, text=True, env=env,
@@ -175,19 +186,11 @@ def service_runs(fasta: Path, ckpt: Path, dir_: Path, extra: list[str], jobs: in
         if served.returncode:
             raise RuntimeError(f"serve start failed:\n{served.stderr[-3000:]}")
         print(f"  serve start: {serve_seconds:.1f} s", flush=True)
-        runs = []
-        for _ in range(jobs):
-            try:
-                runs.append(run_embed(fasta, None, dir_ / "out", dir_ / "compile-cache",
-                                      [*extra, "--service", "startup", "--address", "auto"]))
-            except RuntimeError as e:
-                print(f"  failed: {e}", flush=True)
-                runs.append({"error": str(e)[-3000:]})
-        return serve_seconds, runs
-    finally:
-        subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "stop", "--name", "startup", "--address", "auto"],
-                       capture_output=True, env=env, cwd=ROOT)
-        subprocess.run([*_RAY_CLI, "stop", "--force"], capture_output=True)
+        try:
+            return serve_seconds, jobs_in_a_row(jobs, fasta, None, dir_, [*extra, "--service", "startup"])
+        finally:
+            subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "stop", "--name", "startup", "--address",
+                            "auto"], capture_output=True, env=env, cwd=ROOT)
 
 
 def main() -> None:

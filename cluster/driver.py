@@ -109,8 +109,8 @@ def embed(input: str | Path, out_dir: str | Path, model: str | Path | None, *, a
     out_dir is a local directory or a URI on any pyarrow/fsspec filesystem (`s3://bucket/run`).
     Options are the fields of `virnucpro.options.EmbedOptions`; a value out of range raises
     `OptionError` before anything starts. `actor_class`: the actor run on each worker, `Embedder` (the
-    default) or a subclass of it (the tests inject faults this way). `model` None: `service=NAME`'s. `timeline`: where start-up phases are marked
-    (default: from this call's start). Returns an `EmbedResult`; read the rows with
+    default) or a subclass of it (the tests inject faults this way). `model` None: `service=NAME`'s.
+    `timeline`: where start-up phases are marked (default: from this call's start). Returns an `EmbedResult`; read the rows with
     `virnucpro.output.read_embeddings(out_dir)` or `pyarrow.parquet.read_table(out_dir)`.
     """
     return run_embed(Path(input), out_dir, None if model is None else str(model), EmbedOptions(**options),
@@ -272,10 +272,10 @@ class _Target:
 
     def place(self, opts: EmbedOptions) -> None:
         """Once Ray is up: the device and actor count from the cluster's resources."""
-        self.placement = place = Placement.of(opts)
-        self.device, self.num_gpus = place.device, place.num_gpus
         from virnucpro.models import default_toks_per_batch
 
+        self.placement = place = Placement.of(opts)
+        self.device, self.num_gpus = place.device, place.num_gpus
         self.toks_per_batch = default_toks_per_batch(self.source, place.device)
 
     @classmethod
