@@ -16,12 +16,13 @@ import io
 import json
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from virnucpro.batching import PartResult, Plan, TokenBatch
+from virnucpro.batching import PartResult, Plan, TokenBatch, interface_fingerprint
 from virnucpro.models import load_tokenizer
 from virnucpro.sequences import SequenceError, iter_fasta
 
@@ -53,13 +54,16 @@ class EmbeddingService:
         self.tokenizer = load_tokenizer(config.actor.source, config.actor.options.truncation_seq_length)
 
     async def describe(self) -> dict:
-        """What a job's driver needs: the model (to plan and fingerprint), its tokenizer, the replica."""
-        return {"source": self.config.actor.source, "tokenizer": self.tokenizer, "dim": self.embedder.model.dim,
-                "options": self.config.actor.options, "toks_per_batch": self.config.toks_per_batch,
-                "info": self.embedder.info()}
+        """What a job's driver needs: the model (to plan and fingerprint), its tokenizer, the replica.
+        First, the interface this replica's VirNucPro speaks: the driver checks it before using the rest."""
+        with _torch_free_errors("describe"):
+            return {"interface": interface_fingerprint(), "source": self.config.actor.source,
+                    "tokenizer": self.tokenizer, "dim": self.embedder.model.dim, "options": self.config.actor.options,
+                    "toks_per_batch": self.config.toks_per_batch, "info": self.embedder.info()}
 
     async def prepare(self, largest_batch: np.ndarray | None = None) -> dict:
-        return await asyncio.to_thread(self.embedder.prepare, largest_batch)
+        with _torch_free_errors("prepare"):
+            return await asyncio.to_thread(self.embedder.prepare, largest_batch)
 
     async def embed(self, batch: TokenBatch, attempt: int, out_dir: str, outputs: tuple | None = None) -> PartResult:
         """A job's batch: computed and written into `out_dir` like an actor of the job's own would, with
@@ -68,7 +72,8 @@ class EmbeddingService:
 
         if isinstance(batch, ray.ObjectRef):
             batch = await batch
-        return await asyncio.to_thread(self.embedder.embed, batch, attempt, out_dir, outputs)
+        with _torch_free_errors("embed"):
+            return await asyncio.to_thread(self.embedder.embed, batch, attempt, out_dir, outputs)
 
     def check_health(self) -> None:
         """Serve's health check: the GPU still answers (a replica whose CUDA context broke is replaced)."""
@@ -145,6 +150,22 @@ class EmbeddingService:
                                np.concatenate([tokens[starts[i]:starts[i + 1]] for i in rows]), seq_tokens[rows])
             out[rows] = self.embedder.compute(batch)
         return out, lengths
+
+
+@contextmanager
+def _torch_free_errors(call: str):
+    """Errors of torch's own classes leave the replica as a RuntimeError naming them. Ray pickles a
+    replica's exception for the job's driver, and unpickling a torch class imports torch there, which a
+    job through a service never does otherwise (`cluster/driver.py`). A RuntimeError is what the
+    driver's scheduler treats them as anyway (worth a retry, as from an actor of the job's own); the
+    traceback stays in the replica's log. Other errors (BatchError, OSError, ...) pass unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if not any(c.__module__.startswith("torch") for c in type(e).__mro__):  # torchvision's too: it imports torch
+            raise
+        log.exception("replica: %s failed", call)
+        raise RuntimeError(f"{type(e).__module__}.{type(e).__qualname__}: {e}") from None
 
 
 def _refused(header: str) -> tuple[int, str] | None:

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 
+from virnucpro.batching import interface_fingerprint
 from virnucpro.options import EmbedOptions
 
 from .pool import ActorPool
@@ -112,15 +113,30 @@ def stop_service(name: str = DEFAULT_NAME) -> None:
 
 
 def describe_service(name: str) -> dict:
-    """What a job needs from the service (model source, tokenizer, width), from one of its replicas."""
+    """What a job needs from the service (model source, tokenizer, width), from one of its replicas,
+    once it is known to speak this VirNucPro's interface."""
     from ray import serve
 
     try:
         handle = serve.get_deployment_handle(DEPLOYMENT, app_name=name)
-        return handle.describe.remote().result(timeout_s=120)
+        info = handle.describe.remote().result(timeout_s=120)
     except Exception as e:  # noqa: BLE001 - Serve raises several kinds for a missing app
         raise EmbedError(f"service '{name}' is not running or not answering ({type(e).__name__}: {e}); "
                          f"virnucpro serve status lists the services") from None
+    check_interface(name, info)
+    return info
+
+
+def check_interface(name: str, info: dict) -> None:
+    """Refuse a service started by another VirNucPro: the objects a job and the replicas pickle for each
+    other may lack or add fields (`interface_fingerprint`), which would fail midway or, worse, quietly.
+    A service from before the fingerprint sends none, and gets the same answer."""
+    theirs, ours = info.get("interface"), interface_fingerprint()
+    if theirs != ours:
+        raise EmbedError(f"service '{name}' runs a different VirNucPro interface (service: "
+                         f"{theirs or 'none, an older VirNucPro'}; this VirNucPro: {ours}): restart it with this "
+                         f"VirNucPro: virnucpro serve stop --name {name}, then virnucpro serve start --name {name} "
+                         f"with its model and options")
 
 
 class _Call:

@@ -1,6 +1,6 @@
 """The embedding service on Ray Serve, on CPU with a tiny model: start, status and stop; jobs through it
-(the same rows as a job's own actors, two jobs at once, a replica killed mid-job); HTTP with the
-cluster's token, bad input and size limits."""
+(the same rows as a job's own actors, two jobs at once, a replica killed mid-job, a replica's torch
+error); HTTP with the cluster's token, bad input and size limits; a service of another VirNucPro refused."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,16 @@ import pyarrow as pa
 import pytest
 import ray
 
+from actors.embedder import Embedder
+from actors.service import _torch_free_errors
 from cluster.cli import main
 from cluster.driver import embed
-from cluster.service import service_status, start_service, stop_service
+from cluster.scheduling import EmbedError
+from cluster.service import check_interface, service_status, start_service, stop_service
 from tests import faults
 from tests.conftest import random_dna, random_proteins, write_fasta
+from virnucpro import batching
+from virnucpro.batching import BatchError, interface_fingerprint
 from virnucpro.options import EmbedOptions
 from virnucpro.output import part_metadata, read_embeddings
 
@@ -91,18 +97,72 @@ def test_a_job_through_the_service_imports_no_torch(service, dnabert_tiny, famil
     else:  # its tokenizer is Hugging Face's, rebuilt from its JSON in the driver
         name, ids = "dna", write_fasta(tmp_path / "in.fa", random_dna(40, 20, 400, seed=58))
         start_service(str(dnabert_tiny), name, opts=EmbedOptions(device="cpu", toks_per_batch=2048), http_port=PORT)
-    argv = ["embed", str(tmp_path / "in.fa"), "-o", str(tmp_path / "out"), "--service", name,
-            "--address", ray.get_runtime_context().gcs_address, "--no-progress"]
-    code = (f"import sys; from cluster.cli import main; rc = main({argv!r}); "
-            f"print('torch imported:', 'torch' in sys.modules); sys.exit(rc)")
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        proc = _embed_in_a_fresh_process(tmp_path / "in.fa", tmp_path / "out", name)
     finally:
         if name != service:
             stop_service(name)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch imported: False" in proc.stdout
     _assert_exactly_once(tmp_path / "out", ids)
+
+
+def _embed_in_a_fresh_process(fasta: Path, out: Path, service: str) -> subprocess.CompletedProcess:
+    """`virnucpro embed FASTA -o OUT --service SERVICE` in a new Python process, which prints at its end
+    whether it imported torch."""
+    argv = ["embed", str(fasta), "-o", str(out), "--service", service,
+            "--address", ray.get_runtime_context().gcs_address, "--no-progress"]
+    code = (f"import sys; from cluster.cli import main; rc = main({argv!r}); "
+            f"print('torch imported:', 'torch' in sys.modules); sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def _torch_error_replica() -> type:
+    """Replicas whose every batch raises torch's own error class, as a CUDA error outside the Embedder's
+    out-of-memory handling would (a class made here, so that Ray ships it by value)."""
+
+    class TorchErrorEmbedder(Embedder):
+        def _compute(self, batch, columns, dtype, attempt=0):
+            import torch
+
+            raise torch.AcceleratorError("injected: CUDA error: an illegal memory access was encountered")
+
+    return TorchErrorEmbedder
+
+
+def test_a_torch_error_in_a_replica_stops_the_job_with_one_line_and_no_torch(serve_ray, esm_tiny, tmp_path):
+    """The replica's torch error reaches the driver as a RuntimeError naming it: retried as an error from
+    an actor of the job's own would be, then one line; unpickling torch's class would import torch."""
+    start_service(str(esm_tiny), "torch-error", opts=EmbedOptions(device="cpu", toks_per_batch=512),
+                  http_port=PORT, actor_class=_torch_error_replica())
+    write_fasta(tmp_path / "in.faa", random_proteins(20, 5, 60, seed=59))
+    try:
+        proc = _embed_in_a_fresh_process(tmp_path / "in.faa", tmp_path / "out", "torch-error")
+    finally:
+        stop_service("torch-error")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "torch imported: False" in proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("virnucpro: error: batch ") and last.endswith(
+        "failed: RuntimeError: torch.AcceleratorError: injected: CUDA error: an illegal memory access was "
+        "encountered (3 attempts); fix the cause, then rerun with --resume"), proc.stderr[-3000:]
+
+
+def test_replica_errors_of_torch_classes_leave_as_runtime_errors():
+    import torch
+
+    class LaterError(torch.OutOfMemoryError):  # a subclass of torch's, defined elsewhere
+        pass
+
+    for error in (torch.AcceleratorError("device lost"), LaterError("out of memory")):
+        with pytest.raises(RuntimeError) as e, _torch_free_errors("embed"):
+            raise error
+        name = f"{type(error).__module__}.{type(error).__qualname__}"
+        assert type(e.value) is RuntimeError and str(e.value) == f"{name}: {error}"
+    for error in (BatchError("batch 3: out of memory"), OSError(28, "No space left on device")):
+        with pytest.raises(type(error)) as e, _torch_free_errors("embed"):
+            raise error
+        assert e.value is error  # the driver's scheduler tells these apart: unchanged
 
 
 def test_two_jobs_at_once_share_the_replicas(service, tmp_path):
@@ -213,3 +273,29 @@ def test_cli_serve_status_and_stop(service, esm_tiny, capsys):
     assert main(["serve", "stop", "--name", "second"]) == 0
     assert main(["serve", "stop", "--name", "second"]) == 1
     assert "no virnucpro service named 'second'" in capsys.readouterr().err
+
+
+def test_interface_fingerprint_follows_the_exchanged_fields(monkeypatch):
+    ours = interface_fingerprint()
+    assert ours == interface_fingerprint(batching.EXCHANGED)
+
+    @dataclass
+    class PartResult(batching.PartResult):  # as a later VirNucPro might grow it
+        gpu_seconds: float = 0.0
+
+    grown = tuple(PartResult if c is batching.PartResult else c for c in batching.EXCHANGED)
+    assert interface_fingerprint(grown) != ours
+    monkeypatch.setattr("virnucpro.__version__", "0.0.1")
+    assert interface_fingerprint() != ours
+
+
+@pytest.mark.parametrize("interface", ["another", None])
+def test_a_service_of_another_interface_is_refused(interface):
+    """Another VirNucPro's fingerprint, or none (a service from before it), gets one line: restart it."""
+    info = {"source": None, **({"interface": interface} if interface else {})}
+    with pytest.raises(EmbedError) as e:
+        check_interface("esm", info)
+    message = str(e.value)
+    assert message.startswith("service 'esm' runs a different VirNucPro interface") and "\n" not in message
+    assert "virnucpro serve stop --name esm, then virnucpro serve start --name esm" in message
+    check_interface("esm", {**info, "interface": interface_fingerprint()})  # this VirNucPro's: accepted

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import ModelSource
+from .options import EmbedOptions
 from .sequences import FastaIndex
 
 
@@ -203,6 +205,23 @@ def plan_fingerprint(*parts: object) -> str:
         h.update(memoryview(np.ascontiguousarray(p)).cast("B") if isinstance(p, np.ndarray) else repr(p).encode())
         h.update(b"\x00")
     return h.hexdigest()[:16]
+
+
+# the dataclasses a job's driver and a service's replicas pickle for each other: the model's description,
+# the job's options (the service's, in `describe`), its batches and the parts written
+EXCHANGED = (ModelSource, EmbedOptions, TokenBatch, PartResult)
+
+
+def interface_fingerprint(classes: tuple[type, ...] | None = None) -> str:
+    """A short hash of what a job's driver and a service's replicas exchange as pickled objects: this
+    VirNucPro's version and the fields of the dataclasses that travel between them (`classes`, default
+    `EXCHANGED`). A service started by another VirNucPro gives another hash: the driver refuses it before
+    a field that one side lacks breaks the job midway. Computed from the classes, so a field added or
+    removed changes it without anyone remembering to."""
+    from . import __version__  # at each call, not once: the tests change it
+
+    shapes = [(c.__name__, [f.name for f in fields(c)]) for c in classes or EXCHANGED]
+    return hashlib.sha256(repr((__version__, shapes)).encode()).hexdigest()[:12]
 
 
 def make_batch(index: FastaIndex, positions: np.ndarray, tokenizer, batch_id: int) -> TokenBatch:
