@@ -7,7 +7,7 @@ reductions at about 40% of the memory bandwidth: at width 1280 they are above In
 limit for a persistent reduction (one pass over the row held in registers). Each variant compiles the
 same random-weight model's layers with `torch.compile(layer, dynamic=True, options=...)` and times
 one pass over the same planned batches with CUDA events after a warm-up pass, tokens pre-staged:
-  default             what the models ship with
+  default             Inductor's defaults, ESM-2's GELU a kernel of its own (the models before 2026-12-02)
   coordinate_descent  Inductor tunes each kernel's block sizes and warps at compile time
   multi_kernel        Inductor emits persistent and looped versions of each reduction (up to 16384
                       wide) and picks the faster one per shape at run time
@@ -15,9 +15,18 @@ one pass over the same planned batches with CUDA events after a warm-up pass, to
   autotune_gemm       Inductor's Triton GEMM templates autotuned against cuBLAS (max_autotune_gemm),
                       so a winning template carries the GELU or residual add in its epilogue
   autotune_gemm_cd    that and coordinate descent
-The compile time is the first (warm-up) pass's wall clock, compile included. The variants run in one
-process, in order: the first pays one-off costs (cuBLAS, imports) and later ones reuse Inductor's
-in-process caches, so compare the first-pass times only roughly. Each variant's kernels are tuned on
+  persistent_wide     rows up to 2048 wide reduced in one pass in registers (an InductorChoices
+                      handler raises the 1024 limit), i.e. multi_kernel's persistent LayerNorms
+                      without its run-time pick, which torch 2.11 cannot load from its cache
+  gelu_epilogue       ESM-2's fc1 bias and GELU in cuBLASLt's GEMM epilogue (tanh GELU), no GELU pass
+  gelu_epilogue_persistent   those together: what the models ship with since 2026-12-02
+                             (virnucpro/compiling.py, esm2.TransformerLayer.gelu_epilogue)
+  gelu_epilogue_persistent_cd   and coordinate descent
+Every variant also reports the pooled cosine of its bf16 output to a float32 copy of the model (SDPA,
+no TF32) on 128 sequences, minimum over sequences, so a faster variant shows what it costs.
+The compile time is the first (warm-up) pass's wall clock, compile included, with Inductor's caches
+off. The variants run in one process, in order: the first pays one-off costs (cuBLAS, imports), so
+compare the first-pass times only roughly. Each variant's kernels are tuned on
 the real batches (its first pass), unlike an actor's, whose compiled layers first run on a tiny
 warm-up (actors/embedder.py).
 """
@@ -25,20 +34,29 @@ warm-up (actors/embedder.py).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# Inductor's caches are keyed by its config, not by a choices handler: a variant could load another's
+# kernels. Every variant compiles from scratch, so first-pass times compare too.
+os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
+import torch  # noqa: E402
+from torch._inductor.choices import InductorChoices  # noqa: E402
+from torch._inductor.virtualized import V  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_models import (ESM_SHAPES, cuda_time, dna_token_lengths, dnabert_flops, esm_flops,  # noqa: E402
                                 matmul_ceiling, random_dnabert_s, random_esm2, token_batches, virnucpro_lengths)
-from virnucpro.attention import Packing, keep_out_of_compile  # noqa: E402
+from virnucpro.attention import Packing, keep_out_of_compile, select_backend  # noqa: E402
+from virnucpro.models.esm2 import TransformerLayer  # noqa: E402
 from virnucpro.models.dnabert_s import DNABERTSConfig  # noqa: E402
 
 VARIANTS = {
@@ -51,7 +69,36 @@ VARIANTS = {
     "autotune_gemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"},
     "autotune_gemm_cd": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN",
                          "coordinate_descent_tuning": True},
+    # keys starting with "_" are ours, not Inductor's
+    "persistent_wide": {"_persistent_upto": 2048},
+    "gelu_epilogue": {"_gelu_epilogue": True},
+    "gelu_epilogue_persistent": {"_gelu_epilogue": True, "_persistent_upto": 2048},
+    "gelu_epilogue_persistent_cd": {"_gelu_epilogue": True, "_persistent_upto": 2048,
+                                    "coordinate_descent_tuning": True},
 }
+
+
+def wide_row_choices(upto: int):
+    """An InductorChoices that reduces rows up to `upto` wide in one persistent pass (default 1024)."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class WideRows(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction):
+            if (features.get_reduction_hint() == ReductionHint.INNER
+                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, upto)):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+    return WideRows()
+
+
+def pooled_cosine_min(model, layers, ref, staged) -> float:
+    with torch.inference_mode():
+        got = torch.cat([model.embed(t, p, layers) for t, p in staged]).double()
+        want = torch.cat([ref.embed(t, p) for t, p in staged]).double()
+    return float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min())
 
 
 def staged_batches(batches: list[np.ndarray], vocab: int) -> list[tuple[torch.Tensor, Packing]]:
@@ -79,7 +126,7 @@ def probe(model, layers: list[torch.nn.Module], staged) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--models", nargs="+", default=["esm2_650M", "dnabert_s"])
+    ap.add_argument("--models", nargs="+", default=["esm2_650M", "dnabert_s"], choices=["esm2_650M", "esm2_3B", "dnabert_s"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("-n", type=int, default=6000, help="sequences (proteins, or DNA chunks x5)")
     args = ap.parse_args()
@@ -103,23 +150,41 @@ def main() -> None:
             flops = esm_flops(lengths_tokens, layers_n, d)
             blocks = model.layers
         tokens = int(lengths_tokens.sum())
+        ref = copy.deepcopy(model).float()  # the accuracy reference: float32, SDPA, no TF32
+        ref.backend = select_backend(torch.device("cuda"), torch.float32, alibi=name == "dnabert_s")
+        for layer in ref.modules():
+            if isinstance(layer, TransformerLayer):
+                layer.gelu_epilogue = False  # the reference keeps the exact GELU whatever the variant
+        check_lengths = lengths_tokens[:128] - 2
+        check = staged_batches([check_lengths[:64], check_lengths[64:]], vocab)
         rows = {}
         keep_out_of_compile()  # the attention kernels opaque to dynamo, as the models' compiled_layers do
         for variant in args.variants:
             torch._dynamo.reset()
-            compiled = [torch.compile(block, dynamic=True, options=VARIANTS[variant]) for block in blocks]
+            ours = {k: v for k, v in VARIANTS[variant].items() if k.startswith("_")}
+            options = {k: v for k, v in VARIANTS[variant].items() if not k.startswith("_")}
+            if ours.get("_gelu_epilogue") and name == "dnabert_s":
+                continue  # ESM-2's plain GELU only; DNABERT-S's is gated
+            TransformerLayer.gelu_epilogue = bool(ours.get("_gelu_epilogue"))
+            V.set_choices_handler(wide_row_choices(ours["_persistent_upto"]) if "_persistent_upto" in ours
+                                  else InductorChoices())
+            compiled = [torch.compile(block, dynamic=True, options=options) for block in blocks]
             try:
                 first, t = probe(model, compiled, staged)
+                cos = pooled_cosine_min(model, compiled, ref, check)
             except Exception as e:  # noqa: BLE001 - a setting this torch lacks is a result too
                 rows[variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 print(f"{name} {variant}: {rows[variant]['error']}", flush=True)
                 continue
-            rows[variant] = {"options": VARIANTS[variant], "tokens_per_s": round(tokens / t),
-                             "mfu": round(flops / t / ceiling, 4), "first_pass_seconds": round(first, 2)}
+            rows[variant] = {"options": {k: str(v) for k, v in VARIANTS[variant].items()},
+                             "tokens_per_s": round(tokens / t), "mfu": round(flops / t / ceiling, 4),
+                             "first_pass_seconds": round(first, 2), "pooled_cosine_min_to_fp32": round(cos, 6)}
             print(f"{name} {variant}: {tokens / t / 1e3:.1f} K tok/s, MFU {flops / t / ceiling:.1%}, "
-                  f"first pass {first:.1f} s", flush=True)
+                  f"first pass {first:.1f} s, pooled cosine min {cos:.6f}", flush=True)
+        TransformerLayer.gelu_epilogue = False
+        V.set_choices_handler(InductorChoices())
         result["models"][name] = {"tokens": tokens, "batches": len(staged), "variants": rows}
-        del model, staged, blocks
+        del model, ref, staged, blocks
         torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -43,19 +43,24 @@ def test_esm2_bf16_flash_matches_fp32_fair_esm(tmp_path, monkeypatch, layers, di
     model = load_esm2(path, "cuda", torch.bfloat16)
     assert model.backend.name == "flash", model.backend.describe()
     counter = CallCounter(attention_mod._varlen_attn())
+    epilogue = CallCounter(torch.ops.aten._addmm_activation)
     if compiled:
         model.compile_layers()
+        torch._dynamo.utils.counters.clear()
     else:
         monkeypatch.setattr(attention_mod, "_varlen_attn", lambda: counter)
+        monkeypatch.setattr(torch.ops.aten, "_addmm_activation", epilogue)
     # VirNucPro-like lengths, plus long ones (rotary positions > 256 must stay exact)
     seqs = random_proteins(40, 30, 166, seed=1) + random_proteins(4, 600, 1022, seed=2)
     pooled_on_gpu(model, ESM2Tokenizer(), seqs[:3])  # compile outside the profile
-    counter.calls = 0
+    counter.calls = epilogue.calls = 0
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         got = pooled_on_gpu(model, ESM2Tokenizer(), seqs)
     kernels = {e.name for e in prof.events()}
     assert any("flash" in k.lower() for k in kernels), sorted(kernels)[:20]  # FlashAttention ran
     assert compiled or counter.calls == layers  # one varlen flash call per layer: the flash path ran
+    assert compiled or epilogue.calls == layers  # and fc1 with its GELU in cuBLASLt's epilogue
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     want = fair_esm_pooled(fair_esm_reference(layers, dim, heads, seed=21), seqs)
     cos = F.cosine_similarity(got.double(), want.double(), dim=-1)
     print(f"ESM-2 {layers}x{dim}{' compiled' if compiled else ''}: bf16 flash vs fp32 fair-esm cosine min {cos.min():.6f} mean {cos.mean():.6f}")

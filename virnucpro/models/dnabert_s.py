@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, alibi_slopes, attention, keep_out_of_compile, select_backend
+from ..attention import Backend, Packing, alibi_slopes, attention, select_backend
 from ..checkpoint import CheckpointError
 from ..sequences import DNA
 from ..tokenization import DNABERTSTokenizer  # noqa: F401 - also imported from here (FAMILY uses it)
@@ -167,14 +167,15 @@ class DNABERTS(nn.Module):
     def compiled_layers(self) -> list[nn.Module]:
         """Each layer under torch.compile for dynamic token counts, sharing its weights (fuses the post-LN,
         GELU gate, residuals); nothing compiles until they first run (see ESM2.compiled_layers)."""
-        keep_out_of_compile()
-        return [torch.compile(layer, dynamic=True) for layer in self.encoder.layer]
+        from virnucpro.compiling import compiled
+
+        return compiled(list(self.encoder.layer))
 
     def compile_layers(self) -> None:
         """Compile the layers in place (scripts that compile before they run anything)."""
-        keep_out_of_compile()
-        for layer in self.encoder.layer:
-            layer.compile(dynamic=True)
+        from virnucpro.compiling import compile_in_place
+
+        compile_in_place(list(self.encoder.layer))
 
     def embed(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
         """Mean over all tokens of each sequence, [CLS] and [SEP] included (as DNABERT-S), float32 [B, D]."""
