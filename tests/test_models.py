@@ -313,3 +313,42 @@ def test_compiled_layer_is_one_graph_through_the_packed_attention_op(dnabert_tin
         assert rel_err(got, expected[batch]).max() < TOL
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compiled_layers_reduce_rows_up_to_2048_wide_persistently(esm_tiny):
+    """ESM-2 650M's LayerNorms are 1280 wide: Inductor's default reduces them in a loop (two reads of
+    each row), ours in one persistent pass; wider rows (3B's 2560) keep the default. The choice is set
+    in the thread that compiles, an actor's compile thread, and the compile's options carry it (it is
+    part of Inductor's cache key)."""
+    import threading
+    import types
+
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    from virnucpro.compiling import WideRowChoices
+
+    def features(width):
+        return types.SimpleNamespace(get_reduction_hint=lambda: ReductionHint.INNER, reduction_numel=width)
+
+    graph = types.SimpleNamespace(sizevars=types.SimpleNamespace(statically_known_leq=lambda a, b: a <= b))
+    with V.set_graph_handler(graph):
+        assert WideRowChoices.should_use_persistent_reduction(features(1280), False)
+        assert not InductorChoices.should_use_persistent_reduction(features(1280), False)
+        assert WideRowChoices.should_use_persistent_reduction(features(768), False)
+        assert not WideRowChoices.should_use_persistent_reduction(features(2560), False)
+
+    model = load_esm2(esm_tiny)
+    seen = {}
+
+    def compile_thread():
+        seen["layers"] = model.compiled_layers()
+        seen["choices"] = V.choices
+
+    t = threading.Thread(target=compile_thread)
+    t.start()
+    t.join()
+    assert isinstance(seen["choices"], WideRowChoices)
+    if hasattr(torch._inductor.config, "inductor_choices_class"):
+        assert "WideRowChoices" in repr(seen["layers"][0].get_compiler_config())
