@@ -15,6 +15,7 @@ import asyncio
 import io
 import json
 import logging
+import pickle
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,11 +56,14 @@ class EmbeddingService:
 
     async def describe(self) -> dict:
         """What a job's driver needs: the model (to plan and fingerprint), its tokenizer, the replica.
-        First, the interface this replica's VirNucPro speaks: the driver checks it before using the rest."""
+        The interface this replica's VirNucPro speaks, as a plain string, and the rest pickled apart: a
+        driver of another VirNucPro checks the one before it unpickles the other, which it may not be
+        able to (`cluster.service.describe_service`)."""
         with _torch_free_errors("describe"):
-            return {"interface": interface_fingerprint(), "source": self.config.actor.source,
-                    "tokenizer": self.tokenizer, "dim": self.embedder.model.dim, "options": self.config.actor.options,
-                    "toks_per_batch": self.config.toks_per_batch, "info": self.embedder.info()}
+            return {"interface": interface_fingerprint(), "payload": pickle.dumps({
+                "source": self.config.actor.source, "tokenizer": self.tokenizer, "dim": self.embedder.model.dim,
+                "options": self.config.actor.options, "toks_per_batch": self.config.toks_per_batch,
+                "info": self.embedder.info()})}
 
     async def prepare(self, largest_batch: np.ndarray | None = None) -> dict:
         with _torch_free_errors("prepare"):

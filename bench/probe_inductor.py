@@ -15,13 +15,14 @@ one pass over the same planned batches with CUDA events after a warm-up pass, to
   autotune_gemm       Inductor's Triton GEMM templates autotuned against cuBLAS (max_autotune_gemm),
                       so a winning template carries the GELU or residual add in its epilogue
   autotune_gemm_cd    that and coordinate descent
-  persistent_wide     rows up to 2048 wide reduced in one pass in registers (an InductorChoices
-                      handler raises the 1024 limit), i.e. multi_kernel's persistent LayerNorms
+  persistent_wide     rows up to 2048 wide reduced in one pass in registers (virnucpro.compiling's
+                      InductorChoices raises the 1024 limit), i.e. multi_kernel's persistent LayerNorms
                       without its run-time pick, which torch 2.11 cannot load from its cache
   gelu_epilogue       ESM-2's fc1 bias and GELU in cuBLASLt's GEMM epilogue (tanh GELU), no GELU pass
-  gelu_epilogue_persistent   those together: what the models ship with since 2026-12-02
-                             (virnucpro/compiling.py, esm2.TransformerLayer.gelu_epilogue)
+  gelu_epilogue_persistent   those together
   gelu_epilogue_persistent_cd   and coordinate descent
+  shipped             the models' own compiled_layers() (virnucpro/compiling.py), the GELU epilogue on:
+                      the same as gelu_epilogue_persistent, by the code path the models use
 Every variant also reports the pooled cosine of its bf16 output to a float32 copy of the model (SDPA,
 no TF32) on 128 sequences, minimum over sequences, so a faster variant shows what it costs.
 The compile time is the first (warm-up) pass's wall clock, compile included, with Inductor's caches
@@ -56,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_models import (ESM_SHAPES, cuda_time, dna_token_lengths, dnabert_flops, esm_flops,  # noqa: E402
                                 matmul_ceiling, random_dnabert_s, random_esm2, token_batches, virnucpro_lengths)
 from virnucpro.attention import Packing, keep_out_of_compile, select_backend  # noqa: E402
+from virnucpro.compiling import WideRowChoices  # noqa: E402
 from virnucpro.models.esm2 import TransformerLayer  # noqa: E402
 from virnucpro.models.dnabert_s import DNABERTSConfig  # noqa: E402
 
@@ -70,28 +72,12 @@ VARIANTS = {
     "autotune_gemm_cd": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN",
                          "coordinate_descent_tuning": True},
     # keys starting with "_" are ours, not Inductor's
-    "persistent_wide": {"_persistent_upto": 2048},
+    "persistent_wide": {"_wide_rows": True},
     "gelu_epilogue": {"_gelu_epilogue": True},
-    "gelu_epilogue_persistent": {"_gelu_epilogue": True, "_persistent_upto": 2048},
-    "gelu_epilogue_persistent_cd": {"_gelu_epilogue": True, "_persistent_upto": 2048,
-                                    "coordinate_descent_tuning": True},
+    "gelu_epilogue_persistent": {"_gelu_epilogue": True, "_wide_rows": True},
+    "gelu_epilogue_persistent_cd": {"_gelu_epilogue": True, "_wide_rows": True, "coordinate_descent_tuning": True},
+    "shipped": {"_gelu_epilogue": True, "_shipped": True},  # the models' own compiled_layers()
 }
-
-
-def wide_row_choices(upto: int):
-    """An InductorChoices that reduces rows up to `upto` wide in one persistent pass (default 1024)."""
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-    from torch._inductor.virtualized import V
-
-    class WideRows(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features, cooperative_reduction):
-            if (features.get_reduction_hint() == ReductionHint.INNER
-                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, upto)):
-                return True
-            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
-    return WideRows()
 
 
 def pooled_cosine_min(model, layers, ref, staged) -> float:
@@ -166,9 +152,9 @@ def main() -> None:
             if ours.get("_gelu_epilogue") and name == "dnabert_s":
                 continue  # ESM-2's plain GELU only; DNABERT-S's is gated
             TransformerLayer.gelu_epilogue = bool(ours.get("_gelu_epilogue"))
-            V.set_choices_handler(wide_row_choices(ours["_persistent_upto"]) if "_persistent_upto" in ours
-                                  else InductorChoices())
-            compiled = [torch.compile(block, dynamic=True, options=options) for block in blocks]
+            V.set_choices_handler(WideRowChoices() if ours.get("_wide_rows") else InductorChoices())
+            compiled = (model.compiled_layers() if ours.get("_shipped")
+                        else [torch.compile(block, dynamic=True, options=options) for block in blocks])
             try:
                 first, t = probe(model, compiled, staged)
                 cos = pooled_cosine_min(model, compiled, ref, check)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -97,8 +98,11 @@ def service_status(name: str | None = None) -> list[dict]:
             continue
         model = toks = None
         if deployment.status == "HEALTHY":
-            info = serve.get_app_handle(app_name).describe.remote().result(timeout_s=30)
-            model, toks = info["source"].name, info["toks_per_batch"]
+            try:
+                info = _unpacked(app_name, serve.get_app_handle(app_name).describe.remote().result(timeout_s=30))
+                model, toks = info["source"].name, info["toks_per_batch"]
+            except EmbedError:
+                model = "(another VirNucPro: restart this service)"
         out.append({"name": app_name, "status": str(app.status), "replicas": dict(deployment.replica_states),
                     "route": f"/{app_name}", "model": model, "toks_per_batch": toks})
     return out
@@ -119,12 +123,17 @@ def describe_service(name: str) -> dict:
 
     try:
         handle = serve.get_deployment_handle(DEPLOYMENT, app_name=name)
-        info = handle.describe.remote().result(timeout_s=120)
+        described = handle.describe.remote().result(timeout_s=120)
     except Exception as e:  # noqa: BLE001 - Serve raises several kinds for a missing app
         raise EmbedError(f"service '{name}' is not running or not answering ({type(e).__name__}: {e}); "
                          f"virnucpro serve status lists the services") from None
-    check_interface(name, info)
-    return info
+    return _unpacked(name, described)
+
+
+def _unpacked(name: str, described: dict) -> dict:
+    """A replica's description, once its interface is checked: only then is the rest unpickled."""
+    check_interface(name, described)
+    return pickle.loads(described["payload"])
 
 
 def check_interface(name: str, info: dict) -> None:

@@ -352,3 +352,23 @@ def test_compiled_layers_reduce_rows_up_to_2048_wide_persistently(esm_tiny):
     assert isinstance(seen["choices"], WideRowChoices)
     if hasattr(torch._inductor.config, "inductor_choices_class"):
         assert "WideRowChoices" in repr(seen["layers"][0].get_compiler_config())
+
+
+def test_wide_row_kernels_have_a_cache_key_of_their_own(tmp_path, monkeypatch):
+    """Inductor's disk cache must not hand kernels compiled under its default heuristics to our
+    compile (or ours to a plain one): the same graph misses once under each, then hits."""
+    from torch._dynamo.utils import counters
+
+    from virnucpro.compiling import compiled
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    block = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16))
+    outcomes = []
+    for how in ("plain", "ours", "ours", "plain"):
+        torch._dynamo.reset()
+        counters.clear()
+        layer = torch.compile(block, dynamic=True) if how == "plain" else compiled([block])[0]
+        with torch.inference_mode():
+            layer(torch.randn(5, 16))
+        outcomes.append("hit" if counters["inductor"]["fxgraph_cache_hit"] else "miss")
+    assert outcomes == ["miss", "miss", "hit", "hit"], outcomes

@@ -4,9 +4,17 @@ pass. Imported only by a process that compiles: torch._inductor takes seconds to
 
 Inductor keeps a row in registers (a "persistent" reduction: one read of the row) only up to 1024
 elements, so ESM-2 650M's LayerNorms, 1280 wide, ran as looped reductions that read each row twice, at
-about 40% of the memory bandwidth (bench_profile). Raised to 2048: 650M 341.8 K -> 359.6 K tokens/s, and
-with the GELU in fc1's GEMM epilogue (esm2.TransformerLayer) 385.8 K; 3B unchanged (2560 wide, looped
-either way); DNABERT-S (768) was persistent already (one H200, bench/results/probe-inductor-*.json).
+about 40% of the memory bandwidth (bench_profile). Raised to 2048 (one H200, probe_inductor.py,
+bench/README.md "Where the time goes"): 650M +5%, and +13% with the GELU in fc1's GEMM epilogue
+(esm2.TransformerLayer); 3B's rows (2560) stay looped; DNABERT-S's (768) were persistent already.
+
+Inductor reads its heuristics from a per-thread handler. `compiled` sets ours in the calling thread,
+which is where the layers must first run (an actor's compile thread, a script's main thread); it stays
+set for that thread's later compiles. A recompile in another thread gets it from the compile's
+options where torch has `inductor_choices_class` (and that thread compiled nothing before), else
+Inductor's default: slower LayerNorms, the same results. A no-op graph pass in the options puts this
+file's hash into Inductor's cache key, so kernels compiled under other heuristics are never loaded in
+their place.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch._inductor.choices import InductorChoices
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
 
@@ -32,22 +41,30 @@ class WideRowChoices(InductorChoices):
             return True
         return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
 
-    def uuid(self) -> str:  # what Inductor's cache key holds for this choice (torch >= 2.12 asks for it)
-        return f"virnucpro.WideRowChoices({WIDE_ROWS})"
+    def uuid(self) -> str:  # what torch >= 2.12 puts in the cache key for inductor_choices_class
+        return _KEY
 
 
-def _options() -> dict:
-    # In Inductor's config the choices class is part of the compile's cache key, so kernels compiled
-    # without it are not loaded in its place; a torch without that setting just gets the handler below.
-    return {"inductor_choices_class": WideRowChoices} if hasattr(torch._inductor.config, "inductor_choices_class") else {}
+_KEY = get_hash_for_files((__file__,)).hex()
+
+
+class _Keyed(CustomGraphPass):
+    """Changes nothing; its uuid puts our heuristics into Inductor's cache key (every torch >= 2.4)."""
+
+    def __call__(self, graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        return _KEY
 
 
 def _prepare() -> dict:
     keep_out_of_compile()
-    # Inductor reads its choices handler per thread, once: set it in the thread that compiles (an
-    # actor's compile thread, a script's main thread), whatever that thread compiled before.
     V.set_choices_handler(WideRowChoices())
-    return _options()
+    options = {"post_grad_custom_post_pass": _Keyed()}
+    if hasattr(torch._inductor.config, "inductor_choices_class"):
+        options["inductor_choices_class"] = WideRowChoices
+    return options
 
 
 def compiled(layers: list[nn.Module]) -> list[nn.Module]:
