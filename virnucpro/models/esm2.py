@@ -99,7 +99,7 @@ class TransformerLayer(nn.Module):
         self.fc2 = nn.Linear(ffn_dim, embed_dim)
 
     # On CUDA in bf16/fp16, cuBLASLt adds fc1's bias and applies the GELU in the GEMM's epilogue,
-    # sparing a pass over the 4d-wide activations: ESM-2 650M +7%, 3B +4.5% tokens/s (one H200,
+    # sparing a pass over the 4d-wide activations: ESM-2 650M +7%, 3B +4.5% tokens/s alone (one H200,
     # bench/results/probe-inductor-*.json). Its GELU is the tanh form, within half-precision rounding
     # of the exact one (pooled cosine to a float32 copy unchanged, 0.99999); float32 keeps the exact GELU.
     gelu_epilogue = True
