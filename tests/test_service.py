@@ -4,6 +4,7 @@ error); HTTP with the cluster's token, bad input and size limits; a service of a
 
 from __future__ import annotations
 
+import pickle
 import io
 import json
 import os
@@ -28,7 +29,7 @@ from actors.service import _torch_free_errors
 from cluster.cli import main
 from cluster.driver import embed
 from cluster.scheduling import EmbedError
-from cluster.service import check_interface, service_status, start_service, stop_service
+from cluster.service import _unpacked, check_interface, service_status, start_service, stop_service
 from tests import faults
 from tests.conftest import random_dna, random_proteins, write_fasta
 from virnucpro import batching
@@ -299,3 +300,8 @@ def test_a_service_of_another_interface_is_refused(interface):
     assert message.startswith("service 'esm' runs a different VirNucPro interface") and "\n" not in message
     assert "virnucpro serve stop --name esm, then virnucpro serve start --name esm" in message
     check_interface("esm", {**info, "interface": interface_fingerprint()})  # this VirNucPro's: accepted
+    # the description is unpickled only once the interface matches: another VirNucPro's objects may
+    # not unpickle here at all, and the user gets the restart line, not an unpickling error
+    with pytest.raises(EmbedError, match="different VirNucPro interface"):
+        _unpacked("esm", {**info, "payload": b"not a pickle of this VirNucPro's"})
+    assert _unpacked("esm", {"interface": interface_fingerprint(), "payload": pickle.dumps({"dim": 8})}) == {"dim": 8}
