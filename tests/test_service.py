@@ -4,10 +4,10 @@ error); HTTP with the cluster's token, bad input and size limits; a service of a
 
 from __future__ import annotations
 
-import pickle
 import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
