@@ -48,14 +48,17 @@ def create_parser() -> argparse.ArgumentParser:
     v.add_argument("--name", default="virnucpro", help="service name (default: %(default)s)")
     v.add_argument("--replicas", type=int, default=1, help="model replicas (default: %(default)s)")
     v.add_argument("--gpus-per-replica", type=float, default=None,
-                   help="Ray GPU resource of each replica (default 1 on a GPU cluster; 0.5 shares a GPU)")
+                   help="Ray GPU resource of each replica (default 1 on a GPU cluster, 0 on CPU; 0.5 shares a GPU)")
     v.add_argument("--http-host", default="127.0.0.1", help="where Serve's HTTP proxy listens (default: "
                    "%(default)s, this machine only)")
-    v.add_argument("--http-port", type=int, default=8000, help="(default: %(default)s)")
+    v.add_argument("--http-port", type=int, default=8000,
+                   help="port of Serve's HTTP proxy, shared by every service of the cluster (default: %(default)s)")
     add_arguments(v.add_argument_group("model"), EmbedOptions,
                   only=("device", "dtype", "toks_per_batch", "truncation_seq_length", "cuda_streams",
-                        "attention", "compile", "pin_memory", "expandable_segments", "address", "dashboard_host",
-                        "verbose"))
+                        "attention", "compile", "pin_memory", "expandable_segments", "dashboard_host", "verbose"))
+    v.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else the Ray running on this machine, else "
+                        "a Ray started here with `ray start --head`, which stays up after this command)")
     for verb, text in (("status", "list the services and their replicas"), ("stop", "stop a service")):
         v = verbs.add_parser(verb, help=text)
         v.add_argument("--name", default=None if verb == "status" else "virnucpro",

@@ -83,6 +83,7 @@ class EmbedResult:
     first_part_seconds: float = 0.0  # from the first batch read to the first part written (pipeline fill)
     # seconds from the process's start to the end of each start-up phase, up to the first part written
     timeline: dict[str, float] = field(default_factory=dict)
+    service: str | None = None  # the service whose replicas computed the batches, if any
 
     @property
     def tokens_per_second(self) -> float:
@@ -98,7 +99,8 @@ class EmbedResult:
         first = f" (first part after {self.timeline['first_part']:.1f} s)" if "first_part" in self.timeline else ""
         return (f"{self.num_sequences} sequences ({self.batches_computed} of {self.num_batches} batches "
                 f"computed, {self.tokens_computed} tokens) in {self.seconds:.1f} s{first}; embedding "
-                f"{self.tokens_per_second / 1e3:.1f} K tokens/s on {len(self.actors)} actor(s){faults} "
+                f"{self.tokens_per_second / 1e3:.1f} K tokens/s on {len(self.actors)} "
+                f"{f'replica(s) of service {self.service!r}' if self.service else 'actor(s)'}{faults} "
                 f"-> {self.out_dir}")
 
 
@@ -198,7 +200,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str | None, opts: EmbedOp
                          batches_retried=run.scheduler.retried, actors_replaced=pool.replaced,
                          batches_retried_after_errors=run.scheduler.retried_after_errors,
                          forward_seconds=totals.forward, write_seconds=totals.write,
-                         first_part_seconds=totals.first_part, timeline=timeline.marks)
+                         first_part_seconds=totals.first_part, timeline=timeline.marks, service=opts.service)
     log.info("done: %s", result.summary())
     return result
 

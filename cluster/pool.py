@@ -8,6 +8,7 @@ actor's `info`) that never blocks the caller, and replaces an actor Ray has give
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,12 +25,19 @@ STARTING, READY, PROBING, DEAD = "starting", "ready", "probing", "dead"
 
 
 def cause(e: Exception) -> str:
-    """One line saying why a Ray call failed: the remote exception if there is one."""
+    """One line saying why a Ray call failed: the remote exception if there is one. An actor whose
+    constructor raised dies with that exception only in its traceback's text: its last line says it
+    (`CheckpointError: ...: no such ESM-2 checkpoint file`), not the first."""
     inner = getattr(e, "cause", None)
     if inner is not None and not isinstance(inner, RayActorError):
         return f"{type(inner).__name__}: {inner}"
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    raised = [line for line in lines if _RAISED.match(line)]
+    line = raised[-1] if raised else lines[0] if lines else type(e).__name__
+    return line[:300]
+
+
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")
 
 
 class _Slot:
@@ -155,7 +163,8 @@ class ActorPool:
         free = {k: round(v, 2) for k, v in sorted(ray.available_resources().items()) if k in ("CPU", "GPU")}
         return (f"actor(s) {', '.join(map(str, waiting))} of {self.size} not ready (being placed or loading the "
                 f"model), each needs "
-                f"{self.resources}; the cluster has {free or 'nothing'} free")
+                f"{self.resources}; " + (f"the cluster has {free} free" if free else
+                                         "waiting for the cluster's CPUs or GPUs to free up"))
 
     def acquire(self) -> Lease | None:
         """A ready actor with room for one more batch (the least busy), or None."""

@@ -103,7 +103,7 @@ def service_status(name: str | None = None) -> list[dict]:
                 model, toks = info["source"].name, info["toks_per_batch"]
             except EmbedError:
                 model = "(another VirNucPro: restart this service)"
-        out.append({"name": app_name, "status": str(app.status), "replicas": dict(deployment.replica_states),
+        out.append({"name": app_name, "status": getattr(app.status, "value", str(app.status)), "replicas": dict(deployment.replica_states),
                     "route": f"/{app_name}", "model": model, "toks_per_batch": toks})
     return out
 

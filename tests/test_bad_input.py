@@ -161,7 +161,8 @@ REFUSED: dict[str, tuple[Make, str]] = {
                                          r"/sys/virnucpro-test-out: output directory is not writable"),
     "output holds a previous run": (lambda t, m: [_ok_protein(t)] if _previous_run(t) is None else [],
                                     r"/out: holds the output of a previous run; use --resume to finish it or "
-                                    r"--overwrite to replace it"),
+                                    r"--overwrite to replace it \(--resume needs the same model, input and "
+                                    r"batching options\)"),
     "output holds a different run (--resume)": (
         lambda t, m: [_ok_protein(t), "--resume"] if _previous_run(t, legacy=True) is None else [],
         r"/out: holds a different run \(model, input or batching options differ: esm2_other on /elsewhere/x.faa\); "

@@ -313,3 +313,17 @@ def test_warm_up_only_for_a_batch_larger_than_any_warmed_up_on(esm_tiny, monkeyp
     # [100, 50] and the repeats fit within the first; 4 sequences do not, nor 120 long; [120, 50, 50, 50]
     # is within the three together but within none alone; [110, 40, 30] is within [120, 50, 50, 50]
     assert ran == [[100, 90, 80], [60, 60, 60, 60], [120], [120, 50, 50, 50]]
+
+
+def test_an_actor_that_cannot_load_is_reported_by_its_exception():
+    """An actor whose constructor raised dies with the exception only in its traceback's text; the
+    one-line error names the exception (the last line), not Ray's 'The actor died because ...'."""
+    from cluster.pool import cause
+
+    died = RuntimeError("The actor died because of an error raised in its creation task, ray::Embedder.__init__() "
+                        "(pid=725, ip=10.0.0.2)\n  File \"actors/embedder.py\", line 7, in __init__\n"
+                        "    raise CheckpointError(f'{path}: ...')\n"
+                        "virnucpro.checkpoint.CheckpointError: /x/esm.pt: no such ESM-2 checkpoint file")
+    assert cause(died) == "virnucpro.checkpoint.CheckpointError: /x/esm.pt: no such ESM-2 checkpoint file"
+    assert cause(RuntimeError("The actor died unexpectedly before finishing this task.\nmore")) == \
+        "The actor died unexpectedly before finishing this task."

@@ -168,6 +168,10 @@ def test_dnabert_tokenizer_template_truncation_and_pickle(dnabert_tiny):
 def test_resolve_model_detects_family(esm_tiny, dnabert_tiny, tmp_path, monkeypatch):
     assert resolve_model(esm_tiny).family == "esm2"
     assert resolve_model(dnabert_tiny).family == "dnabert_s"
+    # a relative path is made absolute here: actors and replicas run in another working directory
+    monkeypatch.chdir(esm_tiny.parent)
+    relative = resolve_model(esm_tiny.name)
+    assert relative.path == esm_tiny.absolute() and relative.name == esm_tiny.name
     # named checkpoints come from the torch hub cache, HF ids from the HF cache; nothing downloads
     hub = tmp_path / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)

@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         if kind is bool:
             kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
             kw["default"] = f.default
+            if f.default is not None and "default" not in kw["help"]:
+                kw["help"] += f" (default: {'on' if f.default else 'off'})"
         else:
             if typing.get_origin(kind) is tuple:  # tuple[str, ...]: one or more values
                 kw["nargs"], kind = "+", typing.get_args(kind)[0]
@@ -84,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
                 kw["required"] = True
             else:
                 kw["default"] = f.default
-                if f.default is not None and meta["choices"] is None:
+                if f.default is not None and "default" not in kw["help"]:
                     kw["help"] += " (default: %(default)s)"
         parser.add_argument(*names, **kw)
 

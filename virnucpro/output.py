@@ -48,7 +48,8 @@ MANIFEST_KEY = "virnucpro.manifest"  # the key of the manifest's JSON in that fi
 LEGACY_MANIFEST = "_manifest.json"  # format 1: JSON beside the parts (polars refused such a directory)
 FORMAT_VERSION = 2
 PART_NAME = re.compile(r"part-(\d{6,})\.parquet")  # part-000042.parquet: batch 42's rows
-PREVIOUS_RUN = "holds the output of a previous run; use --resume to finish it or --overwrite to replace it"
+PREVIOUS_RUN = ("holds the output of a previous run; use --resume to finish it or --overwrite to replace it "
+                "(--resume needs the same model, input and batching options)")
 
 
 OUTPUT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}

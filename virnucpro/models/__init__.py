@@ -86,7 +86,9 @@ def _source(family: str, path: Path, name: str) -> ModelSource:
 def resolve_model(spec: str | Path) -> ModelSource:
     """Turn a MODEL argument into a local file or directory and a family (see module docstring)."""
     text = str(spec)
-    path = Path(text).expanduser()
+    # absolute: actors and service replicas resolve a relative path in their own working directory
+    # (where `ray start` ran), not the user's
+    path = Path(text).expanduser().absolute()
     if path.is_file():
         if path.suffix != ".pt":
             raise CheckpointError(f"{path}: expected a fair-esm .pt file or a model directory")
