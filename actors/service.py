@@ -15,7 +15,6 @@ import asyncio
 import io
 import json
 import logging
-import pickle
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,11 +55,13 @@ class EmbeddingService:
 
     async def describe(self) -> dict:
         """What a job's driver needs: the model (to plan and fingerprint), its tokenizer, the replica.
-        The interface this replica's VirNucPro speaks, as a plain string, and the rest pickled apart: a
-        driver of another VirNucPro checks the one before it unpickles the other, which it may not be
-        able to (`cluster.service.describe_service`)."""
+        The interface this replica's VirNucPro speaks, as a plain string, and the rest as a Ray object of
+        its own: a driver of another VirNucPro checks the one before it fetches the other, which it may
+        not be able to deserialise (`cluster.service.describe_service`)."""
+        import ray
+
         with _torch_free_errors("describe"):
-            return {"interface": interface_fingerprint(), "payload": pickle.dumps({
+            return {"interface": interface_fingerprint(), "payload": ray.put({
                 "source": self.config.actor.source, "tokenizer": self.tokenizer, "dim": self.embedder.model.dim,
                 "options": self.config.actor.options, "toks_per_batch": self.config.toks_per_batch,
                 "info": self.embedder.info()})}

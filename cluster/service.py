@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -131,9 +130,11 @@ def describe_service(name: str) -> dict:
 
 
 def _unpacked(name: str, described: dict) -> dict:
-    """A replica's description, once its interface is checked: only then is the rest unpickled."""
+    """A replica's description, once its interface is checked: only then is the rest fetched."""
+    import ray
+
     check_interface(name, described)
-    return pickle.loads(described["payload"])
+    return ray.get(described["payload"])
 
 
 def check_interface(name: str, info: dict) -> None:
