@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call's worth of GPU work: `bash bench/gpu_round.sh STEP...`, results and logs under $OUT.
-# Steps: tests, profile, inductor, attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup, predict,
+# Steps: tests, cache-key, profile, inductor, attention, packed-attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup, predict,
 # service-scaling (N_SCALING proteins, default 60000: ~6 min on 2 H200s).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -33,6 +33,8 @@ for step in "$@"; do
                    --skip-bare --cuda-streams $s --out "$OUT/e2e-dnabert_s-1x-$tag-300k-streams$s.json" 2>&1 | grep "end to end"; done ;;
     e2e-esm) python3 bench/bench_e2e.py --model esm2_3B -n "${N_ESM:-20000}" --work /tmp/esm \
                    --out "$OUT/e2e-esm2_3B-${n}x-$tag.json" 2>&1 | grep -v "Warning\|warn(" | tail -8 ;;
+    packed-attention) python3 bench/probe_packed_attention.py --out "$OUT/probe-packed-attention-$tag${PA_TAG:-}.json" ${PA_ARGS:-} 2>&1 | grep -v "Warning\|warn(" ;;
+    cache-key) python3 -m pytest -q -p no:cacheprovider tests/test_models.py -k cache_key 2>&1 | tail -5 ;;
     attention) python3 bench/bench_attention.py --out "$OUT/attention-$tag.json" 2>&1 | grep -v "Warning\|warn(" ;;
     fp8) python3 bench/bench_fp8.py --out "$OUT/fp8-frontier-$tag.json" ${FP8_ARGS:-} 2>&1 | grep -v "Warning\|warn(" | tail -16 ;;
     startup) python3 bench/bench_startup.py --out "$OUT/startup-$tag${STARTUP_TAG:-}.json" --work /tmp/startup ${STARTUP_ARGS:-} 2>&1 \

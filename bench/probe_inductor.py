@@ -23,6 +23,9 @@ one pass over the same planned batches with CUDA events after a warm-up pass, to
   gelu_epilogue_persistent_cd   and coordinate descent
   shipped             the models' own compiled_layers() (virnucpro/compiling.py), the GELU epilogue on:
                       the same as gelu_epilogue_persistent, by the code path the models use
+  shipped_flash       that with FlashAttention-2's varlen kernel (`--attention flash`) in place of our
+                      Triton kernel, ESM-2's default since 2026-12-02 (every other variant runs the
+                      default attention kernel)
 Every variant also reports the pooled cosine of its bf16 output to a float32 copy of the model (SDPA,
 no TF32) on 128 sequences, minimum over sequences, so a faster variant shows what it costs.
 The compile time is the first (warm-up) pass's wall clock, compile included, with Inductor's caches
@@ -77,6 +80,7 @@ VARIANTS = {
     "gelu_epilogue_persistent": {"_gelu_epilogue": True, "_wide_rows": True},
     "gelu_epilogue_persistent_cd": {"_gelu_epilogue": True, "_wide_rows": True, "coordinate_descent_tuning": True},
     "shipped": {"_gelu_epilogue": True, "_shipped": True},  # the models' own compiled_layers()
+    "shipped_flash": {"_gelu_epilogue": True, "_shipped": True, "_attention": "flash"},  # with FA2's varlen
 }
 
 
@@ -152,6 +156,8 @@ def main() -> None:
             if ours.get("_gelu_epilogue") and name == "dnabert_s":
                 continue  # ESM-2's plain GELU only; DNABERT-S's is gated
             TransformerLayer.gelu_epilogue = bool(ours.get("_gelu_epilogue"))
+            model.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=name == "dnabert_s",
+                                           requested=ours.get("_attention", "auto"))
             V.set_choices_handler(WideRowChoices() if ours.get("_wide_rows") else InductorChoices())
             compiled = (model.compiled_layers() if ours.get("_shipped")
                         else [torch.compile(block, dynamic=True, options=options) for block in blocks])
@@ -163,6 +169,7 @@ def main() -> None:
                 print(f"{name} {variant}: {rows[variant]['error']}", flush=True)
                 continue
             rows[variant] = {"options": {k: str(v) for k, v in VARIANTS[variant].items()},
+                             "attention": model.backend.describe(),
                              "tokens_per_s": round(tokens / t), "mfu": round(flops / t / ceiling, 4),
                              "first_pass_seconds": round(first, 2), "pooled_cosine_min_to_fp32": round(cos, 6)}
             print(f"{name} {variant}: {tokens / t / 1e3:.1f} K tok/s, MFU {flops / t / ceiling:.1%}, "

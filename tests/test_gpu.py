@@ -36,17 +36,28 @@ class CallCounter:
         return self.fn(*args, **kwargs)
 
 
-@pytest.mark.parametrize("layers,dim,heads,compiled", [(6, 320, 20, False), (2, 2560, 40, False),
-                                                      (6, 320, 20, True)])
-def test_esm2_bf16_flash_matches_fp32_fair_esm(tmp_path, monkeypatch, layers, dim, heads, compiled):
+@pytest.mark.parametrize("layers,dim,heads,compiled,attention", [
+    (6, 320, 20, False, "auto"), (2, 2560, 40, False, "auto"), (6, 320, 20, True, "auto"),
+    (2, 2560, 40, False, "flash"), (6, 320, 20, True, "flash")])
+def test_esm2_bf16_packed_attention_matches_fp32_fair_esm(tmp_path, monkeypatch, layers, dim, heads, compiled,
+                                                          attention):
+    """auto: our packed Triton kernel (head dims 16 and 64 here); flash: FlashAttention-2's varlen kernel."""
     path = write_esm2_checkpoint(tmp_path / "esm2_gpu.pt", layers, dim, heads, seed=21)
-    model = load_esm2(path, "cuda", torch.bfloat16)
-    assert model.backend.name == "flash", model.backend.describe()
-    counter = CallCounter(attention_mod._varlen_attn())
+    model = load_esm2(path, "cuda", torch.bfloat16, attention_backend=attention)
+    name = "triton" if attention == "auto" else "flash"
+    assert model.backend.name == name, model.backend.describe()
+    if name == "triton":
+        import virnucpro.triton_attention as module
+        counter = CallCounter(module.packed_attention)
+    else:
+        counter = CallCounter(attention_mod._varlen_attn())
     epilogue = CallCounter(torch.ops.aten._addmm_activation)
     torch._dynamo.utils.counters.clear()
     if compiled:
         model.compile_layers()
+    elif name == "triton":
+        monkeypatch.setattr(module, "packed_attention", counter)
+        monkeypatch.setattr(torch.ops.aten, "_addmm_activation", epilogue)
     else:
         monkeypatch.setattr(attention_mod, "_varlen_attn", lambda: counter)
         monkeypatch.setattr(torch.ops.aten, "_addmm_activation", epilogue)
@@ -65,13 +76,14 @@ def test_esm2_bf16_flash_matches_fp32_fair_esm(tmp_path, monkeypatch, layers, di
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         got = pooled_on_gpu(model, ESM2Tokenizer(), seqs)
     kernels = {e.name for e in prof.events()}
-    assert any("flash" in k.lower() for k in kernels), sorted(kernels)[:20]  # FlashAttention ran
-    assert compiled or counter.calls == layers  # one varlen flash call per layer: the flash path ran
+    kernel = "_packed_attention_fwd" if name == "triton" else "flash"
+    assert any(kernel in k.lower() for k in kernels), sorted(kernels)[:20]  # the chosen kernel ran
+    assert compiled or counter.calls == layers  # one packed attention call per layer
     assert compiled or epilogue.calls == layers  # and fc1 with its GELU in cuBLASLt's epilogue
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     want = fair_esm_pooled(fair_esm_reference(layers, dim, heads, seed=21), seqs)
     cos = F.cosine_similarity(got.double(), want.double(), dim=-1)
-    print(f"ESM-2 {layers}x{dim}{' compiled' if compiled else ''}: bf16 flash vs fp32 fair-esm cosine min {cos.min():.6f} mean {cos.mean():.6f}")
+    print(f"ESM-2 {layers}x{dim}{' compiled' if compiled else ''}: bf16 {name} vs fp32 fair-esm cosine min {cos.min():.6f} mean {cos.mean():.6f}")
     assert cos.min() >= MIN_COSINE
 
 
@@ -83,7 +95,7 @@ def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention,
     if attention == "auto":
         cuda = torch.device("cuda")
         flash, triton = attention_mod._flash_alibi_fails(cuda, torch.bfloat16), \
-            attention_mod._triton_alibi_fails(cuda, torch.bfloat16, 64)
+            attention_mod._triton_fails(cuda, torch.bfloat16, 64, alibi=True)
         print(f"ALiBi kernels: flash {flash or 'available'}; triton {triton or 'available'}")
         name = "flash" if flash is None else "triton" if triton is None else "sdpa"
     else:
@@ -94,7 +106,7 @@ def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention,
     assert model.backend.name == name, model.backend.describe()
     if compiled:
         model.compile_layers()
-    module, kernel = {"flash": (attention_mod, "_flash_alibi"), "triton": (alibi_kernel_module(), "alibi_attention"),
+    module, kernel = {"flash": (attention_mod, "_flash_alibi"), "triton": (triton_module(), "packed_attention"),
                       "sdpa": (attention_mod, "_sdpa_attention"), "flex": (attention_mod, "_flex_attention")}[name]
     counter = CallCounter(getattr(module, kernel))
     monkeypatch.setattr(module, kernel, counter)
@@ -108,19 +120,19 @@ def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention,
     assert cos.min() >= MIN_COSINE
 
 
-def alibi_kernel_module():
-    import virnucpro.alibi_kernel
-    return virnucpro.alibi_kernel
+def triton_module():
+    import virnucpro.triton_attention
+    return virnucpro.triton_attention
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_alibi_kernel_matches_the_padded_bias(dtype):
-    """Our packed ALiBi kernel against softmax(q k^T * scale - slope |i - j|) v in float32, per sequence,
-    for lengths around its 64-token blocks and past DNABERT-S's usual ~110 tokens; q, k, v as the
-    model passes them: strided views of one fused QKV tensor."""
+@pytest.mark.parametrize("dtype,alibi", [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)])
+def test_triton_kernel_matches_attention_by_hand(dtype, alibi):
+    """Our packed kernel against softmax(q k^T * scale - slope |i - j|) v in float32 (slope 0 without
+    ALiBi), per sequence, for lengths around its 64-token blocks and past DNABERT-S's usual ~110 tokens
+    and ESM-2's 1024; q, k, v as the models pass them: strided views of one fused QKV tensor."""
     pytest.importorskip("triton")
-    from virnucpro.alibi_kernel import alibi_attention
     from virnucpro.attention import alibi_by_hand, alibi_slopes
+    from virnucpro.triton_attention import packed_attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
     lengths = [1, 2, 63, 64, 65, 110, 127, 128, 129, 300, 517, 1024]
@@ -129,11 +141,11 @@ def test_triton_alibi_kernel_matches_the_padded_bias(dtype):
     q, k, v = qkv.unbind(1)
     slopes = torch.tensor(alibi_slopes(H), device="cuda", dtype=torch.float32)
     cu = F.pad(torch.tensor(lengths, device="cuda").cumsum(0), (1, 0)).int()
-    out = alibi_attention(q, k, v, cu, max(lengths), hd ** -0.5, slopes)
-    want = alibi_by_hand(q, k, v, cu, hd ** -0.5, slopes)  # per sequence
+    out = packed_attention(q, k, v, cu, max(lengths), hd ** -0.5, slopes if alibi else None)
+    want = alibi_by_hand(q, k, v, cu, hd ** -0.5, slopes if alibi else torch.zeros_like(slopes))  # per sequence
     torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
     worst = float(F.cosine_similarity(out.float().reshape(-1, hd), want.reshape(-1, hd), dim=-1).min())
-    print(f"Triton ALiBi kernel {dtype}: worst per-row cosine to float32 {worst:.6f}")
+    print(f"Triton kernel {dtype}{' ALiBi' if alibi else ''}: worst per-row cosine to float32 {worst:.6f}")
     assert worst > 0.999
 
 
@@ -147,7 +159,7 @@ def test_embed_through_ray_on_gpu(tmp_path):
     ids = write_fasta(tmp_path / "in.faa", seqs)
     result = embed(tmp_path / "in.faa", tmp_path / "out", path, device="cuda", toks_per_batch=8192,
                    progress=False)
-    assert "FlashAttention-2: enabled" in result.actors[0]["attention"]
+    assert "FlashAttention: enabled, our packed kernel in Triton" in result.actors[0]["attention"]
     table = pq.read_table(tmp_path / "out").sort_by("index")
     assert table.column("id").to_pylist() == ids
     got = torch.from_numpy(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)))

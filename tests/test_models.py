@@ -263,7 +263,7 @@ def test_packed_alibi_probe_accepts_the_right_bias_and_names_a_wrong_one():
     """The load-time check that decides whether a packed ALiBi kernel (FlashAttention-2's slopes, our
     Triton kernel) is used: a kernel computing -slope * |i - j| passes, one with the wrong sign or a
     one-sided distance is refused with a reason, and one that raises is refused with its error."""
-    from virnucpro.attention import _packed_alibi_fails, _triton_alibi_fails
+    from virnucpro.attention import _packed_kernel_fails, _triton_fails
 
     def by_hand(sign, distance):
         def kernel(q, k, v, cu, max_seqlen, scale, slopes):
@@ -280,11 +280,35 @@ def test_packed_alibi_probe_accepts_the_right_bias_and_names_a_wrong_one():
         raise RuntimeError("This flash attention build does not support alibi.")
 
     cpu = torch.device("cpu")
-    assert _packed_alibi_fails(by_hand(-1, torch.abs), cpu, torch.float32, 16) is None
-    assert "differs" in _packed_alibi_fails(by_hand(+1, torch.abs), cpu, torch.float32, 16)
-    assert "differs" in _packed_alibi_fails(by_hand(-1, lambda d: d.clamp(min=0)), cpu, torch.float32, 16)
-    assert "does not support alibi" in _packed_alibi_fails(raises, cpu, torch.float32, 16)
-    assert "power of two" in _triton_alibi_fails(cpu, torch.bfloat16, 48)
+    assert _packed_kernel_fails(by_hand(-1, torch.abs), cpu, torch.float32, 16, alibi=True) is None
+    assert "differs" in _packed_kernel_fails(by_hand(+1, torch.abs), cpu, torch.float32, 16, alibi=True)
+    assert "differs" in _packed_kernel_fails(by_hand(-1, lambda d: d.clamp(min=0)), cpu, torch.float32, 16, alibi=True)
+    assert "does not support alibi" in _packed_kernel_fails(raises, cpu, torch.float32, 16, alibi=True)
+    assert "power of two" in _triton_fails(cpu, torch.bfloat16, 48, alibi=True)
+
+
+def test_packed_kernel_probe_without_alibi_checks_plain_attention_and_sequence_bounds():
+    """Without ALiBi (ESM-2), the same load-time check gets slopes=None and wants plain softmax attention
+    within each sequence: a kernel that adds a bias anyway, or attends across the packed sequences'
+    boundary, is refused."""
+    from virnucpro.attention import _packed_kernel_fails
+
+    def plain(q, k, v, cu, max_seqlen, scale, slopes, across=False, bias=0.0):
+        assert slopes is None
+        out = torch.empty_like(q)
+        spans = [(0, int(cu[-1]))] if across else list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+        for a, b in spans:
+            pos = torch.arange(b - a)
+            qs, ks, vs = (t[a:b].transpose(0, 1).float() for t in (q, k, v))
+            scores = qs @ ks.transpose(1, 2) * scale - bias * (pos[None, :] - pos[:, None]).abs()
+            out[a:b] = (torch.softmax(scores, -1) @ vs).transpose(0, 1)
+        return out
+
+    cpu = torch.device("cpu")
+    assert _packed_kernel_fails(plain, cpu, torch.float32, 16, alibi=False) is None
+    assert "softmax(q k^T * scale) v" in _packed_kernel_fails(
+        lambda *a: plain(*a, across=True), cpu, torch.float32, 16, alibi=False)
+    assert "differs" in _packed_kernel_fails(lambda *a: plain(*a, bias=0.1), cpu, torch.float32, 16, alibi=False)
 
 
 def test_compiled_layer_is_one_graph_through_the_packed_attention_op(dnabert_tiny, monkeypatch):
@@ -298,9 +322,9 @@ def test_compiled_layer_is_one_graph_through_the_packed_attention_op(dnabert_tin
 
     from virnucpro.attention import Backend, alibi_by_hand
 
-    fake = types.ModuleType("virnucpro.alibi_kernel")
-    fake.alibi_attention = lambda q, k, v, cu, m, scale, slopes: alibi_by_hand(q, k, v, cu, scale, slopes).to(q.dtype)
-    monkeypatch.setitem(sys.modules, "virnucpro.alibi_kernel", fake)
+    fake = types.ModuleType("virnucpro.triton_attention")
+    fake.packed_attention = lambda q, k, v, cu, m, scale, slopes: alibi_by_hand(q, k, v, cu, scale, slopes).to(q.dtype)
+    monkeypatch.setitem(sys.modules, "virnucpro.triton_attention", fake)
     model, tok = load_dnabert_s(dnabert_tiny), DNABERTSTokenizer(dnabert_tiny)
     seqs = random_dna(6, 3, 300, seed=4)
     expected = ours_pooled(model, tok, seqs)  # sdpa, eager

@@ -5,10 +5,14 @@ tokens, with `cu_seqlens` = [0, L_0, L_0 + L_1, ..., T] marking where each seque
 layout of FlashAttention and BioNeMo). Linear layers, norms and MLPs then do no work on padding.
 Only attention needs to know the boundaries; this module gives it four ways to do that:
 
+  * `triton`: our packed FlashAttention-style kernel (`virnucpro.triton_attention`), with DNABERT-S's
+    ALiBi bias or without; both models' default on a CUDA GPU with Triton. For sequences of VirNucPro's
+    lengths it is 1.8x as fast as FA2's varlen kernel, whose 128-token blocks waste most of their work
+    on short sequences (bench/results/probe-packed-attention-*.json).
   * `flash`: FlashAttention-2 over the packed stream (`torch.ops.aten._flash_attention_forward`, what
-    `torch.nn.attention.varlen.varlen_attn` wraps; CUDA, fp16/bf16). Used by ESM-2; used by DNABERT-S
-    too, with FA2's own ALiBi slopes, on a torch build that has them (none so far).
-  * `triton`: our packed ALiBi kernel (`virnucpro.alibi_kernel`), DNABERT-S's default on CUDA.
+    `torch.nn.attention.varlen.varlen_attn` wraps; CUDA, fp16/bf16): ESM-2's kernel without Triton or
+    on request (`--attention flash`); DNABERT-S's first choice on a torch build whose FA2 takes ALiBi
+    slopes (none so far).
   * `flex`: `torch.nn.attention.flex_attention` with a document mask and an ALiBi score_mod, compiled
     to a Triton kernel (CUDA); opt-in (`--attention flex`) for DNABERT-S. Slower than the others for
     DNABERT-S's short sequences.
@@ -16,8 +20,8 @@ Only attention needs to know the boundaries; this module gives it four ways to d
     `scaled_dot_product_attention` with a key-padding mask (plus the ALiBi bias when given), gather
     back. Exact, works everywhere; the CPU path and the reference for the others.
 
-The packed ALiBi kernels are checked once per process at model load against the bias added by hand
-(`_packed_alibi_fails`) and used only where they run and agree.
+The packed kernels of our own or with ALiBi are checked once per process at model load against the
+formula computed by hand (`_packed_kernel_fails`) and used only where they run and agree.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # "flash", "triton" (DNABERT-S's packed ALiBi kernel), "flex" or "sdpa"
+    name: str  # "triton" (our packed kernel), "flash" (FA2 varlen), "flex" or "sdpa"
     reason: str  # why this one: printed once at model load
 
     def describe(self) -> str:
@@ -102,7 +106,7 @@ class Backend:
         if self.name == "flex":
             return f"FlexAttention: enabled ({self.reason})"
         if self.name == "triton":
-            return f"FlashAttention-2: not used, packed ALiBi attention in Triton ({self.reason})"
+            return f"FlashAttention: enabled, our packed kernel in Triton ({self.reason})"
         if "ALiBi" in self.reason:
             return f"FlashAttention-2: not used, PyTorch SDPA with ALiBi bias ({self.reason})"
         return f"FlashAttention-2: disabled, using PyTorch SDPA fallback ({self.reason})"
@@ -142,26 +146,27 @@ def _flash_alibi_fails(device: torch.device, dtype: torch.dtype, head_dim: int =
     flash = getattr(torch.ops.aten, "_flash_attention_forward", None)
     if flash is None or "alibi_slopes" not in str(flash.default._schema):
         return f"torch {torch.__version__}'s flash kernel takes no ALiBi slopes"
-    return _packed_alibi_fails(_flash_alibi, device, dtype, head_dim)
+    return _packed_kernel_fails(_flash_alibi, device, dtype, head_dim, alibi=True)
 
 
 @lru_cache(maxsize=None)
-def _triton_alibi_fails(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """None where our Triton kernel (`virnucpro.alibi_kernel`) runs here and agrees with the bias added
-    by hand; otherwise why not. Its first call compiles it (Triton caches the binary on disk)."""
+def _triton_fails(device: torch.device, dtype: torch.dtype, head_dim: int, alibi: bool) -> str | None:
+    """None where our Triton kernel (`virnucpro.triton_attention`) runs here and agrees with the formula
+    computed by hand; otherwise why not. Its first call compiles it (Triton caches the binary on disk)."""
     if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
         return f"head dim {head_dim} is not a power of two in 16..128"
     try:
-        from .alibi_kernel import alibi_attention
+        from .triton_attention import packed_attention
     except ImportError as e:
         return f"no Triton ({e})"
-    return _packed_alibi_fails(alibi_attention, device, dtype, head_dim)
+    return _packed_kernel_fails(packed_attention, device, dtype, head_dim, alibi)
 
 
-def _packed_alibi_fails(kernel, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Run `kernel(q, k, v, cu_seqlens, max_seqlen, scale, slopes)` on two packed sequences (one longer
-    than a block) and compare with softmax(q k^T * scale - slope * |i - j|) v computed by hand: the
-    sign and the |i - j| form are checked, not assumed. Once per device, dtype and head size: a few
+def _packed_kernel_fails(kernel, device: torch.device, dtype: torch.dtype, head_dim: int, alibi: bool) -> str | None:
+    """Run `kernel(q, k, v, cu_seqlens, max_seqlen, scale, slopes)` (slopes None without ALiBi) on two
+    packed sequences (one longer than a block) and compare with softmax(q k^T * scale - slope * |i - j|) v
+    computed by hand (slope 0 without ALiBi): the sign and the |i - j| form are checked, not assumed,
+    and so are the sequences' boundaries. Once per device, dtype, head size and bias: a few
     milliseconds, plus the kernel's compile on its first use (seconds for Triton with a cold cache)."""
     g = torch.Generator(device=device).manual_seed(0)
     lengths, H = (37, 150), 4
@@ -170,20 +175,22 @@ def _packed_alibi_fails(kernel, device: torch.device, dtype: torch.dtype, head_d
     cu = torch.tensor([0, lengths[0], sum(lengths)], device=device, dtype=torch.int32)
     scale = head_dim ** -0.5
     try:
-        got = kernel(q, k, v, cu, max(lengths), scale, slopes)
+        got = kernel(q, k, v, cu, max(lengths), scale, slopes if alibi else None)
         if got.is_cuda:
             torch.cuda.synchronize(device)  # a fault inside the kernel surfaces here, not in the comparison
     except Exception as e:  # noqa: BLE001 - a kernel this build or GPU refuses, whatever it raises
         lines = str(e).strip().splitlines()
         return f"{type(e).__name__}: {lines[0][:120] if lines else ''}"
-    if not torch.allclose(got.float(), alibi_by_hand(q, k, v, cu, scale, slopes), atol=2e-2, rtol=1e-2):
-        return "its ALiBi attention differs from softmax(q k^T * scale - slope * |i - j|) v"
+    want = alibi_by_hand(q, k, v, cu, scale, slopes if alibi else torch.zeros_like(slopes))
+    if not torch.allclose(got.float(), want, atol=2e-2, rtol=1e-2):
+        return ("its ALiBi attention differs from softmax(q k^T * scale - slope * |i - j|) v" if alibi else
+                "its attention differs from softmax(q k^T * scale) v")
     return None
 
 
 def alibi_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
                   slopes: torch.Tensor) -> torch.Tensor:
-    """The reference for the packed ALiBi kernels: softmax(q k^T * scale - slope * |i - j|) v within each
+    """The reference for the packed kernels: softmax(q k^T * scale - slope * |i - j|) v within each
     sequence, in float32, one sequence at a time. q, k, v [T, H, hd] -> float32 [T, H, hd]."""
     out = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     bounds = cu_seqlens.tolist()
@@ -207,26 +214,32 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return Backend("sdpa", f"GPU compute capability {major}.{minor} < 8.0 (Ampere)")
-    gpu = torch.cuda.get_device_name(device)
+    where = f"{torch.cuda.get_device_name(device)}, {str(dtype).removeprefix('torch.')}"
     if alibi:
         if requested == "flex":
-            return Backend("flex", f"packed ALiBi attention, {gpu}, {str(dtype).removeprefix('torch.')}")
+            return Backend("flex", f"packed ALiBi attention, {where}")
         why = _flash_alibi_fails(device, dtype, head_dim)
         if why is None:
-            return Backend("flash", f"varlen FlashAttention-2 with its ALiBi slopes over packed sequences, "
-                                    f"{gpu}, {str(dtype).removeprefix('torch.')}")
-        why_triton = _triton_alibi_fails(device, dtype, head_dim)
+            return Backend("flash", f"varlen FlashAttention-2 with its ALiBi slopes over packed sequences, {where}")
+        why_triton = _triton_fails(device, dtype, head_dim, alibi=True)
         if why_triton is None:
-            return Backend("triton", f"FlashAttention-2 takes no ALiBi here ({why}); packed ALiBi attention "
-                                     f"kernel in Triton, {gpu}, {str(dtype).removeprefix('torch.')}")
+            return Backend("triton", f"packed sequences with ALiBi, which FlashAttention-2 takes not here "
+                                     f"({why}), {where}")
         # Elsewhere SDPA with an additive bias over a padded grid (cuDNN's fused attention on Hopper,
         # else the memory-efficient kernel: PyTorch picks); for DNABERT-S's short sequences it measured 8x
         # faster than FlexAttention's packed document mask (bench/results).
         return Backend("sdpa", f"no packed ALiBi kernel (FlashAttention-2: {why}; Triton: {why_triton}); "
-                               f"fused SDPA with the bias over a padded grid, {gpu}, {str(dtype).removeprefix('torch.')}")
+                               f"fused SDPA with the bias over a padded grid, {where}")
+    why_triton = "FlashAttention-2 requested" if requested == "flash" else \
+        _triton_fails(device, dtype, head_dim, alibi=False)
+    if why_triton is None:
+        return Backend("triton", f"packed sequences in 64-token blocks, 1.8x FlashAttention-2's varlen speed on "
+                                 f"proteins of VirNucPro's lengths, {where}")
     if _varlen_attn() is None:
-        return Backend("sdpa", f"torch {torch.__version__} has no torch.nn.attention.varlen")
-    return Backend("flash", f"varlen_attn over packed sequences, {gpu}, {str(dtype).removeprefix('torch.')}")
+        return Backend("sdpa", f"torch {torch.__version__} has no torch.nn.attention.varlen; our Triton kernel: "
+                               f"{why_triton}")
+    requested_note = "requested" if requested == "flash" else f"our Triton kernel: {why_triton}"
+    return Backend("flash", f"varlen_attn over packed sequences ({requested_note}), {where}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, backend: Backend,
@@ -290,15 +303,15 @@ def _packed_attention_op():
     return torch.ops.virnucpro.packed_attention.default
 
 
-PACKED_KERNELS = ("flash", "triton")  # the backends `_packed_kernel` runs: they need only cu_seqlens, max_seqlen
+PACKED_KERNELS = ("triton", "flash")  # the backends `_packed_kernel` runs: they need only cu_seqlens, max_seqlen
 
 
 def _packed_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                    scale: float, alibi: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """The kernels that need only the packing's boundaries: flash (FA2 varlen) and triton (ALiBi)."""
+    """The kernels that need only the packing's boundaries: triton (ours) and flash (FA2 varlen)."""
     if backend == "triton":
-        from .alibi_kernel import alibi_attention
-        return alibi_attention(q, k, v, cu_seqlens, max_seqlen, scale, alibi)
+        from .triton_attention import packed_attention
+        return packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, alibi)
     if alibi is not None:
         out = _flash_alibi(q, k, v, cu_seqlens, max_seqlen, scale, alibi)
     else:

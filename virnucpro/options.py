@@ -146,10 +146,11 @@ class EmbedOptions:
     cuda_streams: int = option(2, "concurrent batches per GPU actor, each on its own copy and compute streams",
                                min=1)
     attention: str = option(
-        "auto", "auto: FlashAttention where the GPU supports it (ESM-2), a packed ALiBi kernel in Triton for "
-                "DNABERT-S (else SDPA with the bias); sdpa: force the PyTorch SDPA fallback; flex: FlexAttention "
-                "for DNABERT-S",
-        choices=("auto", "sdpa", "flex"))
+        "auto", "auto: FlashAttention over packed sequences where the GPU supports it, in our Triton kernel "
+                "(with DNABERT-S's ALiBi bias; else FlashAttention-2 for ESM-2, SDPA with the bias for DNABERT-S); "
+                "flash: PyTorch's FlashAttention-2 varlen kernel for ESM-2; sdpa: force the PyTorch SDPA "
+                "fallback; flex: FlexAttention for DNABERT-S",
+        choices=("auto", "flash", "sdpa", "flex"))
     repr_layers: tuple[int, ...] | None = option(
         None, "layers to output, numbered as fair-esm does: 0 the embedding output, N the last layer (after "
               "the final layer norm), negative from the end; several at once (default: the last)",

@@ -8,7 +8,7 @@ Architecture: word + token-type embeddings and LayerNorm (no position embeddings
 ALiBi self-attention (fused Wqkv) and a gated-GELU MLP. Module names follow the checkpoint's keys so
 the state dict loads as is. Sequences are packed; attention (`virnucpro.attention.select_backend`) on
 a CUDA GPU is varlen FlashAttention-2 with its own ALiBi slopes where torch's build has them (none so
-far), else our packed ALiBi kernel in Triton (`virnucpro.alibi_kernel`), each checked at load against
+far), else our packed kernel in Triton with the bias (`virnucpro.triton_attention`), each checked at load against
 the bias added by hand; else SDPA over a padded grid with the ALiBi bias added (CPU, float32, no
 Triton, `--attention sdpa`), or FlexAttention's packed ALiBi kernel when asked for (`--attention flex`).
 """

@@ -536,7 +536,8 @@ def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     state = to_device({k: v for k, v in state.items() if not _IGNORED.match(k)}, device, dtype)
     model, ours = _matched(path, config, state, n)  # q/k/v fused on the device
     model.load_state_dict(ours, assign=True)
-    model.backend = select_backend(torch.device(device), dtype, alibi=False, requested=attention_backend)
+    model.backend = select_backend(torch.device(device), dtype, alibi=False, requested=attention_backend,
+                                   head_dim=config.embed_dim // config.attention_heads)
     log.info("ESM-2 %d layers x %d dim from %s on %s/%s: %s", n, config.embed_dim, Path(path).name,
              device, str(dtype).removeprefix("torch."), model.backend.describe())
     return model.eval().requires_grad_(False)
