@@ -26,9 +26,6 @@ one pass over the same planned batches with CUDA events after a warm-up pass, to
   shipped_flash       that with FlashAttention-2's varlen kernel (`--attention flash`) in place of our
                       Triton kernel, ESM-2's default since 2026-12-02 (every other variant runs the
                       default attention kernel)
-  shipped_rotary_apart  the shipped route with ESM-2's rotary embedding applied by Inductor's fused
-                      elementwise kernel, not inside our attention kernel (as before 2026-12-02's
-                      afternoon)
 Every variant also reports the pooled cosine of its bf16 output to a float32 copy of the model (SDPA,
 no TF32) on 128 sequences, minimum over sequences, so a faster variant shows what it costs.
 The compile time is the first (warm-up) pass's wall clock, compile included, with Inductor's caches
@@ -62,7 +59,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_models import (ESM_SHAPES, cuda_time, dna_token_lengths, dnabert_flops, esm_flops,  # noqa: E402
                                 matmul_ceiling, random_dnabert_s, random_esm2, token_batches, virnucpro_lengths)
-import virnucpro.attention as attention_mod  # noqa: E402
 from virnucpro.attention import Packing, keep_out_of_compile, select_backend  # noqa: E402
 from virnucpro.compiling import WideRowChoices  # noqa: E402
 from virnucpro.models.esm2 import TransformerLayer  # noqa: E402
@@ -85,7 +81,6 @@ VARIANTS = {
     "gelu_epilogue_persistent_cd": {"_gelu_epilogue": True, "_wide_rows": True, "coordinate_descent_tuning": True},
     "shipped": {"_gelu_epilogue": True, "_shipped": True},  # the models' own compiled_layers()
     "shipped_flash": {"_gelu_epilogue": True, "_shipped": True, "_attention": "flash"},  # with FA2's varlen
-    "shipped_rotary_apart": {"_gelu_epilogue": True, "_shipped": True, "_rotary_in_kernel": False},
 }
 
 
@@ -161,7 +156,6 @@ def main() -> None:
             if ours.get("_gelu_epilogue") and name == "dnabert_s":
                 continue  # ESM-2's plain GELU only; DNABERT-S's is gated
             TransformerLayer.gelu_epilogue = bool(ours.get("_gelu_epilogue"))
-            attention_mod.ROTARY_IN_KERNEL = ours.get("_rotary_in_kernel", True)
             model.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=name == "dnabert_s",
                                            requested=ours.get("_attention", "auto"))
             V.set_choices_handler(WideRowChoices() if ours.get("_wide_rows") else InductorChoices())

@@ -38,11 +38,10 @@ class CallCounter:
 
 @pytest.mark.parametrize("layers,dim,heads,compiled,attention", [
     (6, 320, 20, False, "auto"), (2, 2560, 40, False, "auto"), (6, 320, 20, True, "auto"),
-    (2, 2560, 40, True, "auto"), (2, 2560, 40, False, "flash"), (6, 320, 20, True, "flash")])
+    (2, 2560, 40, False, "flash"), (6, 320, 20, True, "flash")])
 def test_esm2_bf16_packed_attention_matches_fp32_fair_esm(tmp_path, monkeypatch, layers, dim, heads, compiled,
                                                           attention):
-    """auto: our packed Triton kernel (head dims 16 and 64 here; at 64 it applies the rotary embedding
-    itself); flash: FlashAttention-2's varlen kernel."""
+    """auto: our packed Triton kernel (head dims 16 and 64 here); flash: FlashAttention-2's varlen kernel."""
     path = write_esm2_checkpoint(tmp_path / "esm2_gpu.pt", layers, dim, heads, seed=21)
     model = load_esm2(path, "cuda", torch.bfloat16, attention_backend=attention)
     name = "triton" if attention == "auto" else "flash"
@@ -126,15 +125,13 @@ def triton_module():
     return virnucpro.triton_attention
 
 
-@pytest.mark.parametrize("dtype,alibi,rotary", [(torch.bfloat16, True, False), (torch.float16, True, False),
-                                                (torch.bfloat16, False, False), (torch.bfloat16, False, True)])
-def test_triton_kernel_matches_attention_by_hand(dtype, alibi, rotary):
+@pytest.mark.parametrize("dtype,alibi", [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)])
+def test_triton_kernel_matches_attention_by_hand(dtype, alibi):
     """Our packed kernel against softmax(q k^T * scale - slope |i - j|) v in float32 (slope 0 without
-    ALiBi; with `rotary`, q and k rotated by ESM-2's tables in float32 first), per sequence, for lengths
-    around its 64-token blocks and past DNABERT-S's usual ~110 tokens and ESM-2's 1024; q, k, v as the
-    models pass them: strided views of one fused QKV tensor."""
+    ALiBi), per sequence, for lengths around its 64-token blocks and past DNABERT-S's usual ~110 tokens
+    and ESM-2's 1024; q, k, v as the models pass them: strided views of one fused QKV tensor."""
     pytest.importorskip("triton")
-    from virnucpro.attention import alibi_by_hand, alibi_slopes, apply_rotary, rotary_tables
+    from virnucpro.attention import alibi_by_hand, alibi_slopes
     from virnucpro.triton_attention import packed_attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -144,15 +141,11 @@ def test_triton_kernel_matches_attention_by_hand(dtype, alibi, rotary):
     q, k, v = qkv.unbind(1)
     slopes = torch.tensor(alibi_slopes(H), device="cuda", dtype=torch.float32)
     cu = F.pad(torch.tensor(lengths, device="cuda").cumsum(0), (1, 0)).int()
-    tables = rotary_tables(Packing.from_lengths(torch.tensor(lengths, device="cuda")).position, hd)
-    out = packed_attention(q, k, v, cu, max(lengths), hd ** -0.5, slopes if alibi else None,
-                           rotary=tables if rotary else None)
-    if rotary:  # the reference rotates in float32 and never rounds the rotated q, k to half precision
-        q, k = (apply_rotary(t.float(), *tables) for t in (q, k))
+    out = packed_attention(q, k, v, cu, max(lengths), hd ** -0.5, slopes if alibi else None)
     want = alibi_by_hand(q, k, v, cu, hd ** -0.5, slopes if alibi else torch.zeros_like(slopes))  # per sequence
     torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
     worst = float(F.cosine_similarity(out.float().reshape(-1, hd), want.reshape(-1, hd), dim=-1).min())
-    print(f"Triton kernel {dtype}{' ALiBi' if alibi else ''}{' rotary' if rotary else ''}: worst per-row cosine to float32 {worst:.6f}")
+    print(f"Triton kernel {dtype}{' ALiBi' if alibi else ''}: worst per-row cosine to float32 {worst:.6f}")
     assert worst > 0.999
 
 

@@ -93,22 +93,6 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
 
 
-# --- rotary embeddings (ESM-2) ---------------------------------------------------------------------
-
-def rotary_tables(position: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, 1, head_dim/2] in float32 for rotary embeddings (RoFormer), computed once a batch."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=position.device,
-                                             dtype=torch.float32) / head_dim))
-    freqs = position.float()[:, None] * inv_freq[None, :]
-    return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, H, hd] in float32, as fair-esm's (x * cos) + (rotate_half(x) * sin)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
 # --- backends ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -175,44 +159,31 @@ def _triton_fails(device: torch.device, dtype: torch.dtype, head_dim: int, alibi
         from .triton_attention import packed_attention
     except ImportError as e:
         return f"no Triton ({e})"
-    why = _packed_kernel_fails(packed_attention, device, dtype, head_dim, alibi)
-    if why is None and not alibi and head_dim >= 32:  # ESM-2's rotary embedding inside the kernel too
-        why = _packed_kernel_fails(packed_attention, device, dtype, head_dim, alibi, rotary=True)
-    return why
+    return _packed_kernel_fails(packed_attention, device, dtype, head_dim, alibi)
 
 
-def _packed_kernel_fails(kernel, device: torch.device, dtype: torch.dtype, head_dim: int, alibi: bool,
-                         rotary: bool = False) -> str | None:
+def _packed_kernel_fails(kernel, device: torch.device, dtype: torch.dtype, head_dim: int, alibi: bool) -> str | None:
     """Run `kernel(q, k, v, cu_seqlens, max_seqlen, scale, slopes)` (slopes None without ALiBi) on two
     packed sequences (one longer than a block) and compare with softmax(q k^T * scale - slope * |i - j|) v
     computed by hand (slope 0 without ALiBi): the sign and the |i - j| form are checked, not assumed,
-    and so are the sequences' boundaries. With `rotary`, the kernel gets ESM-2's rotary tables
-    (`rotary=(cos, sin)`) and the reference rotates q and k with `apply_rotary`. Once per device,
-    dtype, head size and bias: a few milliseconds, plus the kernel's compile on its first use (seconds
-    for Triton with a cold cache)."""
+    and so are the sequences' boundaries. Once per device, dtype, head size and bias: a few
+    milliseconds, plus the kernel's compile on its first use (seconds for Triton with a cold cache)."""
     g = torch.Generator(device=device).manual_seed(0)
     lengths, H = (37, 150), 4
     q, k, v = (torch.randn(sum(lengths), H, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))
     slopes = torch.tensor(alibi_slopes(H), device=device, dtype=torch.float32)
     cu = torch.tensor([0, lengths[0], sum(lengths)], device=device, dtype=torch.int32)
     scale = head_dim ** -0.5
-    extra = {}
-    if rotary:
-        tables = rotary_tables(Packing.from_lengths(torch.tensor(lengths, device=device)).position, head_dim)
-        extra = {"rotary": tables}
     try:
-        got = kernel(q, k, v, cu, max(lengths), scale, slopes if alibi else None, **extra)
+        got = kernel(q, k, v, cu, max(lengths), scale, slopes if alibi else None)
         if got.is_cuda:
             torch.cuda.synchronize(device)  # a fault inside the kernel surfaces here, not in the comparison
     except Exception as e:  # noqa: BLE001 - a kernel this build or GPU refuses, whatever it raises
         lines = str(e).strip().splitlines()
         return f"{type(e).__name__}: {lines[0][:120] if lines else ''}"
-    if rotary:
-        q, k = apply_rotary(q, *tables), apply_rotary(k, *tables)
     want = alibi_by_hand(q, k, v, cu, scale, slopes if alibi else torch.zeros_like(slopes))
     if not torch.allclose(got.float(), want, atol=2e-2, rtol=1e-2):
         return ("its ALiBi attention differs from softmax(q k^T * scale - slope * |i - j|) v" if alibi else
-                "its attention with the rotary embedding applied differs from ESM-2's" if rotary else
                 "its attention differs from softmax(q k^T * scale) v")
     return None
 
@@ -272,32 +243,17 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, backend: Backend,
-              scale: float, alibi: torch.Tensor | None = None,
-              rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              scale: float, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Non-causal attention within each packed sequence.
 
-    q, k, v: [T, H, hd]; alibi: float32 [H] slopes, adding -slope * |i - j| to the scores; rotary:
-    ESM-2's (cos, sin) tables (`rotary_tables`), q and k rotated by them first: inside our Triton
-    kernel as it reads them where it runs (`rotates_in_kernel`), else by `apply_rotary`. Returns
+    q, k, v: [T, H, hd]; alibi: float32 [H] slopes, adding -slope * |i - j| to the scores. Returns
     [T, H, hd].
 
     Under torch.compile (`keep_out_of_compile`) the kernels stay opaque: they are already fused. flash
     and triton, which take only cu_seqlens and max_seqlen, are one custom op, so a compiled layer is one
     graph; sdpa and flex, which cache per-batch Python state in `packing`, sit behind a graph break.
     """
-    if rotary is not None and not rotates_in_kernel(backend, q.shape[-1]):
-        q, k, rotary = apply_rotary(q, *rotary), apply_rotary(k, *rotary), None
-    return _kernels(q, k, v, packing, backend, scale, alibi, rotary)
-
-
-ROTARY_IN_KERNEL = True  # bench/probe_inductor.py turns it off to measure what it gives
-
-
-def rotates_in_kernel(backend: Backend, head_dim: int) -> bool:
-    """Whether our Triton kernel applies the rotary embedding itself: the rotated q and k then never go
-    to memory (ESM-2 650M: +x% tokens/s on an H200, bench/results/probe-inductor-*-rotary.json). Its two
-    half-width dot products need head_dim / 2 >= 16."""
-    return ROTARY_IN_KERNEL and backend.name == "triton" and head_dim >= 32
+    return _kernels(q, k, v, packing, backend, scale, alibi)
 
 
 def keep_out_of_compile() -> None:
@@ -319,11 +275,10 @@ def keep_out_of_compile() -> None:
         op = _packed_attention_op()
         eager = torch.compiler.disable(_attention_kernels)
 
-        def kernels(q, k, v, packing, backend, scale, alibi, rotary):
+        def kernels(q, k, v, packing, backend, scale, alibi):
             if backend.name in PACKED_KERNELS:
-                cos, sin = rotary if rotary is not None else (None, None)
-                return op(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale, alibi, backend.name, cos, sin)
-            return eager(q, k, v, packing, backend, scale, alibi, rotary)
+                return op(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale, alibi, backend.name)
+            return eager(q, k, v, packing, backend, scale, alibi)
 
         _kernels = kernels
 
@@ -337,10 +292,10 @@ def _packed_attention_op():
     op = torch.library.custom_op(  # the schema spelled out: torch < 2.5 cannot read string annotations
         "virnucpro::packed_attention", mutates_args=(),
         schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale, "
-               "Tensor? alibi, str backend, Tensor? cos=None, Tensor? sin=None) -> Tensor")(_packed_kernel)
+               "Tensor? alibi, str backend) -> Tensor")(_packed_kernel)
 
     @op.register_fake
-    def _(q, k, v, cu_seqlens, max_seqlen, scale, alibi, backend, cos=None, sin=None):
+    def _(q, k, v, cu_seqlens, max_seqlen, scale, alibi, backend):
         return q.new_empty(q.shape)  # [T, H, hd], contiguous, as both kernels return it
 
     # the op as torch.ops holds it: torch 2.11's dynamo traced into the Python object `op` (its warning
@@ -352,14 +307,10 @@ PACKED_KERNELS = ("triton", "flash")  # the backends `_packed_kernel` runs: they
 
 
 def _packed_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                   scale: float, alibi: torch.Tensor | None, backend: str, cos: torch.Tensor | None = None,
-                   sin: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernels that need only the packing's boundaries: triton (ours; applies the rotary tables cos,
-    sin to q and k where given) and flash (FA2 varlen)."""
+                   scale: float, alibi: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """The kernels that need only the packing's boundaries: triton (ours) and flash (FA2 varlen)."""
     if backend == "triton":
         from .triton_attention import packed_attention
-        if cos is not None:
-            return packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, alibi, rotary=(cos, sin))
         return packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, alibi)
     if alibi is not None:
         out = _flash_alibi(q, k, v, cu_seqlens, max_seqlen, scale, alibi)
@@ -369,12 +320,9 @@ def _packed_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
 
 
 def _attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, backend: Backend,
-                       scale: float, alibi: torch.Tensor | None,
-                       rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    # `rotary` is given only where the backend applies it itself (`attention`)
+                       scale: float, alibi: torch.Tensor | None) -> torch.Tensor:
     if backend.name in PACKED_KERNELS:
-        cos, sin = rotary if rotary is not None else (None, None)
-        return _packed_kernel(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale, alibi, backend.name, cos, sin)
+        return _packed_kernel(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale, alibi, backend.name)
     if backend.name == "flex":
         return _flex_attention(q, k, v, packing, scale, alibi)
     return _sdpa_attention(q, k, v, packing, scale, alibi)

@@ -23,26 +23,11 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _rotated(X, COS, SIN, tokens, ok, stride_xt, stride_rt, HALF: tl.constexpr):
-    """Rows `tokens` of one head of x [T, hd], rotated: (x1 cos - x2 sin, x2 cos + x1 sin) in float32 from
-    the per-token tables cos, sin [T, hd/2], each half returned in x's dtype for the tensor cores."""
-    half = tl.arange(0, HALF)
-    at = tokens[:, None] * stride_xt + half[None, :]
-    x1 = tl.load(X + at, mask=ok[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(X + at + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
-    table = tokens[:, None] * stride_rt + half[None, :]
-    cos = tl.load(COS + table, mask=ok[:, None], other=0.0)
-    sin = tl.load(SIN + table, mask=ok[:, None], other=0.0)
-    dtype = X.dtype.element_ty
-    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
-
-
-@triton.jit
-def _packed_attention_fwd(Q, K, V, O, cu_seqlens, slopes, COS, SIN,
+def _packed_attention_fwd(Q, K, V, O, cu_seqlens, slopes,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                          stride_rt, scale_log2e,
+                          scale_log2e,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          ALIBI: tl.constexpr, ROTARY: tl.constexpr, HALF: tl.constexpr):
+                          ALIBI: tl.constexpr):
     seq, block, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     begin = tl.load(cu_seqlens + seq)
     length = tl.load(cu_seqlens + seq + 1) - begin
@@ -53,24 +38,17 @@ def _packed_attention_fwd(Q, K, V, O, cu_seqlens, slopes, COS, SIN,
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions within the sequence
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < length
-    if ROTARY:  # q's two halves, rotated in float32 as ESM-2's rotary embedding (rotate_half form)
-        qa, qb = _rotated(Q + head * stride_qh, COS, SIN, begin + rows, row_ok, stride_qt, stride_rt, HALF)
-    else:
-        q = tl.load(Q + (begin + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
-                    mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + (begin + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of each query's scores
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - max)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(0, length, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)  # key positions
         col_ok = cols < length
-        if ROTARY:
-            ka, kb = _rotated(K + head * stride_kh, COS, SIN, begin + cols, col_ok, stride_kt, stride_rt, HALF)
-            s = (tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kb))) * scale_log2e
-        else:
-            k = tl.load(K + (begin + cols)[:, None] * stride_kt + head * stride_kh + dims[None, :],
-                        mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2e  # [BLOCK_M, BLOCK_N] in float32
+        k = tl.load(K + (begin + cols)[:, None] * stride_kt + head * stride_kh + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2e  # [BLOCK_M, BLOCK_N] in float32
         if ALIBI:
             s -= slope_log2e * tl.abs(rows[:, None] - cols[None, :]).to(tl.float32)
         s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -89,25 +67,22 @@ def _packed_attention_fwd(Q, K, V, O, cu_seqlens, slopes, COS, SIN,
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, scale: float, slopes: torch.Tensor | None = None, *,
-                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None, block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                     block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """Non-causal attention within each packed sequence, with the bias -slope_h * |i - j| where `slopes`
-    are given, and q and k rotated first where `rotary` (cos, sin) is given.
+    are given.
 
     q, k, v: [T, H, hd] (any strides with a contiguous last dimension; hd a power of two, 16-128),
-    cu_seqlens: int32 [B + 1], max_seqlen: the longest sequence, slopes: float32 [H] or None, rotary:
-    float32 tables [T, ..., hd/2] (ESM-2's `rotary_tables`, hd >= 32), applied as ESM-2's
-    `apply_rotary` does: the rotated q and k never go to memory. Returns a
+    cu_seqlens: int32 [B + 1], max_seqlen: the longest sequence, slopes: float32 [H] or None. Returns a
     new [T, H, hd] tensor. The defaults were the fastest of eight configurations for ESM-2's lengths and
     within 3% of the fastest for DNABERT-S's (bench/probe_packed_attention.py)."""
     T, H, hd = q.shape
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((T, H, hd), device=q.device, dtype=q.dtype)
     # sequences on the grid's x axis: y and z are limited to 65535, and a batch can hold more sequences
-    cos, sin = (t.reshape(T, hd // 2) for t in rotary) if rotary is not None else (q, q)  # q: unread
     grid = (cu_seqlens.numel() - 1, triton.cdiv(max_seqlen, block_m), H)
-    _packed_attention_fwd[grid](q, k, v, out, cu_seqlens, q if slopes is None else slopes, cos, sin,
+    _packed_attention_fwd[grid](q, k, v, out, cu_seqlens, q if slopes is None else slopes,  # q: unread
                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                out.stride(0), out.stride(1), cos.stride(0), scale * LOG2E,
+                                out.stride(0), out.stride(1), scale * LOG2E,
                                 HEAD_DIM=hd, BLOCK_M=block_m, BLOCK_N=block_n, ALIBI=slopes is not None,
-                                ROTARY=rotary is not None, HALF=hd // 2, num_warps=num_warps, num_stages=num_stages)
+                                num_warps=num_warps, num_stages=num_stages)
     return out

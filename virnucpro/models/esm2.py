@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, apply_rotary, attention, rotary_tables, select_backend  # noqa: F401
+from ..attention import Backend, Packing, attention, select_backend
 from ..checkpoint import CheckpointError
 from ..sequences import PROTEIN
 from ..tokenization import ALPHABET, CLS, EOS, MASK, PAD, UNK, ESM2Tokenizer  # noqa: F401 - also imported from here
@@ -57,6 +57,20 @@ class ESM2Config:
     vocab_size: int = len(ALPHABET)
 
 
+def rotary_tables(position: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, 1, head_dim/2] in float32 for rotary embeddings (RoFormer), computed once a batch."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=position.device,
+                                             dtype=torch.float32) / head_dim))
+    freqs = position.float()[:, None] * inv_freq[None, :]
+    return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, H, hd] in float32, as fair-esm's (x * cos) + (rotate_half(x) * sin)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
 class MultiheadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int):
         super().__init__()
@@ -68,7 +82,8 @@ class MultiheadAttention(nn.Module):
     def forward(self, x: torch.Tensor, packing: Packing, backend: Backend, rotary) -> torch.Tensor:
         T, C = x.shape
         q, k, v = self.qkv_proj(x).view(T, 3, self.num_heads, self.head_dim).unbind(1)  # [T, H, hd] each
-        y = attention(q, k, v, packing, backend, scale=self.head_dim ** -0.5, rotary=rotary)  # q, k rotated
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        y = attention(q, k, v, packing, backend, scale=self.head_dim ** -0.5)
         return self.out_proj(y.reshape(T, C))
 
 
