@@ -213,7 +213,7 @@ def main() -> None:
     packing = Packing.from_lengths(check_lengths, int(check_lengths.max()))
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
-        model.backend = select_backend(torch.device("cuda"), torch.float32, alibi=False)
+        model.backend = select_backend(torch.device("cuda"), torch.float32, alibi=False, head_dim=64)
         ref_tokens = model(tokens, packing).float()
     ref_pooled = packing.mean(ref_tokens, 1, 1)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -223,7 +223,7 @@ def main() -> None:
     residue_norm = ref_tokens.norm(dim=-1).mean()
 
     base = model.to(torch.bfloat16)  # every variant starts from a copy of these bf16 weights
-    base.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=False)
+    base.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=False, head_dim=64)
     torch.cuda.empty_cache()
     staged = []
     for b in batches:

@@ -122,7 +122,7 @@ def random_esm2(name: str) -> ESM2:
         model = ESM2(ESM2Config(layers, d, heads)).to(torch.bfloat16)
     random_init_(model)
     model.eval().requires_grad_(False)
-    model.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=False)
+    model.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=False, head_dim=d // heads)
     return model
 
 
@@ -133,7 +133,7 @@ def random_dnabert_s(dtype: torch.dtype) -> DNABERTS:
     random_init_(model)
     model.alibi_slopes = model.alibi_slopes.cuda()
     model.eval().requires_grad_(False)
-    model.backend = select_backend(torch.device("cuda"), dtype, alibi=True)
+    model.backend = select_backend(torch.device("cuda"), dtype, alibi=True, head_dim=64)
     return model
 
 
@@ -273,7 +273,7 @@ def bench_dnabert(lengths_tokens: np.ndarray, ceiling: float, budget: int = 2621
                                              (torch.bfloat16, budget, False, "auto"),
                                              (torch.float32, 128 * 127, False, "sdpa")):
         model = random_dnabert_s(dtype)
-        model.backend = select_backend(torch.device("cuda"), dtype, alibi=True, requested=attention)
+        model.backend = select_backend(torch.device("cuda"), dtype, alibi=True, requested=attention, head_dim=64)
         if compiled:
             model.compile_layers()
         if dtype == torch.float32:

@@ -141,7 +141,7 @@ def main() -> None:
             blocks = model.layers
         tokens = int(lengths_tokens.sum())
         ref = copy.deepcopy(model).float()  # the accuracy reference: float32, SDPA, no TF32
-        ref.backend = select_backend(torch.device("cuda"), torch.float32, alibi=name == "dnabert_s")
+        ref.backend = select_backend(torch.device("cuda"), torch.float32, alibi=name == "dnabert_s", head_dim=64)
         for layer in ref.modules():
             if isinstance(layer, TransformerLayer):
                 layer.gelu_epilogue = False  # the reference keeps the exact GELU whatever the variant
@@ -157,7 +157,7 @@ def main() -> None:
                 continue  # ESM-2's plain GELU only; DNABERT-S's is gated
             TransformerLayer.gelu_epilogue = bool(ours.get("_gelu_epilogue"))
             model.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=name == "dnabert_s",
-                                           requested=ours.get("_attention", "auto"))
+                                           requested=ours.get("_attention", "auto"), head_dim=64)
             V.set_choices_handler(WideRowChoices() if ours.get("_wide_rows") else InductorChoices())
             compiled = (model.compiled_layers() if ours.get("_shipped")
                         else [torch.compile(block, dynamic=True, options=options) for block in blocks])

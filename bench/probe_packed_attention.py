@@ -7,7 +7,8 @@ for 2% of its FLOPs: VirNucPro's proteins are at most 168 tokens, and FA2 works 
 so a 168-token sequence costs it a 256 x 256 tile grid. This probe times, on the packed batches the
 actors run (the same planner's token budgets, q/k/v as strided views of one fused [T, 3, H, hd]
 tensor as the models produce them):
-  fa2      torch's FlashAttention-2 varlen (`virnucpro.attention._varlen_attn`, ESM-2's kernel today)
+  fa2      torch's FlashAttention-2 varlen (`virnucpro.attention._varlen_attn`; ESM-2's kernel until this
+           probe, its fallback since)
   cudnn    cuDNN's ragged (THD) SDPA through `aten._cudnn_attention_forward` with cumulative lengths;
            its first call per shape builds a plan, timed apart
   triton   our packed kernel (`virnucpro.triton_attention.packed_attention`) at several block sizes

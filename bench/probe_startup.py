@@ -49,7 +49,8 @@ def forward_variant(switch: float | None, compile_beside: bool) -> dict:
         sys.setswitchinterval(switch)
     with torch.device("cuda"):
         model = ESM2(ESM2Config(36, 2560, 40)).to(torch.bfloat16).eval().requires_grad_(False)
-    model.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=False, requested="auto")
+    model.backend = select_backend(torch.device("cuda"), torch.bfloat16, alibi=False, requested="auto",
+                                   head_dim=model.config.embed_dim // model.config.attention_heads)
     lengths = np.full(65536 // 168, 168)
 
     @torch.inference_mode()

@@ -38,13 +38,15 @@ class CallCounter:
 
 @pytest.mark.parametrize("layers,dim,heads,compiled,attention", [
     (6, 320, 20, False, "auto"), (2, 2560, 40, False, "auto"), (6, 320, 20, True, "auto"),
-    (2, 2560, 40, False, "flash"), (6, 320, 20, True, "flash")])
+    (2, 2560, 40, False, "flash"), (6, 320, 20, True, "flash"), (2, 480, 20, False, "auto")])
 def test_esm2_bf16_packed_attention_matches_fp32_fair_esm(tmp_path, monkeypatch, layers, dim, heads, compiled,
                                                           attention):
-    """auto: our packed Triton kernel (head dims 16 and 64 here); flash: FlashAttention-2's varlen kernel."""
+    """auto: our packed Triton kernel (head dims 16 and 64 here), FlashAttention-2's varlen kernel for
+    a head dim that is not a power of two (ESM-2 35M's 24); flash: FlashAttention-2's varlen kernel."""
     path = write_esm2_checkpoint(tmp_path / "esm2_gpu.pt", layers, dim, heads, seed=21)
     model = load_esm2(path, "cuda", torch.bfloat16, attention_backend=attention)
-    name = "triton" if attention == "auto" else "flash"
+    head_dim = dim // heads
+    name = "triton" if attention == "auto" and head_dim & (head_dim - 1) == 0 else "flash"
     assert model.backend.name == name, model.backend.describe()
     if name == "triton":
         import virnucpro.triton_attention as module
@@ -147,6 +149,26 @@ def test_triton_kernel_matches_attention_by_hand(dtype, alibi):
     worst = float(F.cosine_similarity(out.float().reshape(-1, hd), want.reshape(-1, hd), dim=-1).min())
     print(f"Triton kernel {dtype}{' ALiBi' if alibi else ''}: worst per-row cosine to float32 {worst:.6f}")
     assert worst > 0.999
+
+
+def test_triton_kernel_addresses_batches_past_2_gib():
+    """A batch whose fused QKV tensor has more than 2^31 elements (ESM-2 3B's shape: 40 heads of 64,
+    300,000 tokens): the kernel's offsets must not wrap. The last sequences, whose offsets pass 2^31,
+    are checked against attention by hand."""
+    pytest.importorskip("triton")
+    from virnucpro.attention import alibi_by_hand
+    from virnucpro.triton_attention import packed_attention
+
+    H, hd, L, B = 40, 64, 150, 2000
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(L * B, 3, H, hd, device="cuda", dtype=torch.bfloat16, generator=g)
+    assert qkv.numel() > 2 ** 31
+    q, k, v = qkv.unbind(1)
+    cu = torch.arange(0, L * B + 1, L, device="cuda", dtype=torch.int32)
+    out = packed_attention(q, k, v, cu, L, hd ** -0.5)
+    last = slice(L * (B - 3), L * B)
+    want = alibi_by_hand(q[last], k[last], v[last], cu[-4:] - cu[-4], hd ** -0.5, torch.zeros(H, device="cuda"))
+    torch.testing.assert_close(out[last].float(), want, atol=3e-2, rtol=3e-2)
 
 
 def test_embed_through_ray_on_gpu(tmp_path):

@@ -311,6 +311,38 @@ def test_packed_kernel_probe_without_alibi_checks_plain_attention_and_sequence_b
     assert "differs" in _packed_kernel_fails(lambda *a: plain(*a, bias=0.1), cpu, torch.float32, 16, alibi=False)
 
 
+@pytest.mark.parametrize("triton_ok,varlen,requested,alibi,want,note", [
+    (True, True, "auto", False, "triton", ""),  # ESM-2 on CUDA: our kernel
+    (False, True, "auto", False, "flash", "our Triton kernel: no Triton"),  # its fallback says why
+    (True, True, "flash", False, "flash", "requested"),
+    (True, False, "flash", False, "triton", "this torch has no varlen kernel"),
+    (False, False, "auto", False, "sdpa", "no torch.nn.attention.varlen"),
+    (True, True, "flex", False, "triton", "--attention flex applies to DNABERT-S only"),
+    (True, True, "sdpa", False, "sdpa", "requested"),
+    (True, True, "auto", True, "triton", "ALiBi"),  # DNABERT-S: our kernel with the bias
+    (True, True, "flash", True, "triton", "--attention flash applies to ESM-2 only"),
+    (True, True, "flex", True, "flex", ""),
+    (False, True, "auto", True, "sdpa", "padded grid"),
+])
+def test_select_backend_on_a_gpu(monkeypatch, triton_ok, varlen, requested, alibi, want, note):
+    """Which kernel each model gets on a CUDA GPU (mocked: this is a CPU test) for each --attention
+    value, whether our Triton kernel passes its load-time check and whether torch has FA2's varlen
+    kernel; the reason printed at load names a request that does not apply to the model."""
+    import virnucpro.attention as attention_mod
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(attention_mod, "_triton_fails", lambda *a, **k: None if triton_ok else "no Triton")
+    monkeypatch.setattr(attention_mod, "_varlen_attn", lambda: object() if varlen else None)
+    monkeypatch.setattr(attention_mod, "_flash_alibi_fails", lambda *a, **k: "no ALiBi slopes")
+    backend = attention_mod.select_backend(torch.device("cuda"), torch.bfloat16, alibi=alibi, requested=requested,
+                                           head_dim=64)
+    assert backend.name == want, backend.describe()
+    assert note in backend.describe(), backend.describe()
+    if want == "triton":
+        assert backend.describe().startswith("FlashAttention: enabled, our packed kernel in Triton")
+
+
 def test_compiled_layer_is_one_graph_through_the_packed_attention_op(dnabert_tiny, monkeypatch):
     """The GPU kernels (flash, triton) reach torch.compile as one custom op, so each compiled layer is a
     single graph, shared by all layers, with no graph break (four graphs with one): less for dynamo to

@@ -202,9 +202,12 @@ def alibi_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     return out
 
 
-def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, requested: str = "auto",
-                   head_dim: int = 64) -> Backend:
-    """Pick the fastest attention kernel that supports this device, dtype, bias and head size."""
+def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, requested: str = "auto", *,
+                   head_dim: int) -> Backend:
+    """Pick the fastest attention kernel that supports this device, dtype, bias and head size.
+    `requested`: "auto", "sdpa", "flash" (FlashAttention-2's varlen kernel; ESM-2 only) or "flex"
+    (FlexAttention; DNABERT-S only); a request that does not apply to the model is said so in the
+    reason and otherwise ignored."""
     if requested == "sdpa":
         return Backend("sdpa", "requested")
     if device.type != "cuda":
@@ -215,6 +218,8 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
     if major < 8:
         return Backend("sdpa", f"GPU compute capability {major}.{minor} < 8.0 (Ampere)")
     where = f"{torch.cuda.get_device_name(device)}, {str(dtype).removeprefix('torch.')}"
+    ignored = ("; --attention flash applies to ESM-2 only" if requested == "flash" and alibi else
+               "; --attention flex applies to DNABERT-S only" if requested == "flex" and not alibi else "")
     if alibi:
         if requested == "flex":
             return Backend("flex", f"packed ALiBi attention, {where}")
@@ -224,22 +229,23 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
         why_triton = _triton_fails(device, dtype, head_dim, alibi=True)
         if why_triton is None:
             return Backend("triton", f"packed sequences with ALiBi, which FlashAttention-2 takes not here "
-                                     f"({why}), {where}")
+                                     f"({why}), {where}{ignored}")
         # Elsewhere SDPA with an additive bias over a padded grid (cuDNN's fused attention on Hopper,
         # else the memory-efficient kernel: PyTorch picks); for DNABERT-S's short sequences it measured 8x
         # faster than FlexAttention's packed document mask (bench/results).
         return Backend("sdpa", f"no packed ALiBi kernel (FlashAttention-2: {why}; Triton: {why_triton}); "
-                               f"fused SDPA with the bias over a padded grid, {where}")
-    why_triton = "FlashAttention-2 requested" if requested == "flash" else \
-        _triton_fails(device, dtype, head_dim, alibi=False)
+                               f"fused SDPA with the bias over a padded grid, {where}{ignored}")
+    if requested == "flash" and _varlen_attn() is not None:
+        return Backend("flash", f"varlen_attn over packed sequences (requested), {where}")
+    why_triton = _triton_fails(device, dtype, head_dim, alibi=False)
     if why_triton is None:
+        unavailable = "; FlashAttention-2 requested, but this torch has no varlen kernel" if requested == "flash" else ""
         return Backend("triton", f"packed sequences in 64-token blocks, 1.8x FlashAttention-2's varlen speed on "
-                                 f"proteins of VirNucPro's lengths, {where}")
+                                 f"proteins of VirNucPro's lengths, {where}{ignored}{unavailable}")
     if _varlen_attn() is None:
         return Backend("sdpa", f"torch {torch.__version__} has no torch.nn.attention.varlen; our Triton kernel: "
-                               f"{why_triton}")
-    requested_note = "requested" if requested == "flash" else f"our Triton kernel: {why_triton}"
-    return Backend("flash", f"varlen_attn over packed sequences ({requested_note}), {where}")
+                               f"{why_triton}{ignored}")
+    return Backend("flash", f"varlen_attn over packed sequences (our Triton kernel: {why_triton}), {where}{ignored}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, backend: Backend,

@@ -33,12 +33,19 @@ def _packed_attention_fwd(Q, K, V, O, cu_seqlens, slopes,
     length = tl.load(cu_seqlens + seq + 1) - begin
     if block * BLOCK_M >= length:  # the grid is sized for the longest sequence of the batch
         return
+    # The sequence's first token, as 64-bit offsets: begin * stride passes 2^31 elements in a batch of
+    # 280 K tokens for ESM-2 3B's fused QKV (stride 3 * 2560). Offsets within a sequence stay 32-bit.
+    start_token = begin.to(tl.int64)
+    Q += start_token * stride_qt
+    K += start_token * stride_kt
+    V += start_token * stride_vt
+    O += start_token * stride_ot
     if ALIBI:
         slope_log2e = tl.load(slopes + head) * 1.4426950408889634  # the bias, in exp2's units as the scores
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions within the sequence
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < length
-    q = tl.load(Q + (begin + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+    q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of each query's scores
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - max)
@@ -46,7 +53,7 @@ def _packed_attention_fwd(Q, K, V, O, cu_seqlens, slopes,
     for start in range(0, length, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)  # key positions
         col_ok = cols < length
-        k = tl.load(K + (begin + cols)[:, None] * stride_kt + head * stride_kh + dims[None, :],
+        k = tl.load(K + cols[:, None] * stride_kt + head * stride_kh + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2e  # [BLOCK_M, BLOCK_N] in float32
         if ALIBI:
@@ -56,12 +63,12 @@ def _packed_attention_fwd(Q, K, V, O, cu_seqlens, slopes,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + (begin + cols)[:, None] * stride_vt + head * stride_vh + dims[None, :],
+        v = tl.load(V + cols[:, None] * stride_vt + head * stride_vh + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(O + (begin + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+    tl.store(O + rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 

@@ -1,8 +1,9 @@
 """ESM-2 (Lin et al. 2023) for embedding: the function of fair-esm's `ESM2`, over packed sequences.
 
 Differences from fair-esm, none of which change the result:
-  * sequences are packed into one token stream (no padding), attention is varlen FlashAttention on
-    CUDA and padded SDPA elsewhere (see `virnucpro.attention`);
+  * sequences are packed into one token stream (no padding), attention is FlashAttention over the
+    packed stream on CUDA (our Triton kernel, or FlashAttention-2's varlen kernel) and padded SDPA
+    elsewhere (see `virnucpro.attention`);
   * q, k and v are one fused projection (one GEMM instead of three);
   * rotary tables are computed once a batch in float32 from each token's position, whatever the model dtype (bf16
     cannot represent positions above 256 exactly);
