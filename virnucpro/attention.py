@@ -228,8 +228,8 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
             return Backend("flash", f"varlen FlashAttention-2 with its ALiBi slopes over packed sequences, {where}")
         why_triton = _triton_fails(device, dtype, head_dim, alibi=True)
         if why_triton is None:
-            return Backend("triton", f"packed sequences with ALiBi, which FlashAttention-2 takes not here "
-                                     f"({why}), {where}{ignored}")
+            return Backend("triton", f"packed sequences with the ALiBi bias, which FlashAttention-2 does not take "
+                                     f"here ({why}), {where}{ignored}")
         # Elsewhere SDPA with an additive bias over a padded grid (cuDNN's fused attention on Hopper,
         # else the memory-efficient kernel: PyTorch picks); for DNABERT-S's short sequences it measured 8x
         # faster than FlexAttention's packed document mask (bench/results).
@@ -240,8 +240,8 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
     why_triton = _triton_fails(device, dtype, head_dim, alibi=False)
     if why_triton is None:
         unavailable = "; FlashAttention-2 requested, but this torch has no varlen kernel" if requested == "flash" else ""
-        return Backend("triton", f"packed sequences in 64-token blocks, 1.8x FlashAttention-2's varlen speed on "
-                                 f"proteins of VirNucPro's lengths, {where}{ignored}{unavailable}")
+        return Backend("triton", f"packed sequences in 64-token blocks, faster than FlashAttention-2's varlen "
+                                 f"kernel on short sequences, {where}{ignored}{unavailable}")
     if _varlen_attn() is None:
         return Backend("sdpa", f"torch {torch.__version__} has no torch.nn.attention.varlen; our Triton kernel: "
                                f"{why_triton}{ignored}")
