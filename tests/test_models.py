@@ -343,6 +343,46 @@ def test_select_backend_on_a_gpu(monkeypatch, triton_ok, varlen, requested, alib
         assert backend.describe().startswith("FlashAttention: enabled, our packed kernel in Triton")
 
 
+TRITON_ON_THE_CPU = """
+import torch
+from virnucpro.attention import _packed_kernel_fails, alibi_by_hand, alibi_slopes
+from virnucpro.triton_attention import packed_attention
+
+lengths, H, hd = [1, 2, 63, 64, 65, 130], 2, 16  # around the kernel's 64-token blocks
+g = torch.Generator().manual_seed(0)
+q, k, v = torch.randn(sum(lengths), 3, H, hd, generator=g).unbind(1)  # strided views, as the models pass them
+cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
+slopes = torch.tensor(alibi_slopes(H))
+for alibi in (True, False):
+    got = packed_attention(q, k, v, cu, max(lengths), hd ** -0.5, slopes if alibi else None)
+    want = alibi_by_hand(q, k, v, cu, hd ** -0.5, slopes if alibi else torch.zeros(H))
+    err = float((got - want).abs().max())
+    assert err < 1e-5, (alibi, err)
+    # the load-time check passes the real kernel
+    assert _packed_kernel_fails(packed_attention, torch.device("cpu"), torch.float32, 32, alibi) is None
+print("ok")
+"""
+
+
+def test_triton_kernel_runs_right_on_the_cpu_interpreter():
+    """Our Triton attention kernel, the real one, checked in CI without a GPU: Triton's interpreter
+    runs it on the CPU (TRITON_INTERPRET=1, read when the kernel is defined: so in a process of its
+    own). Packed sequences of 1-130 tokens around its 64-token block edges, with and without the ALiBi
+    bias, against attention by hand in float32; and the load-time check accepts it. The GPU tests check
+    the compiled kernel in bf16/fp16."""
+    import os
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8):
+        pytest.skip(f"Triton {triton.__version__}: its interpreter (before 3.8) cannot run the kernel's "
+                    "scalar loads with numpy 2")
+    result = subprocess.run([sys.executable, "-c", TRITON_ON_THE_CPU], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
 def test_compiled_layer_is_one_graph_through_the_packed_attention_op(dnabert_tiny, monkeypatch):
     """The GPU kernels (flash, triton) reach torch.compile as one custom op, so each compiled layer is a
     single graph, shared by all layers, with no graph break (four graphs with one): less for dynamo to
