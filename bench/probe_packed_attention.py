@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_models import (cuda_time, dna_token_lengths, proteome_lengths, token_batches,  # noqa: E402
                                 virnucpro_lengths)
 from virnucpro.triton_attention import packed_attention  # noqa: E402
-from virnucpro.attention import _varlen_attn, alibi_by_hand, alibi_slopes  # noqa: E402
+from virnucpro.attention import Packing, _varlen_attn, alibi_by_hand, alibi_slopes  # noqa: E402
 
 WORKLOADS = {  # name: (heads, head dim, lengths in tokens, token budget, ALiBi)
     "esm2_650M/virnucpro": (20, 64, lambda n, rng: virnucpro_lengths(n, rng) + 2, 65536, False),
@@ -53,9 +53,8 @@ def batches_of(workload: str, count: int) -> list[tuple]:
     for b in plan:
         T = int(b.sum())
         qkv = torch.randn(T, 3, H, hd, device="cuda", dtype=torch.bfloat16, generator=g)
-        cu = torch.zeros(len(b) + 1, dtype=torch.int32, device="cuda")
-        cu[1:] = torch.from_numpy(np.cumsum(b)).cuda()
-        out.append((*qkv.unbind(1), cu, int(b.max())))
+        packing = Packing.from_lengths(torch.from_numpy(b).cuda(), int(b.max()))
+        out.append((*qkv.unbind(1), packing.cu_seqlens, packing.max_seqlen))
     return out
 
 
