@@ -15,6 +15,7 @@ import asyncio
 import io
 import json
 import logging
+import pickle
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,13 +56,13 @@ class EmbeddingService:
 
     async def describe(self) -> dict:
         """What a job's driver needs: the model (to plan and fingerprint), its tokenizer, the replica.
-        The interface this replica's VirNucPro speaks, as a plain string, and the rest as a Ray object of
-        its own: a driver of another VirNucPro checks the one before it fetches the other, which it may
-        not be able to deserialise (`cluster.service.describe_service`)."""
-        import ray
-
+        The interface this replica's VirNucPro speaks, as a plain string, and the rest pickled to bytes:
+        a driver of another VirNucPro checks the one before it unpickles the other, which it may not be
+        able to (`cluster.service.describe_service`). Bytes, not a `ray.put` ref: a ref this replica
+        owns, nested in its answer, was once freed before the driver fetched it (Ray's
+        ReferenceCountingAssertionError, in CI)."""
         with _torch_free_errors("describe"):
-            return {"interface": interface_fingerprint(), "payload": ray.put({
+            return {"interface": interface_fingerprint(), "payload": pickle.dumps({
                 "source": self.config.actor.source, "tokenizer": self.tokenizer, "dim": self.embedder.model.dim,
                 "options": self.config.actor.options, "toks_per_batch": self.config.toks_per_batch,
                 "info": self.embedder.info()})}
