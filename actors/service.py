@@ -15,7 +15,6 @@ import asyncio
 import io
 import json
 import logging
-import pickle
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,17 +54,19 @@ class EmbeddingService:
         self.tokenizer = load_tokenizer(config.actor.source, config.actor.options.truncation_seq_length)
 
     async def describe(self) -> dict:
+        """The interface this replica's VirNucPro speaks, as a plain string. A driver checks it before it
+        asks for `description`, whose objects a driver of another VirNucPro may not deserialise
+        (`cluster.service.describe_service`)."""
+        return {"interface": interface_fingerprint()}
+
+    async def description(self) -> dict:
         """What a job's driver needs: the model (to plan and fingerprint), its tokenizer, the replica.
-        The interface this replica's VirNucPro speaks, as a plain string, and the rest pickled to bytes:
-        a driver of another VirNucPro checks the one before it unpickles the other, which it may not be
-        able to (`cluster.service.describe_service`). Bytes, not a `ray.put` ref: a ref this replica
-        owns, nested in its answer, was once freed before the driver fetched it (Ray's
-        ReferenceCountingAssertionError, in CI)."""
+        (A second call rather than a `ray.put` ref nested in `describe`'s answer: a ref the replica
+        owns was once freed before the driver fetched it, Ray's ReferenceCountingAssertionError in CI.)"""
         with _torch_free_errors("describe"):
-            return {"interface": interface_fingerprint(), "payload": pickle.dumps({
-                "source": self.config.actor.source, "tokenizer": self.tokenizer, "dim": self.embedder.model.dim,
-                "options": self.config.actor.options, "toks_per_batch": self.config.toks_per_batch,
-                "info": self.embedder.info()})}
+            return {"source": self.config.actor.source, "tokenizer": self.tokenizer, "dim": self.embedder.model.dim,
+                    "options": self.config.actor.options, "toks_per_batch": self.config.toks_per_batch,
+                    "info": self.embedder.info()}
 
     async def prepare(self, largest_batch: np.ndarray | None = None) -> dict:
         with _torch_free_errors("prepare"):

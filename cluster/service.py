@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -99,7 +98,7 @@ def service_status(name: str | None = None) -> list[dict]:
         model = toks = None
         if deployment.status == "HEALTHY":
             try:
-                info = _unpacked(app_name, serve.get_app_handle(app_name).describe.remote().result(timeout_s=30))
+                info = _described(app_name, serve.get_app_handle(app_name), timeout_s=30)
                 model, toks = info["source"].name, info["toks_per_batch"]
             except EmbedError:
                 model = "(another VirNucPro: restart this service)"
@@ -123,17 +122,18 @@ def describe_service(name: str) -> dict:
 
     try:
         handle = serve.get_deployment_handle(DEPLOYMENT, app_name=name)
-        described = handle.describe.remote().result(timeout_s=120)
+        interface = handle.describe.remote().result(timeout_s=120)
     except Exception as e:  # noqa: BLE001 - Serve raises several kinds for a missing app
         raise EmbedError(f"service '{name}' is not running or not answering ({type(e).__name__}: {e}); "
                          f"virnucpro serve status lists the services") from None
-    return _unpacked(name, described)
+    return _described(name, handle, timeout_s=120, interface=interface)
 
 
-def _unpacked(name: str, described: dict) -> dict:
-    """A replica's description, once its interface is checked: only then is the rest unpickled."""
-    check_interface(name, described)
-    return pickle.loads(described["payload"])
+def _described(name: str, handle, timeout_s: float, interface: dict | None = None) -> dict:
+    """A replica's description, asked for only once its interface is checked (`interface`: the answer
+    of `describe`, when the caller has it already)."""
+    check_interface(name, interface if interface is not None else handle.describe.remote().result(timeout_s=timeout_s))
+    return handle.description.remote().result(timeout_s=timeout_s)
 
 
 def check_interface(name: str, info: dict) -> None:

@@ -17,6 +17,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +29,7 @@ from actors.service import _torch_free_errors
 from cluster.cli import main
 from cluster.driver import embed
 from cluster.scheduling import EmbedError
-from cluster.service import _unpacked, check_interface, service_status, start_service, stop_service
+from cluster.service import _described, check_interface, service_status, start_service, stop_service
 from tests import faults
 from tests.conftest import random_dna, random_proteins, write_fasta
 from virnucpro import batching
@@ -301,5 +302,16 @@ def test_a_service_of_another_interface_is_refused(interface):
     check_interface("esm", {**info, "interface": interface_fingerprint()})  # this VirNucPro's: accepted
     # the description is fetched only once the interface matches: another VirNucPro's objects may not
     # deserialise here at all, and the user gets the restart line, not a deserialisation error
+    class Handle:  # a deployment handle of another VirNucPro's service
+        class describe:
+            @staticmethod
+            def remote():
+                return SimpleNamespace(result=lambda timeout_s: info)
+
+        class description:
+            @staticmethod
+            def remote():
+                raise AssertionError("description asked for before the interface was checked")
+
     with pytest.raises(EmbedError, match="different VirNucPro interface"):
-        _unpacked("esm", {**info, "payload": "not fetched"})
+        _described("esm", Handle, timeout_s=1)
