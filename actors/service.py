@@ -63,7 +63,7 @@ class EmbeddingService:
         """What a job's driver needs: the model (to plan and fingerprint), its tokenizer, the replica.
         (A second call rather than a `ray.put` ref nested in `describe`'s answer: a ref the replica
         owns was once freed before the driver fetched it, Ray's ReferenceCountingAssertionError in CI.)"""
-        with _torch_free_errors("describe"):
+        with _torch_free_errors("description"):
             return {"source": self.config.actor.source, "tokenizer": self.tokenizer, "dim": self.embedder.model.dim,
                     "options": self.config.actor.options, "toks_per_batch": self.config.toks_per_batch,
                     "info": self.embedder.info()}

@@ -133,7 +133,14 @@ def _described(name: str, handle, timeout_s: float, interface: dict | None = Non
     """A replica's description, asked for only once its interface is checked (`interface`: the answer
     of `describe`, when the caller has it already)."""
     check_interface(name, interface if interface is not None else handle.describe.remote().result(timeout_s=timeout_s))
-    return handle.description.remote().result(timeout_s=timeout_s)
+    try:
+        return handle.description.remote().result(timeout_s=timeout_s)
+    except EmbedError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a service of this version from before `description`
+        raise EmbedError(f"service '{name}' did not describe its model ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+                         f"restart it: virnucpro serve stop --name {name}, then virnucpro serve start --name {name} "
+                         f"with its model and options") from None
 
 
 def check_interface(name: str, info: dict) -> None:

@@ -315,3 +315,9 @@ def test_a_service_of_another_interface_is_refused(interface):
 
     with pytest.raises(EmbedError, match="different VirNucPro interface"):
         _described("esm", Handle, timeout_s=1)
+    # this interface, but no `description` (a service of this version from before it): one line, restart it
+    info["interface"] = interface_fingerprint()
+    with pytest.raises(EmbedError) as e:
+        _described("esm", Handle, timeout_s=1)
+    assert str(e.value).startswith("service 'esm' did not describe its model (AssertionError: description asked")
+    assert "virnucpro serve stop --name esm" in str(e.value) and "\n" not in str(e.value)
