@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 
 from virnucpro.batching import interface_fingerprint
 from virnucpro.options import EmbedOptions
@@ -98,10 +99,12 @@ def service_status(name: str | None = None) -> list[dict]:
         model = toks = None
         if deployment.status == "HEALTHY":
             try:
-                info = _described(app_name, serve.get_app_handle(app_name), timeout_s=30)
+                info = _described(app_name, partial(serve.get_app_handle, app_name), timeout_s=30)
                 model, toks = info["source"].name, info["toks_per_batch"]
-            except EmbedError:
+            except InterfaceMismatch:
                 model = "(another VirNucPro: restart this service)"
+            except EmbedError:
+                model = "(not answering: see virnucpro serve status again, or the replicas' logs)"
         out.append({"name": app_name, "status": getattr(app.status, "value", str(app.status)), "replicas": dict(deployment.replica_states),
                     "route": f"/{app_name}", "model": model, "toks_per_batch": toks})
     return out
@@ -120,27 +123,33 @@ def describe_service(name: str) -> dict:
     once it is known to speak this VirNucPro's interface."""
     from ray import serve
 
+    return _described(name, lambda: serve.get_deployment_handle(DEPLOYMENT, app_name=name), timeout_s=120)
+
+
+class InterfaceMismatch(EmbedError):
+    """The service runs another VirNucPro's interface (`check_interface`)."""
+
+
+def _described(name: str, get_handle, timeout_s: float) -> dict:
+    """A replica's description, asked for (`description`) only once its interface (`describe`) is
+    checked. `get_handle`: makes the deployment handle (Serve raises several kinds for a missing app)."""
     try:
-        handle = serve.get_deployment_handle(DEPLOYMENT, app_name=name)
-        interface = handle.describe.remote().result(timeout_s=120)
-    except Exception as e:  # noqa: BLE001 - Serve raises several kinds for a missing app
-        raise EmbedError(f"service '{name}' is not running or not answering ({type(e).__name__}: {e}); "
+        handle = get_handle()
+        interface = handle.describe.remote().result(timeout_s=timeout_s)
+    except Exception as e:  # noqa: BLE001 - a missing app, a replica that does not answer in time, ...
+        raise EmbedError(f"service '{name}' is not running or not answering ({type(e).__name__}: {_line(e)}); "
                          f"virnucpro serve status lists the services") from None
-    return _described(name, handle, timeout_s=120, interface=interface)
-
-
-def _described(name: str, handle, timeout_s: float, interface: dict | None = None) -> dict:
-    """A replica's description, asked for only once its interface is checked (`interface`: the answer
-    of `describe`, when the caller has it already)."""
-    check_interface(name, interface if interface is not None else handle.describe.remote().result(timeout_s=timeout_s))
+    check_interface(name, interface)
     try:
         return handle.description.remote().result(timeout_s=timeout_s)
-    except EmbedError:
-        raise
     except Exception as e:  # noqa: BLE001 - e.g. a service of this version from before `description`
-        raise EmbedError(f"service '{name}' did not describe its model ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
-                         f"restart it: virnucpro serve stop --name {name}, then virnucpro serve start --name {name} "
-                         f"with its model and options") from None
+        raise EmbedError(f"service '{name}' did not describe its model ({type(e).__name__}: {_line(e)}); if an "
+                         f"earlier VirNucPro started it, restart it: virnucpro serve stop --name {name}, then "
+                         f"virnucpro serve start --name {name} with its model and options") from None
+
+
+def _line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
 
 
 def check_interface(name: str, info: dict) -> None:
@@ -149,7 +158,7 @@ def check_interface(name: str, info: dict) -> None:
     A service from before the fingerprint sends none, and gets the same answer."""
     theirs, ours = info.get("interface"), interface_fingerprint()
     if theirs != ours:
-        raise EmbedError(f"service '{name}' runs a different VirNucPro interface (service: "
+        raise InterfaceMismatch(f"service '{name}' runs a different VirNucPro interface (service: "
                          f"{theirs or 'none, an older VirNucPro'}; this VirNucPro: {ours}): restart it with this "
                          f"VirNucPro: virnucpro serve stop --name {name}, then virnucpro serve start --name {name} "
                          f"with its model and options")

@@ -32,12 +32,16 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
-    nodes = [c.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
-    ray.init(address=c.address, logging_level="WARNING")
-    c.wait_for_nodes()
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+    try:
+        nodes = [c.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+        ray.init(address=c.address, logging_level="WARNING")
+        c.wait_for_nodes()
+        yield c, nodes
+    finally:  # a cluster left behind would be joined by every later module's ray.init()
+        try:
+            ray.shutdown()
+        finally:
+            c.shutdown()
 
 
 def _run_in_thread(**kwargs) -> tuple[threading.Thread, dict]:
