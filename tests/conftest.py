@@ -94,7 +94,7 @@ def local_ray():
     """One local Ray for a test module (2 CPUs, no dashboard): the driver joins it instead of starting one."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

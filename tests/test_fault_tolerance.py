@@ -37,7 +37,7 @@ def cluster():
         ray.init(address=c.address, logging_level="WARNING")
         c.wait_for_nodes()
         yield c, nodes
-    finally:  # a cluster left behind would be joined by every later module's ray.init()
+    finally:  # a cluster left behind would be joined by the CLI tests, which join the Ray found on this machine as users do
         try:
             ray.shutdown()
         finally:

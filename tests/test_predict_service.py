@@ -31,7 +31,7 @@ COMPUTE = dict(device="cpu", toks_per_batch=2048, progress=False)
 def esm_service(esm_tiny):
     """One Ray session (3 CPUs: the service's replica, the DNABERT-S actor, the driver) and one tiny
     ESM-2 service with the same batch budget as the run without it."""
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
     start_service(str(esm_tiny), "esm", opts=EmbedOptions(device="cpu", toks_per_batch=2048), http_port=8932)
     yield "esm"
     from ray import serve

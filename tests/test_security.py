@@ -216,7 +216,7 @@ def test_record_ids_cannot_escape_the_output_directory(tmp_path, esm_tiny):
     fasta.write_bytes(b"".join(b">" + rid.encode() + b" description\nMKVL\n" for rid in HOSTILE_IDS))
     out = tmp_path / "a" / "b" / "out"
     before = {p for p in tmp_path.rglob("*")}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         embed(fasta, out, esm_tiny, device="cpu", num_actors=1, toks_per_batch=24, progress=False)
     finally:

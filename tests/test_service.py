@@ -44,7 +44,7 @@ PORT = 8931
 
 @pytest.fixture(scope="module")
 def serve_ray():
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
     yield
     from ray import serve
 
