@@ -11,6 +11,7 @@ The module starts one real head (`ray start --head`, loopback dashboard, token a
 from __future__ import annotations
 
 import os
+import random
 import re
 import secrets
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
@@ -54,13 +56,28 @@ class Head:
 
 
 def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """n ports free now, below the kernel's ephemeral range (32768-60999 on Linux) and above Ray's worker
+    ports (10002-19999). A port the kernel hands out for port 0 can be handed out again at once: once the
+    head's dashboard bound its own gRPC server to the port picked for its HTTP server, whose start then
+    failed, and the job API client waited forever on a server that does not speak HTTP."""
+    rng, ports = random.Random(), []
+    while len(ports) < n:
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
     return ports
+
+
+def _answers_http(url: str) -> None:
+    try:
+        urllib.request.urlopen(f"{url}/api/version", timeout=5).close()
+    except urllib.error.HTTPError:
+        pass  # an answer (401 without the token) is what is asked here
 
 
 def _our_processes(leader: int) -> list[int]:
@@ -121,6 +138,7 @@ def head():
         deadline = time.monotonic() + 90
         while True:  # the job API comes up a little after `ray start` returns
             try:
+                _answers_http(h.dashboard)  # first, with a timeout: the job API client's requests have none
                 h.client().list_jobs()
                 break
             except Exception:  # noqa: BLE001
