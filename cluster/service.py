@@ -123,7 +123,7 @@ def describe_service(name: str) -> dict:
     once it is known to speak this VirNucPro's interface."""
     from ray import serve
 
-    return _described(name, lambda: serve.get_deployment_handle(DEPLOYMENT, app_name=name), timeout_s=120)
+    return _described(name, partial(serve.get_deployment_handle, DEPLOYMENT, app_name=name), timeout_s=120)
 
 
 class InterfaceMismatch(EmbedError):
