@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from virnucpro.attention import Packing  # noqa: E402
-from virnucpro.models.dnabert_s import DNABERTS, DNABERTSConfig  # noqa: E402
+from virnucpro.models.dnabert_s import DNABERTS, DNABERTSConfig, fused_kernels_fail  # noqa: E402
 from virnucpro.models.esm2 import ESM2, ESM2Config  # noqa: E402
 from virnucpro.attention import select_backend  # noqa: E402
 
@@ -134,6 +134,8 @@ def random_dnabert_s(dtype: torch.dtype) -> DNABERTS:
     model.alibi_slopes = model.alibi_slopes.cuda()
     model.eval().requires_grad_(False)
     model.backend = select_backend(torch.device("cuda"), dtype, alibi=True, head_dim=64)
+    c = model.config  # its uncompiled layers fuse their elementwise steps where the kernels load, as load_dnabert_s's
+    model.fused = fused_kernels_fail(torch.device("cuda"), dtype, c.hidden_size, c.intermediate_size) is None
     return model
 
 

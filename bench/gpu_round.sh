@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call's worth of GPU work: `bash bench/gpu_round.sh STEP...`, results and logs under $OUT.
-# Steps: tests, cache-key, profile, inductor, attention, packed-attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup, predict,
+# Steps: tests, cache-key, profile, inductor, fused, attention, packed-attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup, predict,
 # service-scaling (N_SCALING proteins, default 60000: ~6 min on 2 H200s).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,7 +28,8 @@ for step in "$@"; do
     e2e-dnabert) TORCH_LOGS=recompiles python3 bench/bench_e2e.py --model dnabert_s -n "${N_DNA:-60000}" --work /tmp/dna \
                    --out "$OUT/e2e-dnabert_s-1x-$tag.json" ${E2E_ARGS:-} 2>&1 | grep -v "Warning\|warn(" | tail -30 ;;
     e2e-dnabert-large) python3 bench/bench_e2e.py --model dnabert_s -n 300000 --work /tmp/dna-large \
-                   --out "$OUT/e2e-dnabert_s-1x-$tag-300k.json" 2>&1 | grep -v "Warning\|warn(" | tail -4 ;;
+                   --out "$OUT/e2e-dnabert_s-1x-$tag-300k${E2E_TAG:-}.json" ${E2E_ARGS:-} 2>&1 | grep -v "Warning\|warn(" | tail -4 ;;
+    fused) python3 bench/probe_fused.py --out "$OUT/probe-fused-$tag.json" 2>&1 | grep -v "Warning\|warn(" ;;
     e2e-dnabert-streams) for s in ${STREAMS:-3}; do python3 bench/bench_e2e.py --model dnabert_s -n 300000 --work /tmp/dna-large \
                    --skip-bare --cuda-streams $s --out "$OUT/e2e-dnabert_s-1x-$tag-300k-streams$s.json" 2>&1 | grep "end to end"; done ;;
     e2e-esm) python3 bench/bench_e2e.py --model esm2_3B -n "${N_ESM:-20000}" --work /tmp/esm \

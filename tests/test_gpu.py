@@ -112,9 +112,15 @@ def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention,
                       "sdpa": (attention_mod, "_sdpa_attention"), "flex": (attention_mod, "_flex_attention")}[name]
     counter = CallCounter(getattr(module, kernel))
     monkeypatch.setattr(module, kernel, counter)
+    # uncompiled layers run the fused elementwise kernels; compiled ones leave those steps to Inductor
+    assert model.fused, "the fused elementwise kernels failed their load-time check"
+    import virnucpro.triton_elementwise as elementwise
+    gated = CallCounter(elementwise.gated_gelu)
+    monkeypatch.setattr(elementwise, "gated_gelu", gated)
     seqs = random_dna(48, 300, 520, seed=3)
     got = pooled_on_gpu(model, DNABERTSTokenizer(path), seqs)
     assert compiled or counter.calls == 4
+    assert gated.calls == (0 if compiled else 4)
     want = reference_dnabert_embed(path, seqs)
     cos = F.cosine_similarity(got.double(), want.double(), dim=-1)
     print(f"DNABERT-S: bf16 {name}{' compiled' if compiled else ''} vs fp32 reference cosine min "

@@ -383,6 +383,69 @@ def test_triton_kernel_runs_right_on_the_cpu_interpreter():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
+FUSED_ON_THE_CPU = """
+import sys
+import numpy as np
+import torch
+import torch.nn.functional as F
+from virnucpro.attention import Packing
+from virnucpro.models.dnabert_s import load_dnabert_s
+from virnucpro.tokenization import DNABERTSTokenizer
+from virnucpro.triton_elementwise import add_layer_norm, gated_gelu
+
+torch.set_grad_enabled(False)
+g = torch.Generator().manual_seed(0)
+for rows in (1, 5, 37):  # around the kernels' 4-row tiles
+    h = torch.randn(rows, 2 * 1100, generator=g)  # a width that is not a multiple of the 1024-column tile
+    err = (gated_gelu(h) - F.gelu(h[:, :1100]) * h[:, 1100:]).abs().max()
+    assert err < 1e-5, ("gated_gelu", rows, float(err))
+    x, r = torch.randn(2, rows, 96, generator=g) * 3
+    norm = torch.nn.LayerNorm(96, eps=1e-12)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2, generator=g)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.2, generator=g)
+    err = (add_layer_norm(x, r, norm) - norm(x + r)).abs().max()
+    assert err < 1e-5, ("add_layer_norm", rows, float(err))
+# the whole model: the fused path computes what PyTorch's ops do, sequence by sequence in a packed batch
+model, tok = load_dnabert_s(sys.argv[1]), DNABERTSTokenizer(sys.argv[1])
+rng = np.random.default_rng(1)
+seqs = ["".join(rng.choice(list("ACGT"), n)) for n in (3, 40, 150, 299)]
+tokens, lengths, _ = tok.encode(seqs)
+packing = Packing.from_lengths(torch.from_numpy(lengths))
+with torch.no_grad():
+    plain = model.embed(torch.from_numpy(tokens).long(), packing)
+    model.fused = True
+    fused = model.embed(torch.from_numpy(tokens).long(), packing)
+err = ((fused.double() - plain.double()).norm(dim=-1) / plain.double().norm(dim=-1)).max()
+assert err < 1e-5, float(err)
+print("ok")
+"""
+
+
+def test_fused_elementwise_kernels_run_right_on_the_cpu_interpreter(dnabert_tiny):
+    """DNABERT-S's fused Triton kernels (gated GELU; residual add + LayerNorm), the real ones, run by
+    Triton's interpreter on the CPU in float32: against PyTorch's ops on rows around the tile edges, and
+    the whole model's pooled embeddings with them against without them (relative error < 1e-5).
+    The GPU tests check them compiled, in bf16, against the float32 reference."""
+    import os
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8):
+        pytest.skip(f"Triton {triton.__version__}: its interpreter (before 3.8) cannot run the kernels with numpy 2")
+    result = subprocess.run([sys.executable, "-c", FUSED_ON_THE_CPU, str(dnabert_tiny)], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_fused_elementwise_kernels_only_on_a_cuda_gpu():
+    """The load-time check says why the fused kernels are off on a CPU (the models then use PyTorch's ops)."""
+    from virnucpro.models.dnabert_s import fused_kernels_fail
+
+    assert "CUDA" in fused_kernels_fail(torch.device("cpu"), torch.float32, 768, 3072)
+
+
 def test_compiled_layer_is_one_graph_through_the_packed_attention_op(dnabert_tiny, monkeypatch):
     """The GPU kernels (flash, triton) reach torch.compile as one custom op, so each compiled layer is a
     single graph, shared by all layers, with no graph break (four graphs with one): less for dynamo to

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -85,12 +86,16 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(c)
         self.output = BertSelfOutput(c)
 
-    def forward(self, x: torch.Tensor, packing: Packing, backend: Backend, slopes: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packing: Packing, backend: Backend, slopes: torch.Tensor,
+                fused: bool = False) -> torch.Tensor:
         T, C = x.shape
         s = self.self
         q, k, v = s.Wqkv(x).view(T, 3, s.num_heads, s.head_dim).unbind(1)  # [T, H, hd] each
-        y = attention(q, k, v, packing, backend, scale=s.head_dim ** -0.5, alibi=slopes)
-        return self.output.LayerNorm(x + self.output.dense(y.reshape(T, C)))  # post-LN
+        y = self.output.dense(attention(q, k, v, packing, backend, scale=s.head_dim ** -0.5, alibi=slopes).reshape(T, C))
+        if fused:
+            from ..triton_elementwise import add_layer_norm
+            return add_layer_norm(y, x, self.output.LayerNorm)
+        return self.output.LayerNorm(x + y)  # post-LN
 
 
 class BertGatedLinearUnitMLP(nn.Module):
@@ -101,8 +106,12 @@ class BertGatedLinearUnitMLP(nn.Module):
         self.wo = nn.Linear(c.intermediate_size, c.hidden_size)
         self.layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gated, linear = self.gated_layers(x).split(self.intermediate_size, dim=-1)
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        h = self.gated_layers(x)  # [T, 2I]: the gate, then the linear half
+        if fused:
+            from ..triton_elementwise import add_layer_norm, gated_gelu
+            return add_layer_norm(self.wo(gated_gelu(h)), x, self.layernorm)
+        gated, linear = h.split(self.intermediate_size, dim=-1)
         return self.layernorm(x + self.wo(F.gelu(gated) * linear))  # post-LN
 
 
@@ -112,8 +121,12 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(c)
         self.mlp = BertGatedLinearUnitMLP(c)
 
-    def forward(self, x: torch.Tensor, packing: Packing, backend: Backend, slopes: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.attention(x, packing, backend, slopes))
+    def forward(self, x: torch.Tensor, packing: Packing, backend: Backend, slopes: torch.Tensor,
+                fused: bool = False) -> torch.Tensor:
+        """`fused`: the elementwise steps in our Triton kernels (`virnucpro.triton_elementwise`), for
+        layers that run uncompiled; compiled layers leave them to Inductor, which fuses the same steps."""
+        fused = fused and not torch.compiler.is_compiling()
+        return self.mlp(self.attention(x, packing, backend, slopes, fused), fused)
 
 
 class BertEncoder(nn.Module):
@@ -136,6 +149,7 @@ class DNABERTS(nn.Module):
         self.alibi_slopes = torch.tensor(alibi_slopes(config.num_attention_heads), dtype=torch.float32,
                                          device="cpu")
         self.backend = Backend("sdpa", "not selected yet")
+        self.fused = False  # uncompiled layers' elementwise steps in Triton (set at load: fused_kernels_fail)
 
     @property
     def dim(self) -> int:
@@ -159,7 +173,7 @@ class DNABERTS(nn.Module):
         out = {0: x} if 0 in keep else {}
         layers = list(self.encoder.layer if layers is None else layers)[:max(keep)]
         for i, layer in enumerate(layers, 1):
-            x = layer(x, packing, self.backend, slopes)
+            x = layer(x, packing, self.backend, slopes, self.fused)
             if i in keep:
                 out[i] = x
         return out
@@ -251,9 +265,49 @@ def load_dnabert_s(model_dir: str | Path, device: torch.device | str = "cpu",
     model.alibi_slopes = model.alibi_slopes.to(device)
     model.backend = select_backend(torch.device(device), dtype, alibi=True, requested=attention_backend,
                                    head_dim=config.hidden_size // config.num_attention_heads)
-    log.info("DNABERT-S %d layers x %d dim from %s on %s/%s: %s", config.num_hidden_layers,
-             config.hidden_size, model_dir, device, str(dtype).removeprefix("torch."), model.backend.describe())
+    why = fused_kernels_fail(torch.device(device), dtype, config.hidden_size, config.intermediate_size)
+    model.fused = why is None
+    log.info("DNABERT-S %d layers x %d dim from %s on %s/%s: %s; elementwise steps: %s", config.num_hidden_layers,
+             config.hidden_size, model_dir, device, str(dtype).removeprefix("torch."), model.backend.describe(),
+             "fused Triton kernels (uncompiled layers)" if why is None else f"PyTorch's ({why})")
     return model.eval().requires_grad_(False)
+
+
+@lru_cache(maxsize=None)
+def fused_kernels_fail(device: torch.device, dtype: torch.dtype, width: int, intermediate: int) -> str | None:
+    """None where our fused elementwise kernels (`virnucpro.triton_elementwise`) run here and agree with
+    PyTorch's ops, computed in float32, on random rows of the model's widths; otherwise why not. Once per
+    device, dtype and widths: milliseconds, plus Triton's compile of the two kernels on first use."""
+    if device.type != "cuda":
+        return f"device is {device.type}, the fused kernels need CUDA"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {str(dtype).removeprefix('torch.')} is not fp16/bf16"
+    try:
+        from ..triton_elementwise import add_layer_norm, gated_gelu
+    except ImportError as e:
+        return f"no Triton ({e})"
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = 37  # not a multiple of any tile's rows
+    h = torch.randn(rows, 2 * intermediate, device=device, dtype=dtype, generator=g)
+    x, r = (torch.randn(rows, width, device=device, dtype=dtype, generator=g) for _ in range(2))
+    norm = nn.LayerNorm(width, eps=1e-12, device=device, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1, generator=g)
+        norm.bias.normal_(0.0, 0.1, generator=g)
+    try:
+        got_mlp, got_norm = gated_gelu(h), add_layer_norm(x, r, norm)
+        torch.cuda.synchronize(device)  # a fault inside a kernel surfaces here, not in the comparison
+    except Exception as e:  # noqa: BLE001 - a kernel this build or GPU refuses, whatever it raises
+        lines = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {lines[0][:120] if lines else ''}"
+    hf = h.float()
+    want_mlp = F.gelu(hf[:, :intermediate]) * hf[:, intermediate:]
+    want_norm = F.layer_norm(x.float() + r.float(), (width,), norm.weight.float(), norm.bias.float(), norm.eps)
+    if not torch.allclose(got_mlp.float(), want_mlp, atol=2e-2, rtol=1e-2):
+        return "its gated GELU differs from gelu(h[:, :I]) * h[:, I:]"
+    if not torch.allclose(got_norm.float(), want_norm, atol=2e-2, rtol=1e-2):
+        return "its add + LayerNorm differs from layer_norm(x + r)"
+    return None
 
 
 def _embed_dim(model_dir: Path) -> int:
