@@ -173,7 +173,7 @@ class Embedder:
         self.outputs = self._plan(opts.repr_layers, opts.include, opts.output_dtype)
         # the layers batches run through: the model's own (eager) until their compiled versions are ready
         self.layers: list | None = None
-        self.compiled = self.device.type == "cuda" if opts.compile is None else opts.compile
+        self.compiled = (self.device.type == "cuda" and self.model.compile_pays) if opts.compile is None else opts.compile
         self.toks_per_batch = opts.toks_per_batch or default_toks_per_batch(source, self.device.type)
         if self.compiled:
             threading.Thread(target=self._compile_in_background, name="virnucpro-compile", daemon=True).start()
@@ -284,6 +284,7 @@ class Embedder:
         return {"actor": self.name, "device": str(self.device), "gpu": gpu,
                 "dtype": str(self.dtype).removeprefix("torch."), "attention": self.model.backend.describe(),
                 "compiled": self.layers is not None, "compiling": self.compiled and self.layers is None,
+                "fused": bool(getattr(self.model, "fused", False)),  # DNABERT-S's elementwise kernels in Triton
                 "streams": self.streams.qsize(), "dim": self.model.dim,
                 "pid": os.getpid(), "node_id": self.node_id, "gpu_ids": self.gpu_ids,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "timeline": self.timeline}

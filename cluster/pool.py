@@ -124,7 +124,8 @@ class ActorPool:
         first = infos[0]
         log.info("%d of %d actor(s) ready on %d node(s), %s, %s%s, %s", len(infos), self.size,
                  len({i["node_id"] for i in infos}), first["gpu"], first["dtype"],
-                 ", compiled" if first["compiled"] else ", compiling (eager meanwhile)" if first.get("compiling") else "",
+                 ", compiled" if first["compiled"] else ", compiling (eager meanwhile)" if first.get("compiling")
+                 else ", uncompiled with fused Triton elementwise kernels" if first.get("fused") else "",
                  first["attention"])
         if len(infos) < self.size and self.resources:  # (a service's replicas are all running: no warning)
             # nodes that can hold them all: the others are loading, or wait for resources another job holds

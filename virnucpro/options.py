@@ -162,7 +162,8 @@ class EmbedOptions:
               "layer", check=lambda v: _one_of(v, INCLUDE))
     output_dtype: str = option("float32", "float type of the embedding columns (float16 halves per-token output)",
                                choices=("float32", "float16"))
-    compile: bool | None = option(None, "torch.compile the model layers (default: on for CUDA, off on CPU)")
+    compile: bool | None = option(None, "torch.compile the model layers (default: on for CUDA, except DNABERT-S "
+                                        "where its fused Triton kernels load; off on CPU)")
     profile: str | None = option(
         None, "write torch profiler traces of each actor's first 3 batches to DIR on the actor's node (open "
               "them in Perfetto)", metavar="DIR")

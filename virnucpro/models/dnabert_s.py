@@ -178,6 +178,14 @@ class DNABERTS(nn.Module):
                 out[i] = x
         return out
 
+    @property
+    def compile_pays(self) -> bool:
+        """Whether compiling the layers pays on a GPU. Not with the fused elementwise kernels: the
+        uncompiled layers then ran at 99.4% of the compiled ones' rate (1.944 M against 1.956 M tokens/s
+        on an H200, bench/results/probe-fused-nvidia-h200.json), and an actor spares the compiler's
+        7-11 s import, which slows its first batches (bench/README.md, "End to end")."""
+        return not self.fused
+
     def compiled_layers(self) -> list[nn.Module]:
         """Each layer under torch.compile for dynamic token counts, sharing its weights (fuses the post-LN,
         GELU gate, residuals); nothing compiles until they first run (see ESM2.compiled_layers)."""
