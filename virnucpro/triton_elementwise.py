@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile shapes (rows x columns a program): from bench/probe_fused.py's sweep on an H200.
-GATED_GELU_BLOCK = (4, 1024, 8)  # BLOCK_M, BLOCK_N, num_warps
-ADD_LAYER_NORM_BLOCK = (4, 4)  # rows a program, num_warps (a row is held whole: width rounded up to 2^k)
+# Tile shapes, the fastest of bench/probe_fused.py's sweep on an H200 at 262144 tokens (3.78 and 3.68 TB/s;
+# the others 2.8-3.7 and 3.3-3.66: bench/results/probe-fused-nvidia-h200.json).
+GATED_GELU_BLOCK = (2, 1024, 4)  # BLOCK_M rows, BLOCK_N columns a program, num_warps
+ADD_LAYER_NORM_BLOCK = (8, 8)  # rows a program, num_warps (a row is held whole: width rounded up to 2^k)
 
 
 @triton.jit
