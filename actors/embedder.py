@@ -175,8 +175,9 @@ class Embedder:
         self.layers: list | None = None
         self.compiled = (self.device.type == "cuda" and self.model.compile_pays) if opts.compile is None else opts.compile
         self.toks_per_batch = opts.toks_per_batch or default_toks_per_batch(source, self.device.type)
-        if self.compiled:
-            threading.Thread(target=self._compile_in_background, name="virnucpro-compile", daemon=True).start()
+        # the compile starts after the warm-up and the first batch (`_start_compile`), not here
+        self.compile_started = False
+        self.compile_lock = threading.Lock()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.pin_memory = opts.pin_memory and self.device.type == "cuda"
         self.profile_dir, self.profile_left = opts.profile, config.profile_batches if opts.profile else 0
@@ -188,6 +189,18 @@ class Embedder:
         if self.device.type == "cuda":
             log.debug("actor %s: %d CUDA stream pair(s) (copy, compute) on %s", self.name,
                       self.streams.qsize(), torch.cuda.get_device_name(self.device))
+
+    def _start_compile(self) -> None:
+        """Start compiling the layers in a thread of their own, once. Called after the first batch, or at
+        once by a `prepare()` with no batch to warm up on (a service's replica, idle until a job comes):
+        the compile thread imports the compiler (7-11 s, holding the GIL much of it), which slowed the
+        eager warm-up and first batch beside it (ESM-2 3B: warm-up 2.3-2.9 s instead of about 1 s,
+        bench/README.md "Start-up"); a first part should not wait for a compile it does not use."""
+        with self.compile_lock:
+            if not self.compiled or self.compile_started:
+                return
+            self.compile_started = True
+        threading.Thread(target=self._compile_in_background, name="virnucpro-compile", daemon=True).start()
 
     def _compile_in_background(self) -> None:
         """Compile the layers in this one thread, for the shapes batches will have (several sequences,
@@ -276,6 +289,8 @@ class Embedder:
                 self._warm_up(largest)
                 self.warmed_up_on.append(shape)
         self.timeline.setdefault("warmed_up", time.time())
+        if largest_batch is None:
+            self._start_compile()  # no batch is on its way: compile while idle
         return self.info()
 
     def info(self) -> dict:
@@ -375,7 +390,9 @@ class Embedder:
         try:
             start = time.perf_counter()
             values = self._forward(batch, streams, columns, dtype)
-            return values, time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self._start_compile()  # (once) the first batch is done: its part is not held up by the compiler
+            return values, seconds
         except torch.cuda.OutOfMemoryError:
             raise BatchError(self._oom_report(batch.describe(), batch.num_tokens)) from None
         finally:

@@ -280,7 +280,10 @@ def test_actor_compiles_on_a_batch_sized_shape_before_a_single_sequence(tmp_path
     index = FastaIndex.build(tmp_path / "in.faa", "protein", tmp_path)
     batch = make_batch(index, np.arange(len(index)), ESM2Tokenizer(), 0)
     actor = Embedder(ActorConfig(resolve_model(esm_tiny), None, "cpu", EmbedOptions(compile=True, toks_per_batch=8192)))
+    actor.prepare(np.array([200, 150]))  # a job's actor: the compile waits for the first batch ...
+    assert not actor.compile_started and actor.info()["compiling"]
     eager = actor.compute(batch)
+    assert actor.compile_started  # ... and starts after it
     deadline = time.monotonic() + 60
     while actor.layers is None and actor.compiled and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -290,6 +293,27 @@ def test_actor_compiles_on_a_batch_sized_shape_before_a_single_sequence(tmp_path
     assert len(first_calls[1]) == 1
     compiled = actor.compute(batch)
     assert torch.allclose(torch.from_numpy(compiled), torch.from_numpy(eager), rtol=1e-5, atol=1e-6)
+
+
+def test_a_service_replica_compiles_while_idle(esm_tiny, monkeypatch):
+    """prepare() with no batch to warm up on (a service's replica) starts the compile at once: no batch
+    is on its way for it to slow down."""
+    import time
+
+    from actors.embedder import ActorConfig, Embedder
+    from virnucpro.models import resolve_model
+    from virnucpro.models.esm2 import ESM2
+    from virnucpro.options import EmbedOptions
+
+    monkeypatch.setattr(ESM2, "compiled_layers", lambda self: list(self.layers))
+    actor = Embedder(ActorConfig(resolve_model(esm_tiny), None, "cpu", EmbedOptions(compile=True, toks_per_batch=4096)))
+    assert not actor.compile_started
+    actor.prepare()
+    assert actor.compile_started
+    deadline = time.monotonic() + 60
+    while actor.layers is None and actor.compiled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert actor.layers is not None
 
 
 def test_warm_up_only_for_a_batch_larger_than_any_warmed_up_on(esm_tiny, monkeypatch):
