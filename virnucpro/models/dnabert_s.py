@@ -288,8 +288,8 @@ def fused_kernels_fail(device: torch.device, dtype: torch.dtype, width: int, int
     device, dtype and widths: milliseconds, plus Triton's compile of the two kernels on first use."""
     if device.type != "cuda":
         return f"device is {device.type}, the fused kernels need CUDA"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {str(dtype).removeprefix('torch.')} is not fp16/bf16"
+    if not dtype.is_floating_point:
+        return f"dtype {str(dtype).removeprefix('torch.')} is not a float type"
     try:
         from ..triton_elementwise import add_layer_norm, gated_gelu
     except ImportError as e:
