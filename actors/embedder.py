@@ -327,6 +327,7 @@ class Embedder:
             raise
         end = time.perf_counter()
         seconds = end - start
+        self._start_compile()  # (once) after the first part is written: the compiler's imports did not hold it up
         if self.metrics is not None:
             self.metrics.batch_done(rows, batch.num_tokens, seconds, self.device)
         return PartResult(batch.batch_id, file, rows, batch.num_tokens, seconds, self.name, self.node_id,
@@ -335,7 +336,9 @@ class Embedder:
     def compute(self, batch: TokenBatch) -> np.ndarray:
         """Pooled embeddings [B, D] float32 of one batch, nothing written (a service's HTTP requests)."""
         columns = [Column("embedding", "mean", self.model.num_layers)]
-        return self._compute(batch, columns, torch.float32)[0]["embedding"]
+        values = self._compute(batch, columns, torch.float32)[0]["embedding"]
+        self._start_compile()
+        return values
 
     def _plan(self, repr_layers: tuple | None, include: tuple | None, output_dtype: str) -> tuple[list[Column], torch.dtype]:
         """The columns and float type asked for, checked against this model (a layer it lacks, logits
@@ -390,9 +393,7 @@ class Embedder:
         try:
             start = time.perf_counter()
             values = self._forward(batch, streams, columns, dtype)
-            seconds = time.perf_counter() - start
-            self._start_compile()  # (once) the first batch is done: its part is not held up by the compiler
-            return values, seconds
+            return values, time.perf_counter() - start
         except torch.cuda.OutOfMemoryError:
             raise BatchError(self._oom_report(batch.describe(), batch.num_tokens)) from None
         finally:

@@ -106,6 +106,7 @@ def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention,
                                vocab_size=512, seed=4)
     model = load_dnabert_s(path, "cuda", torch.bfloat16, attention_backend=attention)
     assert model.backend.name == name, model.backend.describe()
+    assert model.fused, "the fused elementwise kernels failed their load-time check"
     if compiled:
         model.compile_layers()
     module, kernel = {"flash": (attention_mod, "_flash_alibi"), "triton": (triton_module(), "packed_attention"),
@@ -113,7 +114,6 @@ def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention,
     counter = CallCounter(getattr(module, kernel))
     monkeypatch.setattr(module, kernel, counter)
     # uncompiled layers run the fused elementwise kernels; compiled ones leave those steps to Inductor
-    assert model.fused, "the fused elementwise kernels failed their load-time check"
     import virnucpro.triton_elementwise as elementwise
     gated = CallCounter(elementwise.gated_gelu)
     monkeypatch.setattr(elementwise, "gated_gelu", gated)

@@ -22,7 +22,9 @@ GATED_GELU_BLOCK = (2, 1024, 4)  # BLOCK_M rows, BLOCK_N columns a program, num_
 ADD_LAYER_NORM_BLOCK = (8, 8)  # rows a program, num_warps (a row is held whole: width rounded up to 2^k)
 
 
-@triton.jit
+# n_rows differs with every batch: not specialised (Triton would otherwise build, and run unchecked, other
+# versions for a multiple of 16 rows or for one row than the one the load-time check ran)
+@triton.jit(do_not_specialize=["n_rows"])
 def _gated_gelu_fwd(H, Y, n_rows, stride_h, stride_y, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -50,7 +52,7 @@ def gated_gelu(h: torch.Tensor) -> torch.Tensor:
     return y
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _add_layer_norm_fwd(X, R, W, B, Y, n_rows, stride_x, stride_r, stride_y, eps, WIDTH: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -125,7 +125,6 @@ class BertLayer(nn.Module):
                 fused: bool = False) -> torch.Tensor:
         """`fused`: the elementwise steps in our Triton kernels (`virnucpro.triton_elementwise`), for
         layers that run uncompiled; compiled layers leave them to Inductor, which fuses the same steps."""
-        fused = fused and not torch.compiler.is_compiling()
         return self.mlp(self.attention(x, packing, backend, slopes, fused), fused)
 
 
@@ -171,9 +170,10 @@ class DNABERTS(nn.Module):
         x = self.embeddings(tokens)
         slopes = self.alibi_slopes.to(tokens.device)
         out = {0: x} if 0 in keep else {}
+        fused = self.fused and layers is None  # compiled layers: Inductor fuses these steps itself
         layers = list(self.encoder.layer if layers is None else layers)[:max(keep)]
         for i, layer in enumerate(layers, 1):
-            x = layer(x, packing, self.backend, slopes, self.fused)
+            x = layer(x, packing, self.backend, slopes, fused)
             if i in keep:
                 out[i] = x
         return out
@@ -194,10 +194,12 @@ class DNABERTS(nn.Module):
         return compiled(list(self.encoder.layer))
 
     def compile_layers(self) -> None:
-        """Compile the layers in place (scripts that compile before they run anything)."""
+        """Compile the layers in place (scripts that compile before they run anything). The fused kernels
+        are then off: Inductor fuses those steps itself."""
         from virnucpro.compiling import compile_in_place
 
         compile_in_place(list(self.encoder.layer))
+        self.fused = False
 
     def embed(self, tokens: torch.Tensor, packing: Packing, layers: list[nn.Module] | None = None) -> torch.Tensor:
         """Mean over all tokens of each sequence, [CLS] and [SEP] included (as DNABERT-S), float32 [B, D]."""
