@@ -139,6 +139,23 @@ def random_dnabert_s(dtype: torch.dtype) -> DNABERTS:
     return model
 
 
+def staged_batches(batches: list[np.ndarray], vocab: int) -> list[tuple[torch.Tensor, Packing]]:
+    """Random tokens for each planned batch of sequence lengths, with its packing, on the GPU."""
+    out = []
+    for b in batches:
+        tokens = torch.randint(4, vocab - 1, (int(b.sum()),), device="cuda")
+        out.append((tokens, Packing.from_lengths(torch.from_numpy(b).cuda(), int(b.max()))))
+    return out
+
+
+def pooled_cosine_min(model, layers, ref, staged) -> float:
+    """The lowest cosine over sequences between `model`'s pooled embeddings (through `layers`) and `ref`'s."""
+    with torch.inference_mode():
+        got = torch.cat([model.embed(t, p, layers) for t, p in staged]).double()
+        want = torch.cat([ref.embed(t, p) for t, p in staged]).double()
+    return float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min())
+
+
 def run_ours(model, batches: list[np.ndarray], vocab: int) -> float:
     """Seconds for one pass over all batches through model.embed (packed), tokens pre-staged on the GPU."""
     staged = []

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_models import cuda_time, dna_token_lengths, dnabert_flops, random_dnabert_s, token_batches  # noqa: E402
+from bench.bench_models import (cuda_time, dna_token_lengths, dnabert_flops, pooled_cosine_min,  # noqa: E402
+                                random_dnabert_s, staged_batches, token_batches)
 from virnucpro import triton_elementwise as te  # noqa: E402
-from virnucpro.attention import Packing, select_backend  # noqa: E402
+from virnucpro.attention import select_backend  # noqa: E402
 from virnucpro.models.dnabert_s import DNABERTSConfig  # noqa: E402
 
 GATED_TILES = [(1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (4, 1024, 8), (8, 512, 8), (8, 1024, 8), (16, 256, 4),
@@ -71,21 +72,6 @@ def kernel_sweep(tokens: int) -> dict:
         print(f"{name}: pytorch {table['pytorch']['GB_per_s']} GB/s; best tile {best}: {table[best]['GB_per_s']} GB/s",
               flush=True)
     return out
-
-
-def staged_batches(batches: list[np.ndarray], vocab: int) -> list[tuple[torch.Tensor, Packing]]:
-    out = []
-    for b in batches:
-        tokens = torch.randint(4, vocab - 1, (int(b.sum()),), device="cuda")
-        out.append((tokens, Packing.from_lengths(torch.from_numpy(b).cuda(), int(b.max()))))
-    return out
-
-
-def pooled_cosine_min(model, layers, ref, staged) -> float:
-    with torch.inference_mode():
-        got = torch.cat([model.embed(t, p, layers) for t, p in staged]).double()
-        want = torch.cat([ref.embed(t, p) for t, p in staged]).double()
-    return float(F.cosine_similarity(got, want, dim=-1).min())
 
 
 def main() -> None:

@@ -58,8 +58,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_models import (ESM_SHAPES, cuda_time, dna_token_lengths, dnabert_flops, esm_flops,  # noqa: E402
-                                matmul_ceiling, random_dnabert_s, random_esm2, token_batches, virnucpro_lengths)
-from virnucpro.attention import Packing, keep_out_of_compile, select_backend  # noqa: E402
+                                matmul_ceiling, pooled_cosine_min, random_dnabert_s, random_esm2, staged_batches,
+                                token_batches, virnucpro_lengths)
+from virnucpro.attention import keep_out_of_compile, select_backend  # noqa: E402
 from virnucpro.compiling import WideRowChoices  # noqa: E402
 from virnucpro.models.esm2 import TransformerLayer  # noqa: E402
 from virnucpro.models.dnabert_s import DNABERTSConfig  # noqa: E402
@@ -82,21 +83,6 @@ VARIANTS = {
     "shipped": {"_gelu_epilogue": True, "_shipped": True},  # the models' own compiled_layers()
     "shipped_flash": {"_gelu_epilogue": True, "_shipped": True, "_attention": "flash"},  # with FA2's varlen
 }
-
-
-def pooled_cosine_min(model, layers, ref, staged) -> float:
-    with torch.inference_mode():
-        got = torch.cat([model.embed(t, p, layers) for t, p in staged]).double()
-        want = torch.cat([ref.embed(t, p) for t, p in staged]).double()
-    return float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min())
-
-
-def staged_batches(batches: list[np.ndarray], vocab: int) -> list[tuple[torch.Tensor, Packing]]:
-    out = []
-    for b in batches:
-        tokens = torch.randint(4, vocab - 1, (int(b.sum()),), device="cuda")
-        out.append((tokens, Packing.from_lengths(torch.from_numpy(b).cuda(), int(b.max()))))
-    return out
 
 
 def probe(model, layers: list[torch.nn.Module], staged) -> tuple[float, float]:
