@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call's worth of GPU work: `bash bench/gpu_round.sh STEP...`, results and logs under $OUT.
-# Steps: tests, cache-key, profile, inductor, fused, attention, packed-attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup, predict,
+# Steps: tests, cache-key, profile, inductor, fused, attention, packed-attention, e2e-dnabert, e2e-dnabert-large, e2e-dnabert-streams, e2e-esm, fp8, models, startup, weights (after startup: its 3B checkpoint), predict,
 # service-scaling (N_SCALING proteins, default 60000: ~6 min on 2 H200s).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -40,6 +40,8 @@ for step in "$@"; do
     fp8) python3 bench/bench_fp8.py --out "$OUT/fp8-frontier-$tag.json" ${FP8_ARGS:-} 2>&1 | grep -v "Warning\|warn(" | tail -16 ;;
     startup) python3 bench/bench_startup.py --out "$OUT/startup-$tag${STARTUP_TAG:-}.json" --work /tmp/startup ${STARTUP_ARGS:-} 2>&1 \
                | grep -v "Warning\|warn(" ;;
+    weights) python3 bench/probe_weights.py --ckpt /tmp/startup/esm2_3B/esm2_esm2_3B.pt --out "$OUT/probe-weights-$tag.json" 2>&1 \
+               | grep -v "Warning\|warn(" | tail -40 ;;
     predict) python3 bench/bench_predict.py --out "$OUT/predict-$tag${PREDICT_TAG:-}.json" --work /tmp/predict \
                --mbp "${PREDICT_MBP:-10}" ${PREDICT_ARGS:-} 2>&1 | grep -v "Warning\|warn(" ;;
     service-scaling) python3 bench/bench_service.py --scaling -n "${N_SCALING:-60000}" --work /tmp/scaling \

@@ -18,7 +18,7 @@ from pathlib import Path
 from virnucpro.options import (PIPELINE_EMBED_OPTIONS, EmbedOptions, OptionError, PredictOptions, TrainOptions,
                                add_arguments, from_args)
 
-from .session import start_ray
+from .session import local_dashboard, start_ray
 
 log = logging.getLogger("virnucpro")
 
@@ -135,7 +135,8 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
         timeline = Timeline(process_start_time())
         _refuse_previous_run(args.out_dir, opts)
         # Ray starts while the driver imports torch and checks the model (a job through a service: neither)
-        ray_up = start_ray(opts.address, opts.dashboard_host, on_ready=lambda: timeline.mark("ray_up"))
+        ray_up = start_ray(opts.address, opts.dashboard_host, on_ready=lambda: timeline.mark("ray_up"),
+                           dashboard=local_dashboard(opts.dashboard, args.input))
         from .driver import run_embed
 
         return run_embed(args.input, args.out_dir, args.model, opts, actor_class, timeline, ray_up).summary()

@@ -53,7 +53,7 @@ from virnucpro.sequences import FastaIndex
 from .pool import ActorPool, Lease, cause
 from .progress import DriverMetrics, Progress, Timeline
 from .scheduling import ACTOR_DIED, STORAGE, EmbedError, Scheduler, failure_kind
-from .session import Placement, start_ray
+from .session import Placement, local_dashboard, start_ray
 
 if TYPE_CHECKING:
     from actors.embedder import ActorConfig
@@ -128,7 +128,7 @@ def run_embed(input: Path, out_dir: str | Path, model: str | None, opts: EmbedOp
     timeline.mark("driver_started")  # imports done, arguments parsed
     # Ray takes seconds to start: meanwhile the model is checked. A service runs on this machine's Ray.
     ray_up = ray_up or start_ray(opts.address or ("auto" if opts.service else None), opts.dashboard_host,
-                                 on_ready=lambda: timeline.mark("ray_up"))
+                                 on_ready=lambda: timeline.mark("ray_up"), dashboard=local_dashboard(opts.dashboard, input))
     try:
         target = None if opts.service else _Target.local(model, opts)  # a bad checkpoint fails here
         timeline.mark("model_checked")

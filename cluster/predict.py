@@ -49,7 +49,7 @@ from virnucpro.predict import (EMBED_DIRS, LETTER_COUNTS, STAGE_TIMES, Classific
 from virnucpro.preprocess import NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds, default_workers, preprocess_fasta
 
 from .driver import EmbedOptions, EmbedResult, run_embed
-from .session import Placement, init_ray
+from .session import Placement, init_ray, local_dashboard
 
 log = logging.getLogger("virnucpro")
 
@@ -320,7 +320,8 @@ class _Run:
                 todo.append(family)
         if not todo:
             return
-        started_ray = init_ray(self.opts.address, self.opts.dashboard_host)  # already, with a service
+        started_ray = init_ray(self.opts.address, self.opts.dashboard_host,  # already, with a service
+                               local_dashboard(self.opts.dashboard, self.input))
         pg = None
         try:
             layout, pg = self._layout([f for f in todo if f not in self.services])

@@ -1,7 +1,8 @@
 """The Ray session of a run: joining a cluster or starting a local Ray, and where the actors go.
 
 `init_ray` joins the given cluster or RAY_ADDRESS (a `ray job submit` entry point finds it set), or
-starts a local Ray with token authentication and a loopback dashboard. `Placement.of` turns the
+starts a local Ray with token authentication and a loopback dashboard (`local_dashboard` says whether a
+run's own Ray gets one). `Placement.of` turns the
 options and the cluster's resources into a device, an actor count and each actor's GPU share; the
 embedding driver and `predict` both place their actors through it.
 """
@@ -21,16 +22,41 @@ from virnucpro.options import EmbedOptions
 
 log = logging.getLogger("virnucpro")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# A local Ray started by a command ends with it. Its dashboard costs 1-2 s of `ray.init` (measured on an
+# H200 host: bench/README.md, start-up), more than a small job's whole embedding on a GPU, and nobody opens
+# the dashboard of a run that ends in seconds; from this input size on, the run lasts long enough to watch.
+DASHBOARD_MIN_BYTES = 16 << 20
 
 
-def init_ray(address: str | None = None, dashboard_host: str = "127.0.0.1") -> bool:
+def local_dashboard(choice: bool | None, *inputs: str | Path) -> bool:
+    """Whether a local Ray started for a run gets its dashboard: `choice` (--dashboard / --no-dashboard)
+    when given, else whether the inputs (files on disk, as given) add up to DASHBOARD_MIN_BYTES or more.
+
+    >>> local_dashboard(None, "examples/proteins.faa")  # a small input
+    False
+    >>> local_dashboard(True, "examples/proteins.faa")
+    True
+    """
+    if choice is not None:
+        return choice
+    size = 0
+    for path in inputs:
+        try:
+            size += Path(path).stat().st_size
+        except OSError:  # a missing input is reported by the run itself, with its own message
+            pass
+    return size >= DASHBOARD_MIN_BYTES
+
+
+def init_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", dashboard: bool = True) -> bool:
     """Connect to Ray unless this process already is; True when this call connected (and so should
     disconnect at the end).
 
     A local Ray keeps token authentication on (Ray >= 2.52 turns it on for a new local cluster unless
     RAY_AUTH_MODE says otherwise; the token is ~/.ray/auth_token, created if missing) and serves its
     dashboard and job API on loopback unless `dashboard_host` says otherwise. Turning either off is the
-    user's explicit choice, and is logged."""
+    user's explicit choice, and is logged. `dashboard` False: a local Ray without its dashboard (Ray
+    still serves a minimal API server), said in a log line; a Ray joined keeps what it has."""
     import ray  # here, not at the top: `start_ray` pays for this import in its thread
 
     if ray.is_initialized():
@@ -41,8 +67,11 @@ def init_ray(address: str | None = None, dashboard_host: str = "127.0.0.1") -> b
         return True
     if dashboard_host not in _LOOPBACK:
         log.warning("the Ray dashboard and job API listen on %s, not only on loopback", dashboard_host)
-    ray.init(include_dashboard=None, dashboard_host=dashboard_host, logging_level=logging.WARNING,
-             log_to_driver=True)
+    ray.init(include_dashboard=None if dashboard else False, dashboard_host=dashboard_host,
+             logging_level=logging.WARNING, log_to_driver=True)
+    if not dashboard:
+        log.info("local Ray without its dashboard (by default only an input of %d MiB or more gets one: a "
+                 "smaller run ends in seconds); --dashboard starts it", DASHBOARD_MIN_BYTES >> 20)
     if not token_auth_enabled():
         log.warning("the local Ray runs without token authentication (RAY_AUTH_MODE=%s, Ray %s): any process "
                     "that reaches its ports can run code as you", os.environ.get("RAY_AUTH_MODE", "unset"),
@@ -52,7 +81,7 @@ def init_ray(address: str | None = None, dashboard_host: str = "127.0.0.1") -> b
 
 
 def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1",
-              on_ready: Callable[[], None] | None = None) -> Future:
+              on_ready: Callable[[], None] | None = None, dashboard: bool = True) -> Future:
     """`init_ray` in the background: Ray takes seconds to start (and to import), time the caller spends
     on its own imports, checking the model and indexing the input. The future says whether it connected;
     `on_ready` is called (in the background thread) the moment Ray is up (the start-up timeline).
@@ -63,7 +92,7 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1",
 
     def run() -> None:
         try:
-            connected = init_ray(address, dashboard_host)
+            connected = init_ray(address, dashboard_host, dashboard)
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits for Ray
             future.set_exception(e)
             return

@@ -37,7 +37,7 @@ from virnucpro.train import FEATURE_ORDER, FitResult, fit, format_metrics, label
 
 from .driver import EmbedOptions
 from .predict import _Run, _services_cluster
-from .session import init_ray
+from .session import init_ray, local_dashboard
 
 log = logging.getLogger("virnucpro")
 
@@ -119,7 +119,8 @@ def train(virus: str | Path, others: str | Path, out_dir: str | Path, esm_model:
         runs = {s: _SetRun(inputs[s], out / s, None, models, services, chunk_size, chunking, 0.5, True, workers,
                            eopts) for s in SETS}
         _prepare_top(out, eopts.resume, eopts.overwrite, chunk_size)
-        started_ray = init_ray(eopts.address, eopts.dashboard_host)  # one session for both sets
+        started_ray = init_ray(eopts.address, eopts.dashboard_host,  # one session for both sets
+                               local_dashboard(eopts.dashboard, *inputs.values()))
         try:
             frames = {s: run.preprocess_and_embed() for s, run in runs.items()}
         finally:

@@ -124,6 +124,54 @@ def test_init_ray_binds_loopback_unless_told_and_warns_without_auth(monkeypatch,
     assert from_args(EmbedOptions, args).dashboard_host == "127.0.0.1"
 
 
+def test_local_ray_dashboard_by_input_size_or_flag(monkeypatch, caplog, tmp_path):
+    """A run's own Ray starts its dashboard for an input of DASHBOARD_MIN_BYTES or more, or when asked
+    (--dashboard); a small run skips it (1-2 s of start-up) and says so. The flag reaches `start_ray`
+    from the command line."""
+    import ray
+
+    import cluster.cli
+    import cluster.session as session
+
+    small, large = tmp_path / "small.faa", tmp_path / "large.faa"
+    small.write_text(">a\nMKV\n")
+    with open(large, "wb") as f:
+        f.truncate(session.DASHBOARD_MIN_BYTES)  # sparse: its size is what counts
+    assert not session.local_dashboard(None, small)
+    assert session.local_dashboard(None, large)
+    assert session.local_dashboard(None, small, large)  # train: both sets together
+    assert session.local_dashboard(True, small) and not session.local_dashboard(False, large)
+    assert not session.local_dashboard(None, tmp_path / "missing.faa")  # the run reports it, not this
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(session, "token_auth_enabled", lambda: True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with caplog.at_level(logging.INFO, "virnucpro"):
+        session.init_ray(dashboard=False)
+    assert calls[-1]["include_dashboard"] is False and "without its dashboard" in caplog.text
+    session.init_ray()
+    assert calls[-1]["include_dashboard"] is None  # Ray's default: the dashboard when its packages are there
+    session.init_ray("ray://elsewhere:10001", dashboard=False)  # a cluster joined keeps what it has
+    assert "include_dashboard" not in calls[-1]
+
+    seen = []
+
+    def start_ray(*args, dashboard=True, **kwargs):
+        seen.append(dashboard)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cluster.cli, "start_ray", start_ray)
+    for argv, expected in (([str(small)], False), ([str(large)], True), ([str(small), "--dashboard"], True),
+                           ([str(large), "--no-dashboard"], False)):
+        with pytest.raises(RuntimeError, match="stop here"):
+            cluster.cli.run(cluster.cli.create_parser().parse_args(
+                ["embed", *argv, "-o", str(tmp_path / "out"), "--model", "m"]))
+        assert seen[-1] is expected, argv
+
+
 # --- no unpickling of untrusted files -------------------------------------------------------------------
 
 def _dotted(node: ast.AST) -> str:

@@ -130,6 +130,9 @@ class EmbedOptions:
     dashboard_host: str = option(
         "127.0.0.1", "where a local Ray started by this command serves its dashboard and job API; 0.0.0.0 "
                      "exposes it to the network (token authentication stays on)")
+    dashboard: bool | None = option(
+        None, "start the Ray dashboard with a local Ray started by this command (default: for an input of 16 MiB "
+              "or more; a smaller run ends in seconds, less than the 1-2 s the dashboard adds to Ray's start)")
     toks_per_batch: int | None = option(
         None, "token budget of a packed batch (default: 4096 on CPU; on GPU 65536 for ESM-2, 262144 for "
               "DNABERT-S)", min=1)
