@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_e2e import write_inputs  # noqa: E402
 
 _COMPILED = re.compile(r"layers compiled in (\d+(?:\.\d+)?) s")
+_SHUTDOWN = re.compile(r"shut down in (\d+(?:\.\d+)?) s \(actors (\d+(?:\.\d+)?) s, Ray (\d+(?:\.\d+)?) s\)")
 _PHASE = re.compile(r"([a-z][a-z ]*?) (\d+(?:\.\d+)?) s")
 
 
@@ -76,9 +77,12 @@ def run_embed(fasta: Path, ckpt: Path | None, out: Path, cache: Path, extra: lis
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     timeline = timeline_of(proc.stderr)
     compiled = _COMPILED.search(proc.stderr)  # the actor's background compile, which the first parts do not wait for
-    print(f"  {wall:6.1f} s wall; {timeline}; compile {compiled and compiled.group(1)} s", flush=True)
+    shutdown = _SHUTDOWN.search(proc.stderr)  # logged when it took a second or more
+    print(f"  {wall:6.1f} s wall; {timeline}; compile {compiled and compiled.group(1)} s; "
+          f"shutdown {shutdown and shutdown.group(0)}", flush=True)
     return {"wall_seconds": round(wall, 2), "timeline": timeline,
             "compile_seconds": float(compiled.group(1)) if compiled else None,
+            "shutdown_seconds": float(shutdown.group(1)) if shutdown else "under 1 s",
             "summary": proc.stdout.strip().splitlines()[-1]}
 
 

@@ -81,7 +81,8 @@ class EmbedResult:
     forward_seconds: float = 0.0  # copy to the device, forward pass, embeddings back to the host
     write_seconds: float = 0.0  # Parquet parts encoded and written
     first_part_seconds: float = 0.0  # from the first batch read to the first part written (pipeline fill)
-    # seconds from the process's start to the end of each start-up phase, up to the first part written
+    # seconds from the process's start to the end of each start-up phase, up to the first part written,
+    # then to the last part written and to the run's end (actors and Ray shut down, output completed)
     timeline: dict[str, float] = field(default_factory=dict)
     service: str | None = None  # the service whose replicas computed the batches, if any
 
@@ -184,17 +185,23 @@ def run_embed(input: Path, out_dir: str | Path, model: str | None, opts: EmbedOp
                 log.warning("could not save the manifest", exc_info=True)
         raise
     finally:
+        closing = time.perf_counter()
         if run is not None:
             run.close()
         elif pool is not None:
             pool.shutdown()
+        actors_stopped = time.perf_counter()
         if started_ray:
             ray.shutdown()
+        closed = time.perf_counter()  # a slow shutdown is wall clock the user waits for: say so
+        log.log(logging.INFO if closed - closing >= 1 else logging.DEBUG, "shut down in %.1f s (actors %.1f s, Ray %.1f s)",
+                closed - closing, actors_stopped - closing, closed - actors_stopped)
         if out.local_path is None:  # a temporary scratch directory: nothing in it is worth keeping
             shutil.rmtree(scratch, ignore_errors=True)
 
     _complete(out, manifest, len(index), len(plan))
     shutil.rmtree(scratch, ignore_errors=True)
+    timeline.mark("done")
     result = EmbedResult(out.local_path or out.uri, len(index), len(plan), len(todo), totals.tokens,
                          totals.elapsed(), time.time() - timeline.origin, pool.infos(),
                          batches_retried=run.scheduler.retried, actors_replaced=pool.replaced,
@@ -229,6 +236,8 @@ def _collect(run: _Dispatcher, manifest: Manifest, out: OutputLocation, plan: Pl
         progress.advance(result.tokens, result.rows, run.pool.usable, run.pool.size)
         if progress.due_for_save():
             manifest.save(out)
+    totals.stop()  # the rate counts computing, not shutting the actors and Ray down
+    timeline.mark("last_part")
     progress.close()
     return totals
 
@@ -237,7 +246,7 @@ class _Totals:
     """Sums over the parts a run wrote, and when the first one came."""
 
     def __init__(self):
-        self.start = time.perf_counter()
+        self.start, self.end = time.perf_counter(), None
         self.tokens, self.forward, self.write, self.first_part = 0, 0.0, 0.0, 0.0
 
     def add(self, r: PartResult) -> None:
@@ -246,8 +255,11 @@ class _Totals:
         self.write += r.write_seconds
         self.first_part = self.first_part or self.elapsed()
 
+    def stop(self) -> None:
+        self.end = time.perf_counter()
+
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return (self.end or time.perf_counter()) - self.start
 
 
 @dataclass

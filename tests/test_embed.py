@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -204,6 +206,25 @@ def test_profile_writes_traces_of_first_batches(tmp_path, esm_tiny, local_ray):
     assert len(traces) == 3  # the first three batches of the one actor
     trace = json.loads(traces[0].read_text())
     assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])
+
+
+def test_the_rate_counts_computing_not_the_shutdown(tmp_path, esm_tiny, local_ray, monkeypatch, caplog):
+    """Stopping the actors and Ray is wall clock (and said when slow), not embedding time: it once made a
+    GPU run's single batch look ten times slower than it was."""
+    slow_shutdown = ActorPool.shutdown
+
+    def shutdown(self):
+        time.sleep(3)
+        slow_shutdown(self)
+
+    monkeypatch.setattr(ActorPool, "shutdown", shutdown)
+    caplog.set_level(logging.INFO, logger="virnucpro")
+    write_fasta(tmp_path / "p.faa", random_proteins(20, 10, 100, seed=14))
+    result = embed(tmp_path / "p.faa", tmp_path / "out", esm_tiny, device="cpu", progress=False)
+    marks = result.timeline
+    assert marks["planned"] < marks["first_part"] <= marks["last_part"] < marks["done"] - 3
+    assert result.compute_seconds <= marks["last_part"] - marks["planned"]
+    assert re.search(r"shut down in 3\.\d s \(actors 3\.\d s", caplog.text), caplog.text
 
 
 def test_more_actors_than_the_cluster_can_place_starts_with_those_placed(tmp_path, esm_tiny, local_ray, caplog):
