@@ -4,7 +4,8 @@
 
 In a fresh process, as an actor starts: import torch, import the actor's module, initialise CUDA, then
 `load_esm2`'s steps one by one (read the checkpoint memory-mapped, copy each tensor to the GPU, build
-the module, pick the attention backend, which checks our kernel). Then, in the same process with the
+the module, pick the attention backend, which checks our kernel), twice; then `load_esm2` whole, as
+the actor calls it (the kernel check in a thread beside the copies), twice. Then, in the same process with the
 file in the page cache, other ways of moving the same bytes to the GPU, each timed after a
 synchronise: the per-tensor pageable copies `to_device` makes, the same from 8 threads, and the whole
 file read with `readinto` into a page-locked staging buffer and copied from there (the floor).
@@ -38,6 +39,19 @@ backend = m.select_backend(torch.device("cuda"), torch.bfloat16, alibi=False, re
                            head_dim=config.embed_dim // config.attention_heads)
 mark("attention backend chosen: " + backend.describe())
 print("STEPS " + json.dumps(marks))
+"""
+
+WHOLE = r"""
+import json, sys, time
+t0 = time.perf_counter(); marks = {}
+def mark(name): marks[name] = round(time.perf_counter() - t0, 3)
+import torch; mark("import torch")
+import actors.embedder; mark("import actors.embedder")
+torch.cuda.set_device(0); torch.empty(1, device="cuda"); torch.cuda.synchronize(); mark("CUDA initialised")
+from virnucpro.models import esm2 as m
+model = m.load_esm2(sys.argv[1], "cuda", torch.bfloat16); torch.cuda.synchronize()
+mark("load_esm2 (kernel check beside the copies): " + model.backend.describe())
+print("WHOLE " + json.dumps(marks))
 """
 
 COPIES = r"""
@@ -104,6 +118,7 @@ def main() -> None:
     subprocess.run(["cat", str(args.ckpt)], stdout=subprocess.DEVNULL, check=True)  # in the page cache
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "ckpt": str(args.ckpt), "steps_fresh_process": [run(STEPS, args.ckpt, "STEPS") for _ in range(2)],
+              "load_esm2_fresh_process": [run(WHOLE, args.ckpt, "WHOLE") for _ in range(2)],
               "copies": run(COPIES, args.ckpt, "COPIES")}
     print(json.dumps(result, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

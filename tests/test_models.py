@@ -535,3 +535,17 @@ def test_wide_row_kernels_have_a_cache_key_of_their_own(tmp_path, monkeypatch):
             layer(torch.randn(5, 16))
         outcomes.append("hit" if counters["inductor"]["fxgraph_cache_hit"] else "miss")
     assert outcomes == ["miss", "miss", "hit", "hit"], outcomes
+
+
+def test_kernel_checks_run_in_a_thread_of_their_own():
+    """The loaders check their kernels in a thread beside the weights' copy: the check's result, or its
+    exception, comes back through the future."""
+    import threading
+
+    from virnucpro.attention import in_background
+
+    cpu = torch.device("cpu")
+    ident, value = in_background(cpu, lambda x: (threading.get_ident(), x), 3).result()
+    assert ident != threading.get_ident() and value == 3
+    with pytest.raises(ValueError):
+        in_background(cpu, int, "not a number").result()

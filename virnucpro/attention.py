@@ -26,16 +26,22 @@ formula computed by hand (`_packed_kernel_fails`) and used only where they run a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -202,6 +208,25 @@ def alibi_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
             scores = scores - slopes.float()[:, None, None] * (pos[None, :] - pos[:, None]).abs()
         out[start:end] = (torch.softmax(scores, -1) @ vs).transpose(0, 1)
     return out
+
+
+def in_background(device: torch.device, check: Callable[..., T], *args, **kwargs) -> Future[T]:
+    """`check(*args, **kwargs)` in a thread of its own, with `device` as its current CUDA device: the
+    kernel checks at load (Triton's import and first launches, about a second on an H200 with a warm
+    cache) overlap the copy of the weights to the GPU, which releases the GIL.
+
+    >>> backend = in_background(device, select_backend, device, dtype, alibi=False, head_dim=64)
+    >>> state = to_device(state, device, dtype); model.backend = backend.result()
+    """
+    def run() -> T:
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return check(*args, **kwargs)
+
+    executor = ThreadPoolExecutor(1, thread_name_prefix="kernel-check")
+    try:
+        return executor.submit(run)
+    finally:
+        executor.shutdown(wait=False)  # the thread ends with the check
 
 
 def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, requested: str = "auto", *,

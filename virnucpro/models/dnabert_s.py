@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, alibi_slopes, attention, select_backend
+from ..attention import Backend, Packing, alibi_slopes, attention, in_background, select_backend
 from ..checkpoint import CheckpointError
 from ..sequences import DNA
 from ..tokenization import DNABERTSTokenizer  # noqa: F401 - also imported from here (FAMILY uses it)
@@ -269,13 +269,16 @@ def load_dnabert_s(model_dir: str | Path, device: torch.device | str = "cpu",
     """Load a DNABERT-S directory into our module, on `device` in `dtype`, in eval mode."""
     model_dir = Path(model_dir)
     config = _config(model_dir)
+    dev = torch.device(device)
+    checks = in_background(dev, lambda: (  # one after the other: Triton's first launches in one thread
+        select_backend(dev, dtype, alibi=True, requested=attention_backend,
+                       head_dim=config.hidden_size // config.num_attention_heads),
+        fused_kernels_fail(dev, dtype, config.hidden_size, config.intermediate_size)))
     state = to_device(read_weights(model_dir), device, dtype)
     model = _matched(model_dir, config, state)
     model.load_state_dict(state, assign=True)
     model.alibi_slopes = model.alibi_slopes.to(device)
-    model.backend = select_backend(torch.device(device), dtype, alibi=True, requested=attention_backend,
-                                   head_dim=config.hidden_size // config.num_attention_heads)
-    why = fused_kernels_fail(torch.device(device), dtype, config.hidden_size, config.intermediate_size)
+    model.backend, why = checks.result()
     model.fused = why is None
     log.info("DNABERT-S %d layers x %d dim from %s on %s/%s: %s; elementwise steps: %s", config.num_hidden_layers,
              config.hidden_size, model_dir, device, str(dtype).removeprefix("torch."), model.backend.describe(),

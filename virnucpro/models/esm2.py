@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, attention, select_backend
+from ..attention import Backend, Packing, attention, in_background, select_backend
 from ..checkpoint import CheckpointError
 from ..sequences import PROTEIN
 from ..tokenization import ALPHABET, CLS, EOS, MASK, PAD, UNK, ESM2Tokenizer  # noqa: F401 - also imported from here
@@ -537,11 +537,12 @@ def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     """Load a fair-esm ESM-2 checkpoint into our module, on `device` in `dtype`, in eval mode."""
     config, state = read_checkpoint(path)  # memory-mapped: each tensor is read as it goes to the device
     n = config.num_layers if repr_layer is None or repr_layer < 0 else repr_layer
+    backend = in_background(torch.device(device), select_backend, torch.device(device), dtype, alibi=False,
+                            requested=attention_backend, head_dim=config.embed_dim // config.attention_heads)
     state = to_device({k: v for k, v in state.items() if not _IGNORED.match(k)}, device, dtype)
     model, ours = _matched(path, config, state, n)  # q/k/v fused on the device
     model.load_state_dict(ours, assign=True)
-    model.backend = select_backend(torch.device(device), dtype, alibi=False, requested=attention_backend,
-                                   head_dim=config.embed_dim // config.attention_heads)
+    model.backend = backend.result()
     log.info("ESM-2 %d layers x %d dim from %s on %s/%s: %s", n, config.embed_dim, Path(path).name,
              device, str(dtype).removeprefix("torch."), model.backend.describe())
     return model.eval().requires_grad_(False)
