@@ -4,7 +4,8 @@
 # service-scaling (N_SCALING proteins, default 60000: ~6 min on 2 H200s).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+# "NVIDIA H200" -> h200, "NVIDIA H100 80GB HBM3" -> h100: the model's name, not the name's last word
+gpu=$(python3 -c "import re, torch; n = torch.cuda.get_device_name(); m = re.search(r'\b[A-Z]+\d{2,4}[a-z]?\b', n); print((m.group(0) if m else n.split()[-1]).lower())")
 n=$(python3 -c "import torch; print(torch.cuda.device_count())")
 tag="nvidia-${gpu}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
