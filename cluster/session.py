@@ -102,13 +102,15 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1",
         if on_ready is not None:
             on_ready()
         future.set_result(connected)
+        import ray
         from ray._private import worker
 
         # Until this connection's ray.shutdown() has stopped the processes: it marks Ray uninitialised
         # first, and a driver whose raylet died before its core worker stopped waits 10 s on a last
-        # metrics export (seen in 1 of 5 runs; every run with a short poll). Ray drops the node last.
+        # metrics export (seen in 1 of 5 runs; every run with a short poll). Ray drops the node last
+        # (a Ray Client connection has none: there, until Ray is uninitialised).
         node = worker._global_node
-        while connected and worker._global_node is node:
+        while connected and worker._global_node is node and (node is not None or ray.is_initialized()):
             time.sleep(_RAY_THREAD_POLL_SECONDS)
 
     threading.Thread(target=run, name="virnucpro-ray", daemon=True).start()
