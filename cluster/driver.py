@@ -237,7 +237,8 @@ def _collect(run: _Dispatcher, manifest: Manifest, out: OutputLocation, plan: Pl
         if progress.due_for_save():
             manifest.save(out)
     totals.stop()  # the rate counts computing, not shutting the actors and Ray down
-    timeline.mark("last_part")
+    if "first_part" in timeline.marks:  # (a resumed run may have had nothing left to write)
+        timeline.mark("last_part")
     progress.close()
     return totals
 

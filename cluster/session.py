@@ -99,18 +99,19 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1",
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits for Ray
             future.set_exception(e)
             return
-        if on_ready is not None:
-            on_ready()
-        future.set_result(connected)
         import ray
         from ray._private import worker
 
         # Until this connection's ray.shutdown() has stopped the processes: it marks Ray uninitialised
         # first, and a driver whose raylet died before its core worker stopped waits 10 s on a last
         # metrics export (seen in 1 of 5 runs; every run with a short poll). Ray drops the node last
-        # (a Ray Client connection has none: there, until Ray is uninitialised).
-        node = worker._global_node
-        while connected and worker._global_node is node and (node is not None or ray.is_initialized()):
+        # (a Ray Client connection has none, nor would a Ray without this attribute: there, until Ray
+        # is uninitialised).
+        node = getattr(worker, "_global_node", None)  # before anyone can shut down and start another
+        if on_ready is not None:
+            on_ready()
+        future.set_result(connected)
+        while connected and getattr(worker, "_global_node", None) is node and (node is not None or ray.is_initialized()):
             time.sleep(_RAY_THREAD_POLL_SECONDS)
 
     threading.Thread(target=run, name="virnucpro-ray", daemon=True).start()

@@ -218,6 +218,9 @@ def in_background(device: torch.device, check: Callable[..., T], *args, **kwargs
     >>> backend = in_background(device, select_backend, device, dtype, alibi=False, head_dim=64)
     >>> state = to_device(state, device, dtype); model.backend = backend.result()
     """
+    if device.type == "cuda" and device.index is None:  # the caller's current device, not the thread's (0)
+        device = torch.device("cuda", torch.cuda.current_device())
+
     def run() -> T:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             return check(*args, **kwargs)

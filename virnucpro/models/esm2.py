@@ -22,9 +22,10 @@ import json
 import logging
 import re
 import threading
-from unittest import mock
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -539,9 +540,13 @@ def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     n = config.num_layers if repr_layer is None or repr_layer < 0 else repr_layer
     backend = in_background(torch.device(device), select_backend, torch.device(device), dtype, alibi=False,
                             requested=attention_backend, head_dim=config.embed_dim // config.attention_heads)
-    state = to_device({k: v for k, v in state.items() if not _IGNORED.match(k)}, device, dtype)
-    model, ours = _matched(path, config, state, n)  # q/k/v fused on the device
-    model.load_state_dict(ours, assign=True)
+    try:
+        state = to_device({k: v for k, v in state.items() if not _IGNORED.match(k)}, device, dtype)
+        model, ours = _matched(path, config, state, n)  # q/k/v fused on the device
+        model.load_state_dict(ours, assign=True)
+    except BaseException:
+        wait([backend])  # no check left running behind a failed load (a retry would compile beside it)
+        raise
     model.backend = backend.result()
     log.info("ESM-2 %d layers x %d dim from %s on %s/%s: %s", n, config.embed_dim, Path(path).name,
              device, str(dtype).removeprefix("torch."), model.backend.describe())
