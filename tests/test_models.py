@@ -539,13 +539,21 @@ def test_wide_row_kernels_have_a_cache_key_of_their_own(tmp_path, monkeypatch):
 
 def test_kernel_checks_run_in_a_thread_of_their_own():
     """The loaders check their kernels in a thread beside the weights' copy: the check's result, or its
-    exception, comes back through the future."""
+    exception, comes back through the future; a load that fails waits for its check."""
     import threading
+    import time
 
     from virnucpro.attention import in_background
 
     cpu = torch.device("cpu")
-    ident, value = in_background(cpu, lambda x: (threading.get_ident(), x), 3).result()
+    with in_background(cpu, lambda x: (threading.get_ident(), x), 3) as check:
+        pass
+    ident, value = check.result()
     assert ident != threading.get_ident() and value == 3
+    with in_background(cpu, int, "not a number") as check:
+        pass
     with pytest.raises(ValueError):
-        in_background(cpu, int, "not a number").result()
+        check.result()
+    with pytest.raises(OSError), in_background(cpu, time.sleep, 0.2) as check:
+        raise OSError("the copy failed")
+    assert check.done()

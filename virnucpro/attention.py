@@ -30,8 +30,8 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TypeVar
@@ -210,13 +210,16 @@ def alibi_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     return out
 
 
-def in_background(device: torch.device, check: Callable[..., T], *args, **kwargs) -> Future[T]:
+@contextlib.contextmanager
+def in_background(device: torch.device, check: Callable[..., T], *args, **kwargs) -> Iterator[Future[T]]:
     """`check(*args, **kwargs)` in a thread of its own, with `device` as its current CUDA device: the
     kernel checks at load (Triton's import and first launches, about a second on an H200 with a warm
-    cache) overlap the copy of the weights to the GPU, which releases the GIL.
+    cache) overlap the copy of the weights to the GPU, which releases the GIL. If the block raises, the
+    check is waited for: none keeps launching kernels behind a failed load (a retry would compile beside it).
 
-    >>> backend = in_background(device, select_backend, device, dtype, alibi=False, head_dim=64)
-    >>> state = to_device(state, device, dtype); model.backend = backend.result()
+    >>> with in_background(device, select_backend, device, dtype, alibi=False, head_dim=64) as backend:
+    ...     state = to_device(state, device, dtype)
+    >>> model.backend = backend.result()
     """
     if device.type == "cuda" and device.index is None:  # the caller's current device, not the thread's (0)
         device = torch.device("cuda", torch.cuda.current_device())
@@ -226,10 +229,13 @@ def in_background(device: torch.device, check: Callable[..., T], *args, **kwargs
             return check(*args, **kwargs)
 
     executor = ThreadPoolExecutor(1, thread_name_prefix="kernel-check")
+    future = executor.submit(run)
+    executor.shutdown(wait=False)  # the thread ends with the check
     try:
-        return executor.submit(run)
-    finally:
-        executor.shutdown(wait=False)  # the thread ends with the check
+        yield future
+    except BaseException:
+        wait([future])
+        raise
 
 
 def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, requested: str = "auto", *,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import wait
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -271,18 +270,14 @@ def load_dnabert_s(model_dir: str | Path, device: torch.device | str = "cpu",
     model_dir = Path(model_dir)
     config = _config(model_dir)
     dev = torch.device(device)
-    checks = in_background(dev, lambda: (  # one after the other: Triton's first launches in one thread
-        select_backend(dev, dtype, alibi=True, requested=attention_backend,
-                       head_dim=config.hidden_size // config.num_attention_heads),
-        fused_kernels_fail(dev, dtype, config.hidden_size, config.intermediate_size)))
-    try:
+    with in_background(dev, lambda: (  # one after the other: Triton's first launches in one thread
+            select_backend(dev, dtype, alibi=True, requested=attention_backend,
+                           head_dim=config.hidden_size // config.num_attention_heads),
+            fused_kernels_fail(dev, dtype, config.hidden_size, config.intermediate_size))) as checks:
         state = to_device(read_weights(model_dir), device, dtype)
         model = _matched(model_dir, config, state)
         model.load_state_dict(state, assign=True)
         model.alibi_slopes = model.alibi_slopes.to(device)
-    except BaseException:
-        wait([checks])  # no check left running behind a failed load
-        raise
     model.backend, why = checks.result()
     model.fused = why is None
     log.info("DNABERT-S %d layers x %d dim from %s on %s/%s: %s; elementwise steps: %s", config.num_hidden_layers,

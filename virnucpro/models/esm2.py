@@ -22,7 +22,6 @@ import json
 import logging
 import re
 import threading
-from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -538,15 +537,11 @@ def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     """Load a fair-esm ESM-2 checkpoint into our module, on `device` in `dtype`, in eval mode."""
     config, state = read_checkpoint(path)  # memory-mapped: each tensor is read as it goes to the device
     n = config.num_layers if repr_layer is None or repr_layer < 0 else repr_layer
-    backend = in_background(torch.device(device), select_backend, torch.device(device), dtype, alibi=False,
-                            requested=attention_backend, head_dim=config.embed_dim // config.attention_heads)
-    try:
+    with in_background(torch.device(device), select_backend, torch.device(device), dtype, alibi=False,
+                       requested=attention_backend, head_dim=config.embed_dim // config.attention_heads) as backend:
         state = to_device({k: v for k, v in state.items() if not _IGNORED.match(k)}, device, dtype)
         model, ours = _matched(path, config, state, n)  # q/k/v fused on the device
         model.load_state_dict(ours, assign=True)
-    except BaseException:
-        wait([backend])  # no check left running behind a failed load (a retry would compile beside it)
-        raise
     model.backend = backend.result()
     log.info("ESM-2 %d layers x %d dim from %s on %s/%s: %s", n, config.embed_dim, Path(path).name,
              device, str(dtype).removeprefix("torch."), model.backend.describe())
