@@ -1,11 +1,13 @@
-"""The GPU (or CPU) actor: loads one model once, turns token batches into Parquet part files.
+"""The GPU (or CPU) actor: loads one model once, turns batch descriptions into Parquet part files.
 
-Following Ray's batch-inference pattern, the constructor loads and `embed` computes. The driver runs
-the class as a Ray actor with `max_concurrency = cuda_streams`: each concurrent call takes its own
-pair of CUDA streams (copy, compute) from a pool, so one batch's host-to-device copy, another's
-forward pass and a third's Parquet write overlap. Embeddings go straight from the actor to the
-output directory (a local path or any pyarrow/fsspec URI); only a few numbers travel back to the
-driver. Each actor reports Ray metrics (`_Metrics`): sequences, tokens and batches embedded, seconds
+Following Ray's batch-inference pattern, the constructor loads and `embed` computes. The driver deals
+each batch as a description (`BatchSpec`: where its records are in the input); the actor reads and
+tokenises it, computes and writes the part. The driver runs the class as a Ray actor with
+`max_concurrency = cuda_streams + loaders (+ writers)`: a call reads and tokenises its batch in its own
+thread, then takes a pair of CUDA streams (copy, compute) from a pool, so the next batches' reading and
+tokenising, one batch's host-to-device copy, another's forward pass and a third's Parquet write
+overlap. Embeddings go straight from the actor to the output directory (a local path or any
+pyarrow/fsspec URI); only a few numbers travel back to the driver. Each actor reports Ray metrics (`_Metrics`): sequences, tokens and batches embedded, seconds
 per batch, its tokens/s, GPU memory, failures.
 """
 
@@ -27,8 +29,10 @@ import pyarrow as pa
 import torch
 
 from virnucpro.attention import Packing
-from virnucpro.batching import BatchError, PartResult, TokenBatch
-from virnucpro.models import ModelSource, compute_columns, default_toks_per_batch, load_model, residue_counts
+from virnucpro.batching import BatchError, BatchSpec, PartResult, TokenBatch, load_batch
+from virnucpro.index import RecordReader
+from virnucpro.models import (ModelSource, compute_columns, default_toks_per_batch, load_model, load_tokenizer,
+                              residue_counts)
 from virnucpro.options import EmbedOptions
 from virnucpro.output import Column, OutputLocation, plan_columns, write_part
 
@@ -160,6 +164,9 @@ class Embedder:
             torch.set_num_threads(config.cpu_threads)
         self.model = load_model(source, self.device, self.dtype, opts.attention)
         self.timeline["weights_loaded"] = time.time()
+        self.tokenizer = load_tokenizer(source, opts.truncation_seq_length)
+        self.readers: dict[str, RecordReader] = {}  # each input's, opened once
+        self.readers_lock = threading.Lock()
         # (sequences, tokens, longest) of each batch shape warmed up on: a service's replica is asked to
         # prepare for every job, and a batch within one of them needs no warm-up of its own
         self.warmed_up_on: list[tuple[int, int, int]] = []
@@ -304,14 +311,18 @@ class Embedder:
                 "pid": os.getpid(), "node_id": self.node_id, "gpu_ids": self.gpu_ids,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "timeline": self.timeline}
 
-    def embed(self, batch: TokenBatch, attempt: int = 0, out_dir: str | None = None,
+    def embed(self, batch: BatchSpec | TokenBatch, attempt: int = 0, out_dir: str | None = None,
               outputs: tuple | None = None) -> PartResult:
-        """Compute one batch and write its part; `attempt` counts the times the driver dealt it before.
-        `out_dir`: where the part goes, if not the actor's own output location (a service's jobs);
-        `outputs`: that job's (repr_layers, include, output_dtype), if not the actor's own."""
+        """Read and tokenise one batch (given as its description), compute it and write its part;
+        `attempt` counts the times the driver dealt it before. `out_dir`: where the part goes, if not the
+        actor's own output location (a service's jobs); `outputs`: that job's (repr_layers, include,
+        output_dtype), if not the actor's own."""
         start = time.perf_counter()
         out = self.out_dir if out_dir is None else self._location(out_dir)
         columns, dtype = self.outputs if outputs is None else self._plan(*outputs)
+        if isinstance(batch, BatchSpec):
+            batch = load_batch(batch, self._reader(batch.input, batch.kind), self.tokenizer)
+        loaded = time.perf_counter()
         if attempt:
             log.debug("actor %s: %s, attempt %d", self.name, batch.describe(), attempt + 1)
         try:
@@ -331,7 +342,14 @@ class Embedder:
         if self.metrics is not None:
             self.metrics.batch_done(rows, batch.num_tokens, seconds, self.device)
         return PartResult(batch.batch_id, file, rows, batch.num_tokens, seconds, self.name, self.node_id,
-                          forward_seconds, end - written)
+                          forward_seconds, end - written, loaded - start)
+
+    def _reader(self, uri: str, kind: str) -> RecordReader:
+        """The reader of input `uri`, opened once (an s3:// file resolves its region once)."""
+        with self.readers_lock:
+            if uri not in self.readers:
+                self.readers[uri] = RecordReader(uri, kind)
+            return self.readers[uri]
 
     def compute(self, batch: TokenBatch) -> np.ndarray:
         """Pooled embeddings [B, D] float32 of one batch, nothing written (a service's HTTP requests)."""
@@ -367,7 +385,12 @@ class Embedder:
     @contextlib.contextmanager
     def _profiled(self, batch_id: int):
         """Record a torch profiler trace (CPU and CUDA) of the actor's first few batches (--profile)."""
-        if self.profile_left <= 0 or not self.profile_lock.acquire(blocking=False):
+        if self.profile_left <= 0:
+            yield
+            return
+        self.profile_lock.acquire()  # the profiler traces one batch at a time: concurrent batches wait their turn
+        if self.profile_left <= 0:
+            self.profile_lock.release()
             yield
             return
         try:

@@ -30,7 +30,7 @@ from bench.bench_models import cuda_time  # noqa: E402
 from virnucpro.attention import Packing  # noqa: E402
 from virnucpro.batching import plan_batches  # noqa: E402
 from virnucpro.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from virnucpro.sequences import FastaIndex  # noqa: E402
+from virnucpro.index import FastaIndex  # noqa: E402
 from virnucpro.tiny import esm2_state_dict, write_dnabert_s_dir  # noqa: E402
 
 SHAPES = {"esm2_3B": (36, 2560, 40), "esm2_650M": (33, 1280, 20),

@@ -18,7 +18,7 @@ from pathlib import Path
 from virnucpro.options import (PIPELINE_EMBED_OPTIONS, EmbedOptions, OptionError, PredictOptions, TrainOptions,
                                add_arguments, from_args)
 
-from .session import local_dashboard, start_ray
+from .session import RaySession, local_dashboard
 
 log = logging.getLogger("virnucpro")
 
@@ -31,7 +31,7 @@ def create_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("embed", help="embed every sequence of a FASTA file into Parquet")
-    p.add_argument("input", type=Path, help="FASTA file, plain or gzip")
+    p.add_argument("input", help="FASTA file, plain or gzip: a local path or a URI (s3://bucket/in.fasta.gz, gs://...)")
     p.add_argument("-o", "--out-dir", required=True,
                    help="output directory: a local path or a URI (s3://bucket/run, gs://..., file:///...)")
     p.add_argument("--model", help=MODEL_HELP + " (not with --service: the service's model)")
@@ -135,11 +135,11 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
         timeline = Timeline(process_start_time())
         _refuse_previous_run(args.out_dir, opts)
         # Ray starts while the driver imports torch and checks the model (a job through a service: neither)
-        ray_up = start_ray(opts.address, opts.dashboard_host, on_ready=lambda: timeline.mark("ray_up"),
-                           dashboard=local_dashboard(opts.dashboard, args.input))
+        session = RaySession(opts.address, opts.dashboard_host, local_dashboard(opts.dashboard, args.input),
+                             on_ready=lambda: timeline.mark("ray_up"))
         from .driver import run_embed
 
-        return run_embed(args.input, args.out_dir, args.model, opts, actor_class, timeline, ray_up).summary()
+        return run_embed(args.input, args.out_dir, args.model, opts, actor_class, timeline, session).summary()
     if args.command == "preprocess":
         from virnucpro.preprocess import default_workers, preprocess_fasta
 
@@ -226,11 +226,11 @@ def _refuse_previous_run(out_dir: str | Path, opts: EmbedOptions) -> None:
     Local directories only: listing a bucket can take seconds, better spent beside Ray's start."""
     if opts.resume or opts.overwrite or "://" in str(out_dir):
         return
-    from virnucpro.output import PREVIOUS_RUN, OutputLocation
+    from virnucpro.output import MANIFEST, PART_NAME, PREVIOUS_RUN, OutputLocation
 
     try:
         out = OutputLocation.parse(out_dir)
-        previous = out.holds_run()
+        previous = any(f == MANIFEST or PART_NAME.fullmatch(f) for f in out.list_files())
     except Exception:  # noqa: BLE001 - an unreachable or odd location: the driver's full check reports it
         return
     if previous:

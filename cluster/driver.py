@@ -1,18 +1,22 @@
-"""The embedding driver: index, plan, start actors, deal batches, collect parts, write the manifest.
+"""The embedding driver: check, index, plan, start actors, deal batch descriptions, collect parts.
 
     embed(input, out_dir, model, **options)    # the Python API of `virnucpro embed`
 
+The driver stays light however large the input: it indexes (in Ray tasks beside the actors, for an
+input of more than one range: `virnucpro.index`), plans and deals. A batch travels to its actor as a
+description (`BatchSpec`: byte offsets and lengths of its records), and the actor reads, tokenises,
+computes and writes the Parquet part itself, so reading, tokenising and the embeddings never pass
+through the driver. Input and output may be local, on a shared filesystem or on an object store.
+
 Why not Ray Data's `map_batches(...).write_parquet(...)`: it batches by row count, not by tokens; its
 output files are not tied to a deterministic plan, so a killed run cannot resume without redoing or
-duplicating rows; and it routes every embedding through its own operators. What this needs is small:
-a deterministic token-budget plan (`virnucpro.batching.Plan`), a work queue that deals batches
-longest-first to whichever actor is free (`scheduling.Scheduler` over a `pool.ActorPool`), part files
-named by batch id, and a manifest. Ray core (actors, `ray.wait`, restarts) gives the rest.
+duplicating rows. What this needs is small: a deterministic token-budget plan (`BatchPlan`), a work
+queue that deals batches longest-first to whichever actor is free (`scheduling.Scheduler` over a
+`pool.ActorPool`), part files named by batch id, and a manifest. Ray core gives the rest.
 
-Memory. The driver holds no sequences and no embeddings: the FASTA index and the plan's record order
-are int64 columns in memory-mapped scratch files, and loader threads read and tokenise only the
-batches inside a bounded window ahead of the actors (nothing more is read until a batch finishes).
-Actors write the embeddings to the output location themselves.
+Memory. The driver holds no sequences and no embeddings: the index and the plan are int64 columns in
+memory-mapped scratch files. The plan is saved in OUT_DIR/.work/plan, so `--resume` maps it back and
+deals what is left without reading the input again.
 
 Faults. A batch whose actor dies goes back to the front of the queue and another actor takes it;
 Ray restarts the actor or the pool replaces it. Part files are named by batch id and written
@@ -29,8 +33,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,20 +43,21 @@ import pyarrow.parquet as pq
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
-# Nothing here imports torch: a job through a running service (--service) needs none of it, and
-# importing it is 2.2-2.5 s of a driver's start on an H200 host. A job with its own actors imports
-# the model code (and torch) where it checks the model and defines the actors.
-from virnucpro.batching import BatchError, PartResult, Plan, TokenBatch, make_batch, plan_fingerprint, token_counts
+# Nothing here imports torch: a job through a running service (--service) needs none of it. A job with
+# its own actors imports the model code (and torch) where it checks the model and defines the actors.
+from virnucpro.batching import BatchError, BatchPlan, PartResult, Plan, plan_fingerprint, token_counts
 from virnucpro.checkpoint import ModelSource
-from virnucpro.options import EmbedOptions, default_dataloader_workers
+from virnucpro.index import RANGE_BYTES, FastaIndex, RangeIndex, index_range, plain_copy, serial
+from virnucpro.options import EmbedOptions
 from virnucpro.output import (LEGACY_MANIFEST, MANIFEST, PART_NAME, PREVIOUS_RUN, WRITE_TEST, Manifest, OutputLocation,
-                             default_columns, is_cut_short, part_schema)
-from virnucpro.sequences import FastaIndex
+                             default_columns, is_cut_short, part_name, part_schema)
+from virnucpro.sequences import RecordError, SequenceError, open_input
+from virnucpro.storage import InputFile, Location
 
 from .pool import ActorPool, Lease, cause
 from .progress import DriverMetrics, Progress, Timeline
 from .scheduling import ACTOR_DIED, STORAGE, EmbedError, Scheduler, failure_kind
-from .session import Placement, local_dashboard, start_ray
+from .session import Placement, RaySession, local_dashboard
 
 if TYPE_CHECKING:
     from actors.embedder import ActorConfig
@@ -61,6 +65,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("virnucpro")
 
 STOP_WAIT_SECONDS = 30  # a failed run waits this long for the batches its actors are computing
+WORK_DIR = ".work"  # OUT_DIR/.work: the saved plan and a gzip input's plain copy, until the run is complete
+CALIBRATION_RECORDS = 256  # records the driver tokenises to estimate a BPE model's tokens per base
 _ACTOR_FAILED = (RayActorError, ObjectLostError, WorkerCrashedError)  # the actor, not the batch, failed
 
 
@@ -80,7 +86,7 @@ class EmbedResult:
     # summed over batches (concurrent batches of one actor overlap, so these can exceed compute_seconds):
     forward_seconds: float = 0.0  # copy to the device, forward pass, embeddings back to the host
     write_seconds: float = 0.0  # Parquet parts encoded and written
-    first_part_seconds: float = 0.0  # from the first batch read to the first part written (pipeline fill)
+    first_part_seconds: float = 0.0  # from the first batch dealt to the first part written (pipeline fill)
     # seconds from the process's start to the end of each start-up phase, up to the first part written,
     # then to the last part written and to the run's end (actors and Ray shut down, output completed)
     timeline: dict[str, float] = field(default_factory=dict)
@@ -109,163 +115,246 @@ def embed(input: str | Path, out_dir: str | Path, model: str | Path | None, *, a
           timeline: Timeline | None = None, **options) -> EmbedResult:
     """Embed every sequence of a FASTA file into Parquet under out_dir (the Python API of `virnucpro embed`).
 
-    out_dir is a local directory or a URI on any pyarrow/fsspec filesystem (`s3://bucket/run`).
-    Options are the fields of `virnucpro.options.EmbedOptions`; a value out of range raises
-    `OptionError` before anything starts. `actor_class`: the actor run on each worker, `Embedder` (the
-    default) or a subclass of it (the tests inject faults this way). `model` None: `service=NAME`'s.
+    input and out_dir are local paths or URIs on any pyarrow/fsspec filesystem (`s3://bucket/in.fa.gz`,
+    `s3://bucket/run`). Options are the fields of `virnucpro.options.EmbedOptions`; a value out of range
+    raises `OptionError` before anything starts. `actor_class`: the actor run on each worker, `Embedder`
+    (the default) or a subclass of it (the tests inject faults this way). `model` None: `service=NAME`'s.
     `timeline`: where start-up phases are marked (default: from this call's start). Returns an `EmbedResult`; read the rows with
     `virnucpro.output.read_embeddings(out_dir)` or `pyarrow.parquet.read_table(out_dir)`.
     """
-    return run_embed(Path(input), out_dir, None if model is None else str(model), EmbedOptions(**options),
+    return run_embed(input, out_dir, None if model is None else str(model), EmbedOptions(**options),
                      actor_class, timeline)
 
 
-def run_embed(input: Path, out_dir: str | Path, model: str | None, opts: EmbedOptions, actor_class: type | None = None,
-              timeline: Timeline | None = None, ray_up: Future | None = None) -> EmbedResult:
+def run_embed(input: str | Path, out_dir: str | Path, model: str | None, opts: EmbedOptions,
+              actor_class: type | None = None, timeline: Timeline | None = None,
+              session: RaySession | None = None) -> EmbedResult:
     """`embed` with its options parsed. `model` None: the service's (`opts.service`); `actor_class` None:
-    `Embedder`. `ray_up`: Ray being started in the background (`start_ray`),
-    as the command line does before its imports; by default it is started here, at once."""
-    timeline = timeline or Timeline()
-    timeline.mark("driver_started")  # imports done, arguments parsed
-    # Ray takes seconds to start: meanwhile the model is checked. A service runs on this machine's Ray.
-    ray_up = ray_up or start_ray(opts.address or ("auto" if opts.service else None), opts.dashboard_host,
-                                 on_ready=lambda: timeline.mark("ray_up"), dashboard=local_dashboard(opts.dashboard, input))
-    try:
-        target = None if opts.service else _Target.local(model, opts)  # a bad checkpoint fails here
-        timeline.mark("model_checked")
-        out = OutputLocation.parse(out_dir)
-        _prepare_out_dir(out, opts)
-    except BaseException:
-        _close_ray(ray_up)
-        raise
-    scratch = _scratch_dir(out)
-    started_ray, pool, run, manifest = False, None, None, None
-    try:
-        started_ray = ray_up.result()  # (its on_ready marked "ray_up" when it was)
-        if opts.service:
-            target, pool = _Target.service(opts, out)
-        else:
-            from actors.embedder import ActorConfig, Embedder
+    `Embedder`. `session`: Ray being started in the background, as the command line does before its
+    imports; by default it is started here, at once."""
+    return EmbedJob(str(input), out_dir, model, opts, actor_class, timeline, session).run()
 
-            target.place(opts)
-            pool = _new_pool(actor_class or Embedder, ActorConfig(target.source, out.uri, target.device, opts),
-                             target, opts)
-            pool.launch()  # the actors load their model while the input is indexed and planned
-        source, tokenizer, dim = target.source, target.tokenizer, target.dim
-        index = FastaIndex.build(input, source.sequence_kind, scratch)
-        timeline.mark("indexed")
+
+class EmbedJob:
+    """One embedding run, as the steps a user waits through: check (model, input, output: before Ray is
+    needed), connect and launch the actors (they load the model while the rest goes on), plan (index and
+    cut into batches, or the saved plan of a run being resumed), deal, and complete the output."""
+
+    def __init__(self, input: str, out_dir: str | Path, model: str | None, opts: EmbedOptions,
+                 actor_class: type | None = None, timeline: Timeline | None = None, session: RaySession | None = None):
+        self.input, self.model, self.opts, self.actor_class = input, model, opts, actor_class
+        self.out = OutputLocation.parse(out_dir)
+        self.timeline = timeline or Timeline()
+        self.session = session
+        self.target: _Target | None = None
+        self.source: InputFile | None = None
+        self.pool: ActorPool | None = None
+        self.plan: BatchPlan | None = None
+        self.manifest: Manifest | None = None
+        self.dispatcher: _Dispatcher | None = None
+        self.local_scratch: Path | None = None
+        self.skipped_empty: list[str] = []  # empty records the index skipped (a resumed run keeps its manifest's)
+
+    # -- the steps ------------------------------------------------------------------------------------
+
+    def run(self) -> EmbedResult:
+        opts = self.opts
+        self.timeline.mark("driver_started")  # imports done, arguments parsed
+        # Ray takes seconds to start: meanwhile the model, the input and the output are checked. A service
+        # runs on this machine's Ray.
+        self.session = self.session or RaySession(
+            opts.address or ("auto" if opts.service else None), opts.dashboard_host,
+            local_dashboard(opts.dashboard, self.input), on_ready=lambda: self.timeline.mark("ray_up"))
+        try:
+            self._check()
+        except BaseException:
+            self.session.close()
+            raise
+        todo = np.zeros(0, np.int64)
+        try:
+            self._connect()
+            todo = self._plan()
+            if todo is None:  # --resume of a run that is complete
+                return self._nothing_to_do()
+            totals = self._deal(todo)
+        except BaseException:
+            if self.manifest is not None:  # what finished stays finished: --resume starts from here
+                try:
+                    self.manifest.save(self.out)
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    log.warning("could not save the manifest", exc_info=True)
+            raise
+        finally:
+            self._close()
+        self._complete()
+        self.timeline.mark("done")
+        return self._result(todo, totals)
+
+    def _check(self) -> None:
+        """What can be known without Ray: the model (names and shapes), the input, the output directory."""
+        self.target = None if self.opts.service else _Target.local(self.model, self.opts)  # a bad checkpoint fails here
+        self.timeline.mark("model_checked")
+        self.source = open_input(self.input)
+        _prepare_out_dir(self.out, self.opts)
+        self.local_scratch = (self.out.local_path / WORK_DIR if self.out.local_path is not None
+                              else Path(tempfile.mkdtemp(prefix="virnucpro-work-")))
+
+    def _connect(self) -> None:
+        """Ray up; the actors launched (they load their model while the input is indexed and planned)."""
+        self.session.wait()  # (its on_ready marked "ray_up" when it was)
+        if self.opts.service:
+            self.target, self.pool = _Target.service(self.opts, self.out)
+            return
+        from actors.embedder import ActorConfig, Embedder
+
+        self.target.place(self.opts)
+        config = ActorConfig(self.target.source, self.out.uri, self.target.device, self.opts)
+        self.pool = _new_pool(self.actor_class or Embedder, config, self.target, self.opts)
+        self.pool.launch()
+
+    def _plan(self) -> np.ndarray | None:
+        """The plan (made now, or the saved one of the run being resumed) and the manifest; returns the
+        batches still to compute (None: the run being resumed is complete)."""
+        target, opts, out = self.target, self.opts, self.out
+        source = target.source
         toks = opts.toks_per_batch or target.toks_per_batch
-        plan = Plan.build(lambda a, b: token_counts(tokenizer, index.lengths[a:b]), toks, len(index), scratch)
         outputs = (opts.repr_layers, opts.include, opts.output_dtype)
-        fingerprint = plan_fingerprint(source.name, source.family, target.truncation, toks, index.lengths,
-                                       index.offsets,  # --resume: the same columns (default ones: as before)
+        fingerprint = plan_fingerprint(source.name, source.family, target.truncation, toks, self.source.identity(),
                                        *(() if default_columns(*outputs) else (outputs,)))
-        manifest = _open_manifest(out, opts, source, dim, input, fingerprint, index, len(plan), toks)
-        done = _finished_batches(out, manifest, plan)
+        old = _resumable_manifest(out, fingerprint) if opts.resume else None
+        if old is not None and old.complete:
+            self.manifest = old
+            return None
+        work = out.child(WORK_DIR)
+        self.plan = BatchPlan.fetch(work.child("plan"), fingerprint, self.local_scratch / "plan") if old else None
+        if self.plan is not None:
+            # the records are where they were, in the input as it is named now (or its plain copy)
+            self.plan.input = plain_copy(work, self.source) if self.source.gzip else self.source.uri
+            log.info("resuming from the saved plan (%d batches): the input is not read again", len(self.plan))
+            self.timeline.mark("indexed")
+            if target.tokenizer is not None and self.plan.bases_per_token:
+                target.tokenizer.bases_per_token = self.plan.bases_per_token
+        else:
+            self.plan = self._index_and_plan(toks, fingerprint, work)
+        manifest = old or Manifest(model=source.name, family=source.family, dim=target.dim, input=self.source.uri,
+                                   fingerprint=fingerprint, num_sequences=self.plan.num_sequences,
+                                   num_batches=len(self.plan), skipped_empty=self.skipped_empty, toks_per_batch=toks)
+        manifest.complete = False
+        manifest.save(out)
+        self.manifest = manifest
+        done = _finished_batches(out, manifest, self.plan)
         todo = np.flatnonzero(~done)
         if done.any():
-            log.info("resuming: %d of %d batches already done, %d to go", int(done.sum()), len(plan), len(todo))
-        run = _Dispatcher(pool, index, tokenizer, plan, todo,
-                          opts.dataloader_workers or default_dataloader_workers(target.num_gpus),
-                          opts.actor_wait_seconds)
-        run.prefetch()  # the first batches are read and tokenised while the actors load
-        timeline.mark("planned")
+            log.info("resuming: %d of %d batches already done, %d to go", int(done.sum()), len(self.plan), len(todo))
+        self.timeline.mark("planned")
+        return todo
+
+    def _index_and_plan(self, toks: int, fingerprint: str, work: Location) -> BatchPlan:
+        target = self.target
+        index = FastaIndex.build(self.source.uri, target.source.sequence_kind, self.local_scratch,
+                                 copy_to=work.uri, map_ranges=_range_map(self.source))
+        self.skipped_empty = index.skipped_empty
+        self.timeline.mark("indexed")
+        tokenizer = target.tokenizer
+        if not tokenizer.exact:  # a BPE model: its tokens per base, from a sample, for the plan's estimates
+            sample = index.read(np.arange(min(len(index), CALIBRATION_RECORDS)), tokenizer.max_residues)
+            log.debug("planning with %.2f bases per token", tokenizer.calibrate([r.sequence for r in sample]))
+        plan = Plan.build(lambda a, b: token_counts(tokenizer, index.lengths[a:b]), toks, len(index),
+                          self.local_scratch)
+        batches = BatchPlan.gather(index, plan, self.local_scratch / "plan", getattr(tokenizer, "bases_per_token", None))
+        batches.save(work.child("plan"), fingerprint, self.local_scratch / "plan")
+        return batches
+
+    def _deal(self, todo: np.ndarray) -> _Totals:
+        self.dispatcher = _Dispatcher(self.pool, self.plan, todo, self.opts.actor_wait_seconds)
         if len(todo):
             # the plan's first batch holds its longest sequences: each actor warms up on its shape
-            largest = token_counts(tokenizer, index.lengths[plan[0]])
-            infos = pool.start(opts.actor_wait_seconds, ready_call=lambda actor: actor.prepare.remote(largest))
-            for phase, at in infos[0]["timeline"].items() if not opts.service else ():
-                timeline.mark(phase, at)  # the first actor ready: when it was placed, loaded, ...
-        totals = _collect(run, manifest, out, plan, done, len(index), opts, timeline)
-    except BaseException:
-        if manifest is not None:  # what finished stays finished: --resume starts from here
-            try:
-                manifest.save(out)
-            except Exception:  # noqa: BLE001 - the original error matters more
-                log.warning("could not save the manifest", exc_info=True)
-        raise
-    finally:
+            largest = token_counts(self.target.tokenizer, self.plan.spec(0).lengths)
+            infos = self.pool.start(self.opts.actor_wait_seconds, ready_call=lambda actor: actor.prepare.remote(largest))
+            for phase, at in infos[0]["timeline"].items() if not self.opts.service else ():
+                self.timeline.mark(phase, at)  # the first actor ready: when it was placed, loaded, ...
+        return _collect(self.dispatcher, self.manifest, self.out, self.plan, self.opts, self.timeline)
+
+    def _close(self) -> None:
         closing = time.perf_counter()
-        if run is not None:
-            run.close()
-        elif pool is not None:
-            pool.shutdown()
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+        elif self.pool is not None:
+            self.pool.shutdown()
         actors_stopped = time.perf_counter()
-        if started_ray:
-            ray.shutdown()
+        ray_seconds = self.session.close()
         closed = time.perf_counter()  # a slow shutdown is wall clock the user waits for: say so
         log.log(logging.INFO if closed - closing >= 1 else logging.DEBUG, "shut down in %.1f s (actors %.1f s, Ray %.1f s)",
-                closed - closing, actors_stopped - closing, closed - actors_stopped)
-        if out.local_path is None:  # a temporary scratch directory: nothing in it is worth keeping
-            shutil.rmtree(scratch, ignore_errors=True)
+                closed - closing, actors_stopped - closing, ray_seconds)
 
-    _complete(out, manifest, len(index), len(plan))
-    shutil.rmtree(scratch, ignore_errors=True)
-    timeline.mark("done")
-    result = EmbedResult(out.local_path or out.uri, len(index), len(plan), len(todo), totals.tokens,
-                         totals.elapsed(), time.time() - timeline.origin, pool.infos(),
-                         batches_retried=run.scheduler.retried, actors_replaced=pool.replaced,
-                         batches_retried_after_errors=run.scheduler.retried_after_errors,
-                         forward_seconds=totals.forward, write_seconds=totals.write,
-                         first_part_seconds=totals.first_part, timeline=timeline.marks, service=opts.service)
-    log.info("done: %s", result.summary())
-    return result
+    def _complete(self) -> None:
+        """Mark the run complete, after counting every input sequence in the finished parts; then the
+        scratch space goes."""
+        _complete(self.out, self.manifest, self.plan.num_sequences, len(self.plan))
+        self.out.child(WORK_DIR).delete_tree()
+        shutil.rmtree(self.local_scratch, ignore_errors=True)
 
+    def _nothing_to_do(self) -> EmbedResult:
+        m = self.manifest
+        log.info("%s: the run is complete already; nothing to do", self.out)
+        self.timeline.mark("done")
+        return EmbedResult(self.out.local_path or self.out.uri, m.num_sequences, m.num_batches, 0, 0, 0.0,
+                           time.time() - self.timeline.origin, timeline=self.timeline.marks, service=self.opts.service)
 
-def _close_ray(ray_up: Future) -> None:
-    """A run that failed before it needed Ray: disconnect once the background start is done."""
-    try:
-        if ray_up.result():
-            ray.shutdown()
-    except Exception:  # noqa: BLE001 - the run's own error is the one to report
-        log.debug("Ray start failed too", exc_info=True)
-
-
-def _collect(run: _Dispatcher, manifest: Manifest, out: OutputLocation, plan: Plan, done: np.ndarray,
-             num_sequences: int, opts: EmbedOptions, timeline: Timeline) -> _Totals:
-    """Record each part in the manifest as it comes (saved every few seconds), with progress."""
-    progress = Progress(int(plan.tokens.sum()), num_sequences, int(plan.tokens[done].sum()), manifest.rows_done,
-                        opts.progress, opts.verbose)
-    totals = _Totals()
-    for result in run.results():
-        manifest.parts[result.file] = result.rows
-        totals.add(result)
-        if "first_part" not in timeline.marks:
-            timeline.mark("first_part")
-            log.info("first part written; start-up: %s", timeline.text())
-        progress.advance(result.tokens, result.rows, run.pool.usable, run.pool.size)
-        if progress.due_for_save():
-            manifest.save(out)
-    totals.stop()  # the rate counts computing, not shutting the actors and Ray down
-    if "first_part" in timeline.marks:  # (a resumed run may have had nothing left to write)
-        timeline.mark("last_part")
-    progress.close()
-    return totals
+    def _result(self, todo: np.ndarray, totals: _Totals) -> EmbedResult:
+        run, pool = self.dispatcher, self.pool
+        result = EmbedResult(self.out.local_path or self.out.uri, self.plan.num_sequences, len(self.plan), len(todo),
+                             totals.tokens, totals.elapsed(), time.time() - self.timeline.origin, pool.infos(),
+                             batches_retried=run.scheduler.retried, actors_replaced=pool.replaced,
+                             batches_retried_after_errors=run.scheduler.retried_after_errors,
+                             forward_seconds=totals.forward, write_seconds=totals.write,
+                             first_part_seconds=totals.first_part, timeline=self.timeline.marks, service=self.opts.service)
+        log.info("done: %s", result.summary())
+        return result
 
 
-class _Totals:
-    """Sums over the parts a run wrote, and when the first one came."""
+# --- indexing on the cluster --------------------------------------------------------------------------
 
-    def __init__(self):
-        self.start, self.end = time.perf_counter(), None
-        self.tokens, self.forward, self.write, self.first_part = 0, 0.0, 0.0, 0.0
+def _range_map(source: InputFile):
+    """How the input's ranges are indexed: here, for an input of one range (a task's start would cost more
+    than it saves), else as Ray tasks over the cluster's nodes, in order."""
+    if source.size < RANGE_BYTES:
+        return serial
+    return _index_tasks
 
-    def add(self, r: PartResult) -> None:
-        self.tokens += r.tokens
-        self.forward += r.forward_seconds
-        self.write += r.write_seconds
-        self.first_part = self.first_part or self.elapsed()
 
-    def stop(self) -> None:
-        self.end = time.perf_counter()
+def _index_tasks(jobs: list[tuple]) -> Iterator[RangeIndex]:
+    """`index_range(*job)` of each job as a Ray task, results in job order. At most half the cluster's
+    CPUs' worth run at once. The tasks reserve no CPU: actors hold theirs for the whole run, so a task
+    that waited for one could wait for ever (predict's two jobs on a small machine); the bound on tasks
+    in flight keeps them from crowding the actors instead."""
+    task = ray.remote(index_range).options(num_cpus=0, scheduling_strategy="SPREAD", max_retries=2)
+    limit = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    pending: deque = deque()
+    jobs_left = iter(jobs)
+    for job in jobs_left:
+        pending.append(task.remote(*job))
+        if len(pending) >= limit:
+            break
+    while pending:
+        ref = pending.popleft()
+        try:
+            result = ray.get(ref)
+        except RayTaskError as e:  # the input's own error, as the range raised it (renumbered by the caller)
+            if isinstance(e.cause, SequenceError):
+                raise e.cause from None
+            raise
+        for job in jobs_left:
+            pending.append(task.remote(*job))
+            break
+        yield result
 
-    def elapsed(self) -> float:
-        return (self.end or time.perf_counter()) - self.start
 
+# --- the actors ------------------------------------------------------------------------------------------
 
 @dataclass
 class _Target:
-    """What the batches go to: the model (to tokenise, plan and fingerprint) and where it runs."""
+    """What the batches go to: the model (to plan and fingerprint) and where it runs."""
 
     source: ModelSource
     tokenizer: object
@@ -273,7 +362,7 @@ class _Target:
     truncation: int  # --truncation-seq-length the tokenizer applies
     toks_per_batch: int  # the default budget for this model on this device
     device: str = "cpu"
-    num_gpus: int = 0  # what the dataloader-worker default divides by
+    num_gpus: int = 0
     placement: Placement | None = None
 
     @classmethod
@@ -303,7 +392,7 @@ class _Target:
         if options.truncation_seq_length != opts.truncation_seq_length:
             log.info("service '%s' truncates at %d (its own --truncation-seq-length)", opts.service,
                      options.truncation_seq_length)
-        pool = service_pool(opts.service, out.uri, options.cuda_streams + 1,
+        pool = service_pool(opts.service, out.uri, options.cuda_streams + SERVICE_LOADS_AHEAD,
                             (opts.repr_layers, opts.include, opts.output_dtype))
         target = cls(source, info["tokenizer"], info["dim"], options.truncation_seq_length,
                      info["toks_per_batch"], info["info"]["device"].split(":")[0], pool.size)
@@ -311,18 +400,23 @@ class _Target:
         return target, pool
 
 
+SERVICE_LOADS_AHEAD = 2  # batches a job keeps at each replica beyond its CUDA streams: being read and tokenised
+
+
 def _new_pool(actor_class: type, config: ActorConfig, target: _Target, opts: EmbedOptions) -> ActorPool:
-    """The run's actors: `place.num_actors` of `actor_class`, each taking its CUDA streams' worth of
-    batches plus one queued behind them (which hides the dispatch latency)."""
+    """The run's actors: `place.num_actors` of `actor_class`, each taking its CUDA streams' worth of batches
+    plus those its loader threads read and tokenise meanwhile (`--dataloader-workers`)."""
     place = target.placement
     streams = opts.cuda_streams if place.device == "cuda" else 1
+    loaders = opts.dataloader_workers or place.dataloader_workers
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if opts.expandable_segments else {}
     if place.device == "cpu":  # torch's intra-op threads in each CPU actor: its share of the node
         config = replace(config, cpu_threads=max(1, int(place.cluster_cpus) // place.num_actors))
+    per_actor = streams + loaders + _writers(opts)
     options = dict(
         num_gpus=place.gpus_per_actor,
         num_cpus=1,
-        max_concurrency=streams + _writers(opts),
+        max_concurrency=per_actor,  # each call reads and tokenises, then waits for a stream pair
         max_restarts=opts.max_actor_restarts,
         max_task_retries=0,  # the scheduler deals a failed batch again, to any actor
         scheduling_strategy="SPREAD",  # actors over nodes; CUDA_VISIBLE_DEVICES is Ray's to set
@@ -335,20 +429,20 @@ def _new_pool(actor_class: type, config: ActorConfig, target: _Target, opts: Emb
         return remote.options(**{**options, **extra}).remote(config)
 
     resources = {"CPU": options["num_cpus"], **({"GPU": place.gpus_per_actor} if place.gpus_per_actor else {})}
-    return ActorPool(new_actor, place.num_actors, streams + _writers(opts) + 1, config.source.name, resources)
+    return ActorPool(new_actor, place.num_actors, per_actor, config.source.name, resources)
 
 
 PER_TOKEN_WRITERS = 12  # at most, batches an actor writes while its streams compute others (per-token output)
 
 
 def _writers(opts: EmbedOptions) -> int:
-    """Batches an actor may hold beyond its CUDA streams' worth, being written. Per-token columns are
-    ~100x the bytes of pooled ones, and Parquet encodes nested lists at ~50 K residues/s per thread
-    (bench/README.md, "Per-token output"): several parts written at once keep up with the GPU."""
+    """Batches an actor may hold beyond its streams and loaders, being written. Per-token columns are
+    ~100x the bytes of pooled ones, and Parquet encodes nested lists slowly (bench/README.md, "Per-token
+    output"): several parts written at once keep up with the GPU."""
     per_token = any(i in ("per-token", "logits") for i in opts.include or ())
     if not per_token or opts.device == "cpu":
         return 0
-    # one thread a part; the node's cores are shared with the driver's loaders and the other actors
+    # one thread a part; the node's cores are shared with the loaders and the other actors
     return max(2, min(PER_TOKEN_WRITERS, (os.cpu_count() or 4) - 4))
 
 
@@ -363,7 +457,7 @@ def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
     except Exception as e:  # noqa: BLE001 - OSError locally, pyarrow / fsspec errors elsewhere
         raise EmbedError(f"{out}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
     parts = [name for name in files if PART_NAME.fullmatch(name)]
-    previous = out.holds_run(files)
+    previous = holds_run(files)
     if opts.resume or opts.overwrite:  # temporaries of writes a killed run left behind
         _remove_temporaries(out, files)
     if previous and opts.overwrite:
@@ -371,8 +465,14 @@ def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
             out.delete(name)
         out.delete(MANIFEST)
         out.delete(LEGACY_MANIFEST)
+        out.child(WORK_DIR).delete_tree()
     elif previous and not opts.resume:
         raise EmbedError(f"{out}: {PREVIOUS_RUN}")
+
+
+def holds_run(files: Iterable[str]) -> bool:
+    """Whether a directory's files (`list_files()`) are a run's output (a manifest or parts)."""
+    return any(f in (MANIFEST, LEGACY_MANIFEST) or PART_NAME.fullmatch(f) for f in files)
 
 
 def _remove_temporaries(out: OutputLocation, files: dict[str, int]) -> None:
@@ -382,112 +482,122 @@ def _remove_temporaries(out: OutputLocation, files: dict[str, int]) -> None:
             out.delete(name)
 
 
-def _scratch_dir(out: OutputLocation) -> Path:
-    """Local scratch space (gzip input decompressed, index and plan columns): OUT_DIR/.work for a local
-    output directory, else a temporary directory on this machine."""
-    local = out.local_path
-    if local is not None:
-        return local / ".work"
-    return Path(tempfile.mkdtemp(prefix="virnucpro-work-"))
+def _resumable_manifest(out: OutputLocation, fingerprint: str) -> Manifest | None:
+    """The manifest of the run `--resume` finishes, if it is this run (same model, input, options)."""
+    old = Manifest.load(out)
+    if old is None:
+        return None
+    if old.fingerprint != fingerprint:
+        raise EmbedError(f"{out}: holds a different run (model, input or batching options differ: "
+                         f"{old.model} on {old.input}); use --overwrite to replace it")
+    return old
 
 
-def _open_manifest(out: OutputLocation, opts: EmbedOptions, source: ModelSource, dim: int, input: Path,
-                   fingerprint: str, index: FastaIndex, num_batches: int, toks: int) -> Manifest:
-    old = Manifest.load(out) if opts.resume else None
-    if old is not None:
-        if old.fingerprint != fingerprint:
-            raise EmbedError(f"{out}: holds a different run (model, input or batching options differ: "
-                             f"{old.model} on {old.input}); use --overwrite to replace it")
-        old.complete = False
-        return old
-    manifest = Manifest(model=source.name, family=source.family, dim=dim, input=str(input),
-                        fingerprint=fingerprint, num_sequences=len(index), num_batches=num_batches,
-                        skipped_empty=index.skipped_empty, toks_per_batch=toks)
-    manifest.save(out)
-    return manifest
-
-
-def _finished_batches(out: OutputLocation, manifest: Manifest, plan: Plan) -> np.ndarray:
-    """Batches that need no recomputation (a bool mask): parts listed in the manifest and present, or
-    present and whole but not yet listed (the driver died between an actor's write and its own
-    manifest update). One directory listing; only unlisted parts are opened."""
+def _finished_batches(out: OutputLocation, manifest: Manifest, plan: BatchPlan) -> np.ndarray:
+    """Batches that need no recomputation (a bool mask): marked done in the manifest and present, or
+    present and whole but not yet marked (the driver died between an actor's write and its own
+    manifest update). One directory listing; only unmarked parts are opened."""
     files = out.list_files()
-    done = np.zeros(len(plan), bool)
-    for name in list(manifest.parts):
-        m = PART_NAME.fullmatch(name)
-        b = int(m.group(1)) if m else -1
-        if name in files and 0 <= b < len(plan) and manifest.parts[name] == plan.rows(b):
-            done[b] = True
-        else:
-            del manifest.parts[name]
+    present = np.zeros(len(plan), bool)
     for name in files:
         m = PART_NAME.fullmatch(name)
-        if not m or name in manifest.parts or int(m.group(1)) >= len(plan):
-            continue
-        b = int(m.group(1))
+        if m and int(m.group(1)) < len(plan):
+            present[int(m.group(1))] = True
+    manifest.done &= present  # marked done, but the part is gone: computed again
+    manifest.rows_done = int(np.diff(plan.bounds)[manifest.done].sum())
+    for b in np.flatnonzero(present & ~manifest.done).tolist():
+        name = part_name(b)
         try:
             rows = pq.read_metadata(out.join(name), filesystem=out.fs).num_rows
         except Exception:  # noqa: BLE001 - a damaged file is recomputed
             rows = -1
         if rows == plan.rows(b):
-            manifest.parts[name] = rows
-            done[b] = True
-    return done
+            manifest.mark_done(b, rows)
+    return manifest.done.copy()
 
 
 def _complete(out: OutputLocation, manifest: Manifest, num_sequences: int, num_batches: int) -> None:
     """Mark the run complete, after counting every input sequence in the finished parts."""
-    if manifest.rows_done != num_sequences or len(manifest.parts) != num_batches:
+    if manifest.rows_done != num_sequences or manifest.batches_done != num_batches:
         manifest.save(out)
-        raise EmbedError(f"{out}: {manifest.rows_done} rows in {len(manifest.parts)} parts, expected "
+        raise EmbedError(f"{out}: {manifest.rows_done} rows in {manifest.batches_done} parts, expected "
                          f"{num_sequences} rows in {num_batches} parts; the run is not complete")
     _remove_temporaries(out, out.list_files())  # a reader of OUT_DIR by its path sees parts alone
-    if manifest.parts:  # the manifest's schema is the parts' (see Manifest), as they were written
-        manifest.schema = part_schema(out, min(manifest.parts))
+    if manifest.batches_done:  # the manifest's schema is the parts' (see Manifest), as they were written
+        manifest.schema = part_schema(out, manifest.part_names()[0])
     manifest.complete, manifest.finished = True, time.time()
     manifest.save(out)
 
 
 # --- dealing batches ----------------------------------------------------------------------------------
 
-class _Dispatcher:
-    """The loop between the scheduler and Ray: loads batches ahead of the actors, deals what the
-    scheduler says to the actors the pool hands out, and reports what comes back."""
+def _collect(run: _Dispatcher, manifest: Manifest, out: OutputLocation, plan: BatchPlan, opts: EmbedOptions,
+             timeline: Timeline) -> _Totals:
+    """Record each part in the manifest as it comes (saved every few seconds), with progress."""
+    done = manifest.done
+    progress = Progress(int(plan.tokens.sum()), plan.num_sequences, int(plan.tokens[done].sum()), manifest.rows_done,
+                        opts.progress, opts.verbose)
+    totals = _Totals()
+    for result in run.results():
+        manifest.mark_done(result.batch_id, result.rows)
+        totals.add(result)
+        if "first_part" not in timeline.marks:
+            timeline.mark("first_part")
+            log.info("first part written; start-up: %s", timeline.text())
+        progress.advance(int(plan.tokens[result.batch_id]), result.rows, run.pool.usable, run.pool.size)
+        if progress.due_for_save():
+            manifest.save(out)
+    totals.stop()  # the rate counts computing, not shutting the actors and Ray down
+    if "first_part" in timeline.marks:  # (a resumed run may have had nothing left to write)
+        timeline.mark("last_part")
+    progress.close()
+    return totals
 
-    def __init__(self, pool: ActorPool, index: FastaIndex, tokenizer, plan: Plan, todo: np.ndarray,
-                 workers: int, actor_wait_seconds: float):
-        self.pool, self.index, self.tokenizer, self.plan = pool, index, tokenizer, plan
-        self.todo = [int(b) for b in todo]
-        self.scheduler = Scheduler(self.todo)
+
+class _Totals:
+    """Sums over the parts a run wrote, and when the first one came."""
+
+    def __init__(self):
+        self.start, self.end = time.perf_counter(), None
+        self.tokens, self.forward, self.write, self.first_part = 0, 0.0, 0.0, 0.0
+
+    def add(self, r: PartResult) -> None:
+        self.tokens += r.tokens
+        self.forward += r.forward_seconds
+        self.write += r.write_seconds
+        self.first_part = self.first_part or self.elapsed()
+
+    def stop(self) -> None:
+        self.end = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return (self.end or time.perf_counter()) - self.start
+
+
+class _Dispatcher:
+    """The loop between the scheduler and Ray: deals what the scheduler says to the actors the pool hands
+    out, as descriptions (`BatchPlan.spec`), and reports what comes back."""
+
+    def __init__(self, pool: ActorPool, plan: BatchPlan, todo: np.ndarray, actor_wait_seconds: float):
+        self.pool, self.plan = pool, plan
+        self.scheduler = Scheduler(todo)
         self.actor_wait_seconds = actor_wait_seconds
         self.metrics = DriverMetrics(pool.name)
-        self.workers = workers
-        self.loader = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="virnucpro-loader")
-        self.loading: deque[tuple[int, Future]] = deque()  # batches being read and tokenised, in order
-        self.cursor = 0  # todo[cursor:] not yet submitted to the loader
-        self.refs: dict[int, ray.ObjectRef] = {}  # loaded batches in the object store, until written
         self.running: dict[ray.ObjectRef, tuple[int, Lease]] = {}
         self.idle_since: float | None = None
 
-    def prefetch(self) -> None:
-        """Start reading and tokenising the first window of batches (call while the actors load)."""
-        self._load_ahead()
-
     def close(self) -> None:
-        """Stop the loader threads (queued loads are dropped) and the actors."""
-        self.loader.shutdown(wait=False, cancel_futures=True)
+        """Stop the actors."""
         self.pool.shutdown()
 
     def results(self) -> Iterator[PartResult]:
         """Yield PartResults as batches finish; raise EmbedError when the scheduler says to stop."""
         try:
             while not self.scheduler.done:
-                self._load_ahead()
-                self._collect_loaded()
                 self._deal()
                 probes = self.pool.probes()
-                self.metrics.update(len(self.todo) - self.cursor + len(self.loading) + self.scheduler.waiting,
-                                    len(self.running), self.pool.usable, self.scheduler.remaining)
+                self.metrics.update(self.scheduler.waiting, len(self.running), self.pool.usable,
+                                    self.scheduler.remaining)
                 self._check_progress_possible()
                 for ref in self._wait(list(self.running) + probes):
                     if ref in self.running:
@@ -500,35 +610,13 @@ class _Dispatcher:
         finally:
             self._stop()
 
-    # -- loading ahead of the actors (backpressure: only as far as they can take)
-
-    def _window(self) -> int:
-        """Batches read ahead of the actors: as many as they can take, plus one per loader thread."""
-        return self.pool.size * self.pool.per_actor + self.workers
-
-    def _load_ahead(self) -> None:
-        while self.cursor < len(self.todo) and len(self.loading) + self.scheduler.waiting < self._window():
-            b = self.todo[self.cursor]
-            self.cursor += 1
-            self.loading.append((b, self.loader.submit(make_batch, self.index, self.plan[b], self.tokenizer, b)))
-
-    def _collect_loaded(self, block: bool = False) -> None:
-        """Move loaded batches, in plan order, into the object store and the scheduler's queue."""
-        while self.loading and (self.loading[0][1].done() or block):
-            b, fut = self.loading.popleft()
-            self.refs[b] = ray.put(_loaded(b, fut))
-            self.scheduler.add(b)
-            block = False
-
-    # -- dealing and collecting
-
     def _deal(self) -> None:
         while self.scheduler.waiting:
             lease = self.pool.acquire()
             if lease is None:
                 return
             b, attempt = self.scheduler.deal()
-            self.running[lease.actor.embed.remote(self.refs[b], attempt)] = (b, lease)
+            self.running[lease.actor.embed.remote(self.plan.spec(b), attempt)] = (b, lease)
 
     def _check_progress_possible(self) -> None:
         """Stop when no actor can take work: all dead, or none usable for actor_wait_seconds."""
@@ -547,10 +635,7 @@ class _Dispatcher:
 
     def _wait(self, refs: list) -> list:
         if not refs:
-            if self.loading and not self.scheduler.waiting:
-                self._collect_loaded(block=True)  # nothing to wait for but the loader (or its error)
-            else:
-                time.sleep(0.2)
+            time.sleep(0.2)  # no actor ready yet
             return []
         finished, _ = ray.wait(refs, num_returns=1, timeout=0.5)
         if finished:  # take everything that is ready, not one at a time
@@ -571,7 +656,6 @@ class _Dispatcher:
             self._failed(b, lease, failure_kind(getattr(e, "cause", None)), e)
             return None
         self.scheduler.complete(b)
-        del self.refs[b]
         return result
 
     def _failed(self, b: int, lease: Lease, kind: str, e: Exception) -> None:
@@ -591,30 +675,23 @@ class _Dispatcher:
 
     def _failure_message(self, b: int, e: Exception, kind: str, attempts: int) -> str:
         inner = getattr(e, "cause", None)
-        if isinstance(inner, BatchError):
+        if isinstance(inner, (BatchError, RecordError)):
             return str(inner)
-        batch: TokenBatch = ray.get(self.refs[b])
+        spec = self.plan.spec(b)
+        what = spec.describe(spec.first_id())
         if kind == STORAGE:
-            return (f"{batch.describe()}: writing its part failed: {cause(e)}. Finished parts are kept and the "
+            return (f"{what}: writing its part failed: {cause(e)}. Finished parts are kept and the "
                     f"run is not complete: free space or fix permissions, then rerun with --resume")
         tried = f"{attempts} attempts" if attempts > 1 else "not retried"
-        return f"{batch.describe()} failed: {cause(e)} ({tried}); fix the cause, then rerun with --resume"
+        return f"{what} failed: {cause(e)} ({tried}); fix the cause, then rerun with --resume"
 
     def _stop(self) -> None:
         """A run that stops early lets its dealt batches end (their parts are whole and found by
         --resume), so that no part appears after embed() has raised."""
-        self.loader.shutdown(wait=False, cancel_futures=True)
         if self.running:
             for ref in self.running:
                 ray.cancel(ref, force=False)  # batches still queued in an actor do not start
             ray.wait(list(self.running), num_returns=len(self.running), timeout=STOP_WAIT_SECONDS)
 
 
-def _loaded(b: int, fut: Future) -> TokenBatch:
-    try:
-        return fut.result()
-    except Exception as e:  # noqa: BLE001 - e.g. the input changed since it was indexed
-        raise EmbedError(f"batch {b}: reading and tokenising its sequences failed: {e}") from e
-
-
-__all__ = ["embed", "run_embed", "EmbedResult", "EmbedError", "EmbedOptions"]
+__all__ = ["embed", "run_embed", "EmbedJob", "EmbedResult", "EmbedError", "EmbedOptions"]

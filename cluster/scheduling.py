@@ -22,6 +22,8 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 from virnucpro.batching import BatchError
 from virnucpro.sequences import SequenceError
 
@@ -54,10 +56,9 @@ class Decision:
 
 
 class Scheduler:
-    """A work queue of batch ids, longest first, with retry counts.
+    """A work queue of batch ids, in plan order (longest first), with retry counts.
 
     >>> s = Scheduler([7, 8])
-    >>> s.add(7); s.add(8)
     >>> s.deal()                     # (batch, attempt): the attempt number the actor sees
     (7, 0)
     >>> s.fail(7, ACTOR_DIED).again  # back to the front of the queue
@@ -70,12 +71,15 @@ class Scheduler:
 
     def __init__(self, batches: Iterable[int], max_actor_deaths: int = MAX_ACTOR_DEATHS,
                  max_error_retries: int = MAX_ERROR_RETRIES):
-        self.planned = list(batches)  # in the order they are to be loaded: longest first
+        # the batches to deal, as an array walked by a cursor: a run of 10^6 batches holds no Python
+        # object per batch until it is dealt
+        self.planned = np.fromiter(batches, np.int64) if not isinstance(batches, np.ndarray) else batches
+        self.cursor = 0
         self.remaining = len(self.planned)
         self.max_actor_deaths, self.max_error_retries = max_actor_deaths, max_error_retries
-        self.queue: deque[int] = deque()  # loaded batches waiting for an actor; retries at the front
+        self.again: deque[int] = deque()  # batches to deal again, before the rest
         self.in_flight: set[int] = set()
-        self.dealt: Counter[int] = Counter()  # batch -> times dealt
+        self.dealt: Counter[int] = Counter()  # batch -> times dealt (counted once a batch is dealt twice)
         self.failures: dict[str, Counter[int]] = {ACTOR_DIED: Counter(), RETRY: Counter()}
         self.retried = 0  # batches dealt again because their actor died
         self.retried_after_errors = 0  # batches dealt again after an error that may not recur
@@ -86,20 +90,19 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        """Batches loaded and not yet dealt."""
-        return len(self.queue)
-
-    def add(self, batch: int) -> None:
-        """A batch is loaded (read, tokenised, in the object store) and may be dealt."""
-        self.queue.append(batch)
+        """Batches not yet dealt (or to deal again)."""
+        return len(self.again) + len(self.planned) - self.cursor
 
     def deal(self) -> tuple[int, int] | None:
         """The next batch for a free actor and its attempt number, or None when none is waiting."""
-        if not self.queue:
+        if self.again:
+            batch = self.again.popleft()
+            attempt = self.dealt[batch] = self.dealt[batch] + 1
+        elif self.cursor < len(self.planned):
+            batch, attempt = int(self.planned[self.cursor]), 0
+            self.cursor += 1
+        else:
             return None
-        batch = self.queue.popleft()
-        attempt = self.dealt[batch]
-        self.dealt[batch] += 1
         self.in_flight.add(batch)
         return batch, attempt
 
@@ -122,5 +125,5 @@ class Scheduler:
             self.retried += 1
         else:
             self.retried_after_errors += 1
-        self.queue.appendleft(batch)
+        self.again.appendleft(batch)
         return Decision(True, kind, counts[batch])

@@ -118,6 +118,48 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1",
     return future
 
 
+class RaySession:
+    """The Ray connection of one command or call: started at once in the background (`start_ray`), waited
+    for where Ray is first needed (`wait`), and shut down at the end (`close`) when this session connected
+    it. The one place a run starts and stops Ray.
+
+    >>> session = RaySession(address=None, dashboard=False)   # Ray starts; the caller goes on
+    >>> session.wait()                                        # ... until it needs Ray
+    >>> session.close()                                       # shut down if this session connected
+    """
+
+    def __init__(self, address: str | None = None, dashboard_host: str = "127.0.0.1", dashboard: bool = True,
+                 on_ready: Callable[[], None] | None = None, started: Future | None = None):
+        self.future = started or start_ray(address, dashboard_host, on_ready, dashboard)
+
+    def wait(self) -> bool:
+        """Block until Ray is up; True when this session connected it (Ray's own error if it failed)."""
+        return self.future.result()
+
+    def close(self) -> float:
+        """Disconnect if this session connected (after a start that failed: nothing); the seconds it took."""
+        start = time.perf_counter()
+        try:
+            connected = self.future.result()
+        except Exception:  # noqa: BLE001 - the run's own error is the one to report
+            log.debug("Ray start failed", exc_info=True)
+            return 0.0
+        if connected:
+            import ray
+
+            ray.shutdown()
+        return time.perf_counter() - start
+
+
+def _cpus_per_gpu() -> float:
+    """CPUs per GPU of the GPU nodes (the fewest, if they differ), from Ray's view of the cluster."""
+    import ray
+
+    shares = [n["Resources"].get("CPU", 0.0) / n["Resources"]["GPU"] for n in ray.nodes()
+              if n.get("Alive") and n.get("Resources", {}).get("GPU")]
+    return min(shares, default=1.0)
+
+
 def _protect_token_file(path: Path) -> None:
     """Ray writes ~/.ray/auth_token with the default umask (often world-readable): anyone who can read
     it can run code on the cluster as you. Make it readable by its owner alone."""
@@ -148,6 +190,7 @@ class Placement:
     gpus_per_actor: float
     cluster_gpus: float
     cluster_cpus: float
+    cpus_per_actor: float = 1.0  # what an actor's node has per GPU (per actor on CPU): its loaders' share
 
     @classmethod
     def of(cls, opts: EmbedOptions) -> Placement:
@@ -175,7 +218,12 @@ class Placement:
             n = max(1, int(gpus / share + 1e-9))
         else:
             n = 1
-        return cls(device, n, share, gpus, cpus)
+        return cls(device, n, share, gpus, cpus, _cpus_per_gpu() if device == "cuda" else cpus / n)
+
+    @property
+    def dataloader_workers(self) -> int:
+        """The default of --dataloader-workers: min(cpu_count // num_gpus, 8) of an actor's node, at least 1."""
+        return max(1, min(int(self.cpus_per_actor), 8))
 
     @property
     def num_gpus(self) -> int:

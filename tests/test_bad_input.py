@@ -64,7 +64,7 @@ def _previous_run(tmp: Path, legacy: bool = False) -> None:
     if legacy:
         (tmp / "out" / LEGACY_MANIFEST).write_text(json.dumps({**run, "version": 1}))
     else:
-        Manifest(**run).save(tmp / "out")
+        Manifest(**{k: v for k, v in run.items() if k != "parts"}).save(tmp / "out")
 
 
 def _esm_wrong_shapes(tmp: Path, esm: Path) -> str:
@@ -224,10 +224,10 @@ def test_previous_output_refused_before_ray_starts(tmp_path, models, monkeypatch
     """A command that would only be refused says so before Ray starts (seconds), not after."""
     import cluster.cli
 
-    def start_ray(*args, **kwargs):
+    def session(*args, **kwargs):
         raise AssertionError("Ray started for a command that is refused")
 
-    monkeypatch.setattr(cluster.cli, "start_ray", start_ray)
+    monkeypatch.setattr(cluster.cli, "RaySession", session)
     _previous_run(tmp_path)
     assert main(_argv([_ok_protein(tmp_path)], tmp_path, models["esm"])) == 1
     assert "out: holds the output of a previous run; use --resume" in capsys.readouterr().err

@@ -133,16 +133,17 @@ def test_model_of_wrong_family_for_input_is_reported(tmp_path, dnabert_tiny, loc
 
 
 def test_permanent_batch_failure_names_batch_and_cause_then_resume(tmp_path, esm_tiny, local_ray):
-    """A batch that raises in the actor is not retried: the run stops naming the batch and the cause,
-    the manifest stays incomplete, and --resume (cause fixed) computes only what is missing."""
+    """A batch that keeps raising in the actor (a ValueError: an error that may not recur) is dealt twice
+    more, then the run stops naming the batch, its first record and the cause; the manifest stays
+    incomplete, and --resume (cause fixed) computes only what is missing."""
     ids = write_fasta(tmp_path / "f.faa", random_proteins(60, 10, 100, seed=8))
     out = tmp_path / "out"
     opts = dict(device="cpu", toks_per_batch=512, progress=False)
     with pytest.raises(EmbedError, match=r"batch 2 \(\d+ sequences, \d+ tokens, .*first id 'seq\d+'\) failed: "
-                                         r"ValueError: injected failure"):
+                                         r"ValueError: injected failure \(batch 2\) \(3 attempts\)"):
         embed(tmp_path / "f.faa", out, esm_tiny, actor_class=faults.failing_batch(2), **opts)
     manifest = Manifest.load(out)
-    assert not manifest.complete and "part-000002.parquet" not in manifest.parts
+    assert not manifest.complete and not manifest.done[2] and "part-000002.parquet" not in manifest.part_names()
     assert not (out / "part-000002.parquet").exists()
     with pytest.raises(FileNotFoundError, match="no complete run"):
         read_embeddings(out)
@@ -175,7 +176,8 @@ def test_output_location_on_an_fsspec_filesystem():
     loc.make_dirs()
     write_part(loc.uri, 0, ["a", "b"], np.array([1, 0]), np.array([3, 4]), np.array([False, True]),
                np.ones((2, 8)), "m", {"actor": "h:1"})
-    manifest = Manifest("m", "esm2", 8, "in.faa", "f", 2, 1, parts={"part-000000.parquet": 2}, complete=True)
+    manifest = Manifest("m", "esm2", 8, "in.faa", "f", 2, 1, complete=True)
+    manifest.mark_done(0, 2)
     manifest.save(loc.uri)
     assert not [n for n in loc.list_files() if n.endswith(".tmp")]  # temporary names renamed away
     assert read_embeddings(loc.uri).column("id").to_pylist() == ["b", "a"]
@@ -309,7 +311,7 @@ def test_actor_compiles_on_a_batch_sized_shape_before_a_single_sequence(tmp_path
     from virnucpro.models import resolve_model
     from virnucpro.models.esm2 import ESM2, ESM2Tokenizer
     from virnucpro.options import EmbedOptions
-    from virnucpro.sequences import FastaIndex
+    from virnucpro.index import FastaIndex
 
     first_calls = []
     run_random = Embedder._run_random

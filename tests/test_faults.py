@@ -42,7 +42,7 @@ def _assert_exactly_once(out: Path, ids: list[str]) -> None:
 def _assert_incomplete(out: Path, missing_part: str) -> Manifest:
     manifest = Manifest.load(out)
     assert not manifest.complete
-    assert missing_part not in manifest.parts and not (out / missing_part).exists()
+    assert missing_part not in manifest.part_names() and not (out / missing_part).exists()
     assert manifest.rows_done < manifest.num_sequences
     with pytest.raises(FileNotFoundError, match="no complete run"):
         read_embeddings(out)

@@ -200,7 +200,7 @@ def test_out_of_memory_is_reported_with_a_recommendation(tmp_path):
     from virnucpro.options import EmbedOptions
     from virnucpro.batching import make_batch
     from virnucpro.models import resolve_model
-    from virnucpro.sequences import FastaIndex
+    from virnucpro.index import FastaIndex
 
     path = write_esm2_checkpoint(tmp_path / "esm2_oom.pt", 2, 2560, 40, seed=1)
     write_fasta(tmp_path / "in.faa", random_proteins(64, 1000, 1022, seed=1))
@@ -247,7 +247,7 @@ def test_dnabert_s_actor_runs_uncompiled_with_fused_kernels_by_default(tmp_path)
     from virnucpro.batching import make_batch
     from virnucpro.models import resolve_model
     from virnucpro.options import EmbedOptions
-    from virnucpro.sequences import FastaIndex
+    from virnucpro.index import FastaIndex
 
     path = write_dnabert_s_dir(tmp_path / "dnabert", hidden=768, layers=4, heads=12, intermediate=3072,
                                vocab_size=512, seed=4)
@@ -271,7 +271,7 @@ def test_actor_embeds_eagerly_while_it_compiles_then_compiled(tmp_path):
     from virnucpro.batching import make_batch
     from virnucpro.models import resolve_model
     from virnucpro.options import EmbedOptions
-    from virnucpro.sequences import FastaIndex
+    from virnucpro.index import FastaIndex
 
     path = write_esm2_checkpoint(tmp_path / "esm2_bg.pt", 4, 320, 20, seed=5)
     seqs = random_proteins(24, 30, 400, seed=5)

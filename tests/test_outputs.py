@@ -151,7 +151,8 @@ def test_embed_writes_the_columns_asked_for(tmp_path, esm_tiny, local_ray):
 def test_only_writes_cut_short_count_as_temporaries():
     """A run deletes what its own cut-short writes left (`.NAME.<12 hex>.tmp` of a part, the manifest
     or the write test) and nothing else a user may keep in the output directory."""
-    from virnucpro.output import LEGACY_MANIFEST, MANIFEST, WRITE_TEST, _temporary_name, is_cut_short
+    from virnucpro.output import LEGACY_MANIFEST, MANIFEST, WRITE_TEST, is_cut_short
+    from virnucpro.storage import _temporary_name
 
     for name in ("part-000042.parquet", "part-1234567.parquet", MANIFEST, LEGACY_MANIFEST, WRITE_TEST):
         assert is_cut_short(_temporary_name(name)), name

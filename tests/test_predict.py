@@ -216,7 +216,7 @@ def test_resume_finishes_an_interrupted_embedding(run1, tmp_path, upstream_class
     assert manifest.num_batches >= 2
     (esm_dir / "part-000001.parquet").unlink()  # as if the run died before this batch
     manifest.complete = False
-    del manifest.parts["part-000001.parquet"]
+    manifest.done[1] = False
     manifest.save(esm_dir)
     result = predict(contigs, out, upstream_classifier, esm_tiny, dnabert_tiny, chunk_size=500,
                      resume=True, keep_embeddings=True, device="cpu", toks_per_batch=2048, progress=False)
@@ -274,7 +274,10 @@ def _embedding_run(path: Path, ids: list[str], emb: np.ndarray, family: str, par
         name, rows = write_part(path, b, [ids[i] for i in index], index, np.full(len(index), 10),
                                 np.zeros(len(index), bool), emb[index], family)
         names[name] = rows
-    Manifest(family, family, emb.shape[1], "in", "f", len(ids), len(parts), parts=names, complete=True).save(path)
+    manifest = Manifest(family, family, emb.shape[1], "in", "f", len(ids), len(parts), complete=True)
+    for name, rows in names.items():
+        manifest.mark_done(int(name[5:11]), rows)
+    manifest.save(path)
 
 
 def test_classification_joins_by_index_without_ray(tmp_path):

@@ -49,7 +49,7 @@ def _write_run(out: str | Path, complete: bool = True) -> Manifest:
         rows = np.array(rows)
         name, count = write_part(loc, b, [ids[i] for i in rows], rows, rows + 10, rows % 2 == 0, emb[rows],
                                  "esm2_tiny", {"batch_id": b})
-        manifest.parts[name] = count
+        manifest.mark_done(b, count)
     manifest.complete = complete
     manifest.save(loc)
     return manifest
@@ -131,7 +131,8 @@ def test_manifest_is_zero_rows_of_the_parts_schema(out):
     assert meta.num_rows == 0 and meta.num_row_groups == 0
     assert meta.schema.to_arrow_schema().remove_metadata() == pq.read_schema(out / "part-000000.parquet").remove_metadata()
     raw = json.loads(meta.metadata[b"virnucpro.manifest"])
-    assert raw["complete"] and raw["version"] == 2 and sum(raw["parts"].values()) == 9
+    assert raw["complete"] and raw["version"] == 3 and raw["rows_done"] == 9
+    assert Manifest.load(out).done.tolist() == [True] * len(BATCHES)
     assert read_embeddings(out).column("id").to_pylist() == _ids(9)
 
 
@@ -201,10 +202,12 @@ def test_files_follow_the_umask(tmp_path, mask, mode):
 # --- the previous layout (_manifest.json beside the parts) ----------------------------------------------
 
 def _to_legacy(out: Path) -> None:
-    """The directory as the previous version wrote it: the manifest as JSON, version 1."""
-    raw = json.loads(Manifest.load(out).to_json())
+    """The directory as the first version wrote it: the manifest as JSON, version 1, listing the parts."""
+    manifest = Manifest.load(out)
+    raw = {k: v for k, v in json.loads(manifest.to_json()).items() if k not in ("done", "rows_done")}
+    parts = {f"part-{b:06d}.parquet": len(rows) for b, rows in enumerate(BATCHES)}
     (out / MANIFEST).unlink()
-    (out / LEGACY_MANIFEST).write_text(json.dumps({**raw, "version": 1}))
+    (out / LEGACY_MANIFEST).write_text(json.dumps({**raw, "parts": parts, "version": 1}))
 
 
 def test_previous_layout_still_reads_and_its_first_save_moves_the_manifest(out):
@@ -213,7 +216,8 @@ def test_previous_layout_still_reads_and_its_first_save_moves_the_manifest(out):
     manifest = Manifest.load(out)
     assert manifest.version == 1 and manifest.complete and manifest.schema is None
     manifest.save(out)  # what the driver does on --resume
-    assert not (out / LEGACY_MANIFEST).exists() and Manifest.load(out).version == 2
+    assert not (out / LEGACY_MANIFEST).exists() and Manifest.load(out).version == 3
+    assert Manifest.load(out).rows_done == 9 and Manifest.load(out).part_names() == [f"part-{b:06d}.parquet" for b in range(3)]
     if _has("polars"):  # which refused the directory with _manifest.json in it
         _check(*_polars(out), by_index=False)
 

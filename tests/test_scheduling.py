@@ -13,19 +13,12 @@ from cluster.scheduling import ACTOR_DIED, PERMANENT, RETRY, STORAGE, Scheduler,
 from virnucpro.sequences import SequenceError
 
 
-def _loaded(batches, **kw) -> Scheduler:
-    s = Scheduler(batches, **kw)
-    for b in batches:
-        s.add(b)
-    return s
-
-
 def test_docstring_example_runs():
     assert doctest.testmod(scheduling).failed == 0
 
 
-def test_deals_in_load_order_and_finishes_when_all_complete():
-    s = _loaded([5, 3, 9])
+def test_deals_in_plan_order_and_finishes_when_all_complete():
+    s = Scheduler([5, 3, 9])
     assert [s.deal(), s.deal(), s.deal(), s.deal()] == [(5, 0), (3, 0), (9, 0), None]
     assert s.in_flight == {5, 3, 9} and not s.done
     for b in (3, 9, 5):
@@ -34,17 +27,17 @@ def test_deals_in_load_order_and_finishes_when_all_complete():
 
 
 def test_a_batch_whose_actor_died_goes_first_with_its_attempt_number():
-    s = _loaded([1, 2, 3])
+    s = Scheduler([1, 2, 3])
     s.deal(), s.deal()
     d = s.fail(2, ACTOR_DIED)
     assert d.again and d.kind == ACTOR_DIED and d.attempts == 1
-    assert s.deal() == (2, 1)  # before batch 3, which was loaded earlier
+    assert s.deal() == (2, 1)  # before batch 3, which comes earlier in the plan
     assert s.deal() == (3, 0)
     assert s.retried == 1 and s.retried_after_errors == 0
 
 
 def test_actor_deaths_under_one_batch_are_limited():
-    s = _loaded([7], max_actor_deaths=3)
+    s = Scheduler([7], max_actor_deaths=3)
     for attempt in range(3):
         assert s.deal() == (7, attempt)
         assert s.fail(7, ACTOR_DIED).again
@@ -55,7 +48,7 @@ def test_actor_deaths_under_one_batch_are_limited():
 
 
 def test_errors_that_may_not_recur_are_retried_then_stop():
-    s = _loaded([4], max_error_retries=2)
+    s = Scheduler([4], max_error_retries=2)
     s.deal()
     assert s.fail(4, RETRY).again
     s.deal()
@@ -66,7 +59,7 @@ def test_errors_that_may_not_recur_are_retried_then_stop():
 
 
 def test_deaths_and_errors_are_counted_apart():
-    s = _loaded([4], max_actor_deaths=1, max_error_retries=1)
+    s = Scheduler([4], max_actor_deaths=1, max_error_retries=1)
     s.deal()
     assert s.fail(4, RETRY).again
     s.deal()
@@ -77,7 +70,7 @@ def test_deaths_and_errors_are_counted_apart():
 
 @pytest.mark.parametrize("kind", [PERMANENT, STORAGE])
 def test_permanent_and_storage_failures_stop_at_once(kind):
-    s = _loaded([0, 1])
+    s = Scheduler([0, 1])
     s.deal()
     d = s.fail(0, kind)
     assert not d.again and d.attempts == 1 and s.waiting == 1  # batch 0 is not requeued
@@ -95,6 +88,6 @@ def test_which_errors_are_retried():
 
 
 def test_completing_a_batch_that_is_not_in_flight_is_a_bug():
-    s = _loaded([1])
+    s = Scheduler([1])
     with pytest.raises(KeyError):
         s.complete(1)  # never dealt

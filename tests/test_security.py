@@ -126,7 +126,7 @@ def test_init_ray_binds_loopback_unless_told_and_warns_without_auth(monkeypatch,
 
 def test_local_ray_dashboard_by_input_size_or_flag(monkeypatch, caplog, tmp_path):
     """A run's own Ray starts its dashboard for an input of DASHBOARD_MIN_BYTES or more, or when asked
-    (--dashboard); a small run skips it (1-2 s of start-up) and says so. The flag reaches `start_ray`
+    (--dashboard); a small run skips it (1-2 s of start-up) and says so. The flag reaches the `RaySession`
     from the command line."""
     import ray
 
@@ -159,11 +159,11 @@ def test_local_ray_dashboard_by_input_size_or_flag(monkeypatch, caplog, tmp_path
 
     seen = []
 
-    def start_ray(*args, dashboard=True, **kwargs):
+    def session(address=None, dashboard_host="127.0.0.1", dashboard=True, **kwargs):
         seen.append(dashboard)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(cluster.cli, "start_ray", start_ray)
+    monkeypatch.setattr(cluster.cli, "RaySession", session)
     for argv, expected in (([str(small)], False), ([str(large)], True), ([str(small), "--dashboard"], True),
                            ([str(large), "--no-dashboard"], False)):
         with pytest.raises(RuntimeError, match="stop here"):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import random_dna, random_proteins, write_fasta
-from virnucpro.sequences import DNA, PROTEIN, FastaIndex, SequenceError, iter_fasta, normalise
+from virnucpro.index import FastaIndex
+from virnucpro.sequences import DNA, PROTEIN, SequenceError, iter_fasta, normalise
 
 
 def test_iter_fasta_plain_and_gzip(tmp_path):

@@ -1,15 +1,22 @@
-"""Planning token-budget batches and turning them into packed token arrays.
+"""Planning token-budget batches, describing them to the actors, and turning them into packed token arrays.
 
 Sequences are sorted longest first and cut greedily into batches whose packed token count stays
 within `toks_per_batch`; a sequence longer than the budget gets a batch of its own. Longest-first
 means the slowest batches start first and short ones fill the tail, so no actor idles at the end.
 The plan is deterministic for a given input and options: batch ids name the part files, which is
 what makes resume and exactly-once output possible.
+
+The driver deals a batch as its description (`BatchSpec`: where its records are in the input, not
+their tokens); the actor that computes it reads and tokenises them (`load_batch`). So the work that
+grows with the data runs on the nodes that compute, and the driver's cost per batch is a few small
+arrays. `BatchPlan` is the plan with those columns gathered in plan order, saved beside the output
+so that `--resume` deals the remaining batches without reading the input again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, fields
@@ -18,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import ModelSource
+from .index import FastaIndex, RecordReader
 from .options import EmbedOptions
-from .sequences import FastaIndex
+from .storage import Location
 
 
 @dataclass
@@ -43,6 +51,38 @@ class TokenBatch:
                 f"{int(self.seq_tokens.max())} tokens, first id '{self.ids[0]}')")
 
 
+@dataclass(frozen=True)
+class BatchSpec:
+    """One planned batch as the driver deals it: which records of which input, not their tokens. The
+    actor reads and tokenises them (`load_batch`)."""
+
+    batch_id: int
+    input: str  # path or URI of the plain FASTA the records are read from (a gzip input's plain copy)
+    kind: str  # the alphabet the records were validated against
+    offsets: np.ndarray  # int64 [B], each record's header offset
+    sizes: np.ndarray  # int64 [B], bytes from there to the next record
+    lengths: np.ndarray  # int64 [B], residues or bases
+    ordinals: np.ndarray  # int64 [B], record numbers in the input
+    tokens: int  # planned (for DNABERT-S an estimate: `DNABERTSTokenizer.num_tokens`)
+
+    def describe(self, first_id: str | None = None) -> str:
+        """One line naming the batch; `first_id`: its first record's id, if the caller read it."""
+        first = f"first id '{first_id}'" if first_id is not None else f"first record {int(self.ordinals[0]) + 1}"
+        return (f"batch {self.batch_id} ({len(self.offsets)} sequences, {self.tokens} tokens, longest "
+                f"{int(self.lengths.max())} residues, {first})")
+
+    def first_id(self) -> str | None:
+        """The id of the batch's first record, read from the input (None if it cannot be read now)."""
+        try:
+            reader = RecordReader(self.input, self.kind)
+            try:
+                return reader.read(self.offsets[:1], self.sizes[:1], self.lengths[:1], max_residues=0)[0][0]
+            finally:
+                reader.close()
+        except Exception:  # noqa: BLE001 - only for a message: the batch's own error matters
+            return None
+
+
 class BatchError(RuntimeError):
     """A batch that cannot be computed: not worth retrying elsewhere (bad input, out of memory)."""
 
@@ -55,11 +95,12 @@ class PartResult:
     file: str
     rows: int
     tokens: int
-    seconds: float  # the whole call: forward_seconds + write_seconds + waiting for a stream pair
+    seconds: float  # the whole call: load, forward and write seconds, and waiting for a stream pair
     actor: str
     node: str = ""  # Ray node id of the actor that wrote the part
     forward_seconds: float = 0.0  # host-to-device copy, forward pass, pooled embeddings back on the host
     write_seconds: float = 0.0  # the Parquet part, encoded and written
+    load_seconds: float = 0.0  # its records read from the input and tokenised
 
 
 def plan_batches(num_tokens: np.ndarray, toks_per_batch: int) -> list[np.ndarray]:
@@ -208,8 +249,8 @@ def plan_fingerprint(*parts: object) -> str:
 
 
 # the dataclasses a job's driver and a service's replicas pickle for each other: the model's description,
-# the job's options (the service's, in `describe`), its batches and the parts written
-EXCHANGED = (ModelSource, EmbedOptions, TokenBatch, PartResult)
+# the job's options (the service's, in `describe`), its batches' descriptions and the parts written
+EXCHANGED = (ModelSource, EmbedOptions, BatchSpec, TokenBatch, PartResult)
 
 
 def interface_fingerprint(classes: tuple[type, ...] | None = None) -> str:
@@ -224,23 +265,133 @@ def interface_fingerprint(classes: tuple[type, ...] | None = None) -> str:
     return hashlib.sha256(repr((__version__, shapes)).encode()).hexdigest()[:12]
 
 
-def make_batch(index: FastaIndex, positions: np.ndarray, tokenizer, batch_id: int) -> TokenBatch:
-    """Read a planned batch's records back from disk and tokenise them (runs in loader threads).
+def load_batch(spec: BatchSpec, reader: RecordReader, tokenizer) -> TokenBatch:
+    """Read a planned batch's records and tokenise them (in the actor that computes it).
 
     A long record is read only as far as the tokenizer uses it (`max_residues`); `length` and
     `truncated` come from its true length."""
     cap = tokenizer.max_residues
-    records = index.read(positions, cap)
-    tokens, seq_tokens, truncated = tokenizer.encode([r.sequence for r in records])
-    lengths = index.lengths[positions]
+    records = reader.read(spec.offsets, spec.sizes, spec.lengths, cap)
+    tokens, seq_tokens, truncated = tokenizer.encode([seq for _, seq in records])
     if cap is not None:
-        truncated = truncated | (lengths > cap)
+        truncated = truncated | (spec.lengths > cap)
     return TokenBatch(
-        batch_id=batch_id,
-        ids=[r.id for r in records],
-        index=index.ordinals[positions].astype(np.int64),
-        length=np.minimum(lengths, np.iinfo(np.int32).max).astype(np.int32),
-        truncated=truncated,
+        batch_id=spec.batch_id,
+        ids=[rid for rid, _ in records],
+        index=np.asarray(spec.ordinals, np.int64),
+        length=np.minimum(spec.lengths, np.iinfo(np.int32).max).astype(np.int32),
+        truncated=np.asarray(truncated, bool),
         tokens=tokens,
         seq_tokens=seq_tokens,
     )
+
+
+def make_batch(index: FastaIndex, positions: np.ndarray, tokenizer, batch_id: int) -> TokenBatch:
+    """The TokenBatch of the records at `positions` of `index` (tests and benchmarks, in one process)."""
+    positions = np.asarray(positions, np.int64)
+    spec = BatchSpec(batch_id, index.source.uri, index.kind, index.offsets[positions], index.sizes[positions],
+                     index.lengths[positions], index.ordinals[positions], 0)
+    reader = RecordReader(index.source, index.kind)
+    try:
+        return load_batch(spec, reader, tokenizer)
+    finally:
+        reader.close()
+
+
+PLAN_COLUMNS = ("offsets", "sizes", "lengths", "ordinals")  # per record, in plan order
+PLAN_FILE = "plan.json"  # written last: the plan's directory is complete once it exists
+
+
+@dataclass
+class BatchPlan:
+    """A plan ready to deal: each batch's records (where they are in the input, their lengths and numbers)
+    gathered in plan order, batch b being rows `bounds[b]:bounds[b+1]`.
+
+    What the driver keeps of a run; saved as .npy columns in a directory (`save`), which `--resume` maps
+    back (`load`) instead of reading the input again."""
+
+    input: str  # what the records are read from (a gzip input's plain copy)
+    kind: str
+    offsets: np.ndarray  # int64 [N]
+    sizes: np.ndarray  # int64 [N]
+    lengths: np.ndarray  # int64 [N]
+    ordinals: np.ndarray  # int64 [N]
+    bounds: np.ndarray  # int64 [B + 1]
+    tokens: np.ndarray  # int64 [B], planned tokens of each batch
+    bases_per_token: float | None = None  # the DNABERT-S estimate the plan was made with (`calibrate`)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.offsets)
+
+    def rows(self, b: int) -> int:
+        return int(self.bounds[b + 1] - self.bounds[b])
+
+    def spec(self, b: int) -> BatchSpec:
+        """Batch b as it is dealt: slices of the columns (contiguous, so no gather per batch)."""
+        a, z = int(self.bounds[b]), int(self.bounds[b + 1])
+        return BatchSpec(b, self.input, self.kind, self.offsets[a:z], self.sizes[a:z], self.lengths[a:z],
+                         self.ordinals[a:z], int(self.tokens[b]))
+
+    @classmethod
+    def gather(cls, index: FastaIndex, plan: Plan, directory: str | Path, bases_per_token: float | None = None,
+               chunk: int = 1 << 20) -> "BatchPlan":
+        """The index's columns in `plan`'s order, written as .npy files into the local `directory`
+        (chunk by chunk: the driver's heap does not grow with the input) and mapped back read-only."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        n = len(plan.order)
+        for name in PLAN_COLUMNS:
+            source = getattr(index, name)
+            out = np.lib.format.open_memmap(directory / f"{name}.npy", "w+", np.int64, (n,))
+            for a in range(0, n, chunk):
+                out[a:a + chunk] = source[plan.order[a:a + chunk]]
+            out.flush()
+            del out
+        np.save(directory / "bounds.npy", plan.bounds)
+        np.save(directory / "tokens.npy", plan.tokens)
+        return cls.load(directory, index.source.uri, index.kind, bases_per_token)
+
+    @classmethod
+    def load(cls, directory: str | Path, input: str, kind: str, bases_per_token: float | None = None) -> "BatchPlan":
+        """The plan saved in the local `directory` (`gather`, or `fetch` of a saved one), memory-mapped."""
+        columns = {name: np.load(Path(directory) / f"{name}.npy", mmap_mode="r")
+                   for name in (*PLAN_COLUMNS, "bounds", "tokens")}
+        return cls(input, kind, **columns, bases_per_token=bases_per_token)
+
+    def save(self, where: Location, fingerprint: str, local: str | Path) -> None:
+        """Keep the plan in `where` (the run's `.work/plan`), its description written last: for a local
+        output `local` is that directory already and only the description is written; elsewhere the
+        columns are copied there from `local`."""
+        if where.local_path is None or Path(where.local_path) != Path(local):
+            import pyarrow.fs as pafs
+
+            where.make_dirs()
+            for name in (*PLAN_COLUMNS, "bounds", "tokens"):
+                pafs.copy_files(str(Path(local) / f"{name}.npy"), where.join(f"{name}.npy"),
+                                destination_filesystem=where.fs)
+        text = json.dumps({"fingerprint": fingerprint, "input": self.input, "kind": self.kind,
+                           "batches": len(self), "sequences": self.num_sequences,
+                           "bases_per_token": self.bases_per_token}).encode()
+        where.write_atomic(PLAN_FILE, lambda f: f.write(text))
+
+    @classmethod
+    def fetch(cls, where: Location, fingerprint: str, local: str | Path) -> "BatchPlan | None":
+        """The plan saved in `where` by a run of this `fingerprint` (copied to `local` first when `where`
+        is not on this machine), or None when there is none, or another run's."""
+        data = where.read_bytes(PLAN_FILE)
+        if data is None:
+            return None
+        saved = json.loads(data)
+        if saved.get("fingerprint") != fingerprint:
+            return None
+        if where.local_path is None or Path(where.local_path) != Path(local):
+            import pyarrow.fs as pafs
+
+            Path(local).mkdir(parents=True, exist_ok=True)
+            for name in (*PLAN_COLUMNS, "bounds", "tokens"):
+                pafs.copy_files(where.join(f"{name}.npy"), str(Path(local) / f"{name}.npy"), source_filesystem=where.fs)
+        return cls.load(local, saved["input"], saved["kind"], saved.get("bases_per_token"))

@@ -27,26 +27,25 @@ object, which is atomic per object; elsewhere it is a temporary file renamed int
 
 from __future__ import annotations
 
+import base64
 import json
-import os
 import re
+import zlib
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from .storage import Location, atomic_path, atomic_write  # noqa: F401 - atomic_*: this module's API too
 
 MANIFEST = "_manifest.parquet"  # a Parquet file with no rows, so that every reader of OUT_DIR accepts it
 MANIFEST_KEY = "virnucpro.manifest"  # the key of the manifest's JSON in that file's key-value metadata
 LEGACY_MANIFEST = "_manifest.json"  # format 1: JSON beside the parts (polars refused such a directory)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: finished batches as a bitmap; 2: parts by name in a Parquet footer; 1: JSON
 PART_NAME = re.compile(r"part-(\d{6,})\.parquet")  # part-000042.parquet: batch 42's rows
 PREVIOUS_RUN = ("holds the output of a previous run; use --resume to finish it or --overwrite to replace it "
                 "(--resume needs the same model, input and batching options)")
@@ -220,12 +219,6 @@ WRITE_TEST = ".write-test"  # what a run writes and deletes first, to find an un
 _TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")  # _temporary_name's pattern
 
 
-def _temporary_name(name: str) -> str:
-    """Where `name` is written before it is renamed into place: hidden, unique per writer, and
-    recognisable as a write cut short (`.NAME.<random>.tmp`)."""
-    return f".{name}.{uuid.uuid4().hex[:12]}.tmp"
-
-
 def is_cut_short(name: str) -> bool:
     """Whether `name` is what a write of a part, the manifest or the write test left when it was cut
     short (its writer killed): safe to delete, and nothing else is."""
@@ -233,151 +226,17 @@ def is_cut_short(name: str) -> bool:
     return m is not None and (PART_NAME.fullmatch(m[1]) is not None or m[1] in (MANIFEST, LEGACY_MANIFEST, WRITE_TEST))
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path next to `path` for the caller to write; when the block ends without an
-    error, the file is flushed to disk and renamed over `path`, so readers see the old file or the
-    new one, never part of it. On an error it is removed. The file is created as `open()` creates
-    files (permissions from the umask). The one implementation of an atomic local write."""
-    path = Path(path)
-    tmp = path.with_name(_temporary_name(path.name))
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data is on disk before the rename makes it visible
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call write(f) on a binary file that then atomically becomes `path` (see `atomic_path`)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "xb") as f:
-            write(f)
-
-
-# Filesystems whose writes are atomic per object (a reader sees the whole object or nothing) and which
-# have no cheap rename: parts are written straight to their final key there.
-_OBJECT_STORES = {"s3", "s3a", "gcs", "gs", "abfs", "abfss", "az", "adl", "oss", "r2"}
-
-
-@dataclass(frozen=True)
-class OutputLocation:
-    """Where a run's output lives: a local directory or a directory on any pyarrow / fsspec filesystem.
-
-    `parse` takes a local path, a `file://` URI, a URI that pyarrow understands (`s3://`, `gs://`,
-    `hdfs://`, `abfs://`) or any URI an installed fsspec implementation handles. Every process (driver
-    and actors) parses the same `uri` string itself, so credentials come from each node's environment.
-    """
-
-    fs: pafs.FileSystem
-    path: str  # the directory, in the filesystem's own terms
-    uri: str  # what another process parses to reach the same directory
-
-    @classmethod
-    def parse(cls, where: "str | Path | OutputLocation") -> "OutputLocation":
-        if isinstance(where, OutputLocation):
-            return where
-        text = os.fspath(where)
-        if "://" not in text:
-            path = os.path.abspath(os.path.expanduser(text))
-            return cls(pafs.LocalFileSystem(), path, path)
-        try:
-            fs, path = pafs.FileSystem.from_uri(text)
-        except (pa.ArrowInvalid, ValueError):
-            import fsspec  # any other scheme: through fsspec, if an implementation is installed
-
-            try:
-                ffs, path = fsspec.core.url_to_fs(text)
-            except (ImportError, ValueError) as e:
-                raise ValueError(f"{text}: no filesystem for this URI ({e})") from None
-            fs = pafs.PyFileSystem(pafs.FSSpecHandler(ffs))
-        return cls(fs, path.rstrip("/") or "/", text)
-
-    def __str__(self) -> str:
-        return self.uri
-
-    @property
-    def local_path(self) -> Path | None:
-        """The directory as a local Path, when it is on the local filesystem."""
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            return Path(self.path)
-        return None
-
-    @property
-    def object_store(self) -> bool:
-        name = self.fs.type_name
-        if name.startswith("py::fsspec+"):
-            name = name.removeprefix("py::fsspec+").strip("()' ").split("'")[0].split(",")[0]
-        return name in _OBJECT_STORES
-
-    def join(self, name: str) -> str:
-        return f"{self.path.rstrip('/')}/{name}"
-
-    def make_dirs(self) -> None:
-        self.fs.create_dir(self.path, recursive=True)
-
-    def exists(self, name: str) -> bool:
-        return self.fs.get_file_info(self.join(name)).type == pafs.FileType.File
-
-    def list_files(self) -> dict[str, int]:
-        """File name -> size, for the files directly in the directory (one listing call)."""
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
-
-    def holds_run(self, files: dict[str, int] | None = None) -> bool:
-        """Whether the directory holds a run's output (a manifest or parts); `files`: its `list_files()`."""
-        files = self.list_files() if files is None else files
-        return MANIFEST in files or LEGACY_MANIFEST in files or any(PART_NAME.fullmatch(f) for f in files)
-
-    def read_bytes(self, name: str) -> bytes | None:
-        try:
-            with self.fs.open_input_stream(self.join(name), compression=None) as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def delete(self, name: str) -> None:
-        try:
-            self.fs.delete_file(self.join(name))
-        except FileNotFoundError:
-            pass
-
-    def write_atomic(self, name: str, write) -> None:
-        """Make `name` appear whole or not at all: a temporary file renamed into place (local disks,
-        HDFS, ...), or one PUT of the final object on object stores (atomic per object there)."""
-        local = self.local_path
-        if local is not None:
-            atomic_write(local / name, write)
-            return
-        if self.object_store:
-            with self.fs.open_output_stream(self.join(name), compression=None) as f:
-                write(f)
-            return
-        tmp = self.join(_temporary_name(name))
-        try:
-            with self.fs.open_output_stream(tmp, compression=None) as f:
-                write(f)
-            self.fs.move(tmp, self.join(name))
-        except BaseException:
-            try:
-                self.fs.delete_file(tmp)
-            except (FileNotFoundError, OSError):
-                pass
-            raise
+OutputLocation = Location  # the output directory of a run (see virnucpro.storage)
 
 
 @dataclass
 class Manifest:
-    """What a run is (model, input, plan) and how far it got.
+    """What a run is (model, input, plan) and how far it got: which batches' parts are written.
 
     Saved as MANIFEST: a Parquet file with the parts' schema and no rows, the fields below as JSON in
-    its key-value metadata. `schema` is not part of the JSON: it is the file's own schema."""
+    its key-value metadata. `schema` is not part of the JSON: it is the file's own schema. Finished
+    batches are a bitmap (`done`), compressed in the JSON: a run of 10^6 parts saves ~100 KiB, not a
+    name per part (format 2 listed each part's name and rows; such a manifest still loads)."""
 
     model: str
     family: str
@@ -386,19 +245,38 @@ class Manifest:
     fingerprint: str
     num_sequences: int
     num_batches: int
-    parts: dict[str, int] = field(default_factory=dict)  # part file name -> rows
+    done: np.ndarray | None = field(default=None, repr=False)  # bool [num_batches]: batch b's part is written
+    rows_done: int = 0  # rows in the parts written
     skipped_empty: list[str] = field(default_factory=list)
     toks_per_batch: int | None = None
     complete: bool = False
-    version: int = FORMAT_VERSION  # below FORMAT_VERSION: loaded from LEGACY_MANIFEST
+    version: int = FORMAT_VERSION  # below FORMAT_VERSION: written by an earlier VirNucPro
     created: float = field(default_factory=time.time)
     finished: float | None = None
     schema: pa.Schema | None = field(default=None, repr=False, compare=False)  # None: embedding_schema(dim)
 
+    def __post_init__(self) -> None:
+        if self.done is None:
+            self.done = np.zeros(self.num_batches, bool)
+
+    @property
+    def batches_done(self) -> int:
+        return int(self.done.sum())
+
+    def mark_done(self, batch: int, rows: int) -> None:
+        if not self.done[batch]:
+            self.done[batch] = True
+            self.rows_done += rows
+
+    def part_names(self) -> list[str]:
+        """The part files of the finished batches, in batch order."""
+        return [part_name(int(b)) for b in np.flatnonzero(self.done)]
+
     def to_json(self) -> bytes:
         """The fields as saved (in this format's version)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "schema"}
-        return json.dumps({**data, "version": FORMAT_VERSION}, indent=1).encode()
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("schema", "done")}
+        bits = base64.b64encode(zlib.compress(np.packbits(self.done).tobytes())).decode()
+        return json.dumps({**data, "done": bits, "version": FORMAT_VERSION}, indent=1).encode()
 
     def save(self, out_dir: "str | Path | OutputLocation") -> None:
         """Write the manifest atomically; a manifest loaded from LEGACY_MANIFEST then replaces that file."""
@@ -410,9 +288,9 @@ class Manifest:
                 w.add_key_value_metadata({MANIFEST_KEY: data})
 
         loc.write_atomic(MANIFEST, write)
-        if self.version < FORMAT_VERSION:
+        if self.version == 1:
             loc.delete(LEGACY_MANIFEST)
-            self.version = FORMAT_VERSION
+        self.version = FORMAT_VERSION
 
     @classmethod
     def load(cls, out_dir: "str | Path | OutputLocation") -> "Manifest | None":
@@ -427,13 +305,18 @@ class Manifest:
             if data is None:
                 return None
             raw, schema = {**json.loads(data), "version": 1}, None
-        manifest = cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__ and k != "schema"})
+        fields_ = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__ and k not in ("schema", "done")}
+        manifest = cls(**fields_)
+        if "parts" in raw:  # formats 1 and 2: part name -> rows
+            for name, rows in raw["parts"].items():
+                m = PART_NAME.fullmatch(name)
+                if m and int(m.group(1)) < manifest.num_batches:
+                    manifest.mark_done(int(m.group(1)), rows)
+        elif raw.get("done"):
+            bits = np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(raw["done"])), np.uint8))
+            manifest.done = bits[:manifest.num_batches].astype(bool)
         manifest.schema = schema.remove_metadata() if schema is not None else None
         return manifest
-
-    @property
-    def rows_done(self) -> int:
-        return sum(self.parts.values())
 
 
 def read_embeddings(out_dir: "str | Path | OutputLocation") -> pa.Table:
@@ -443,5 +326,5 @@ def read_embeddings(out_dir: "str | Path | OutputLocation") -> pa.Table:
     manifest = Manifest.load(loc)
     if manifest is None or not manifest.complete:
         raise FileNotFoundError(f"{out_dir}: no complete run here (manifest missing or not complete)")
-    table = pq.read_table([loc.join(p) for p in sorted(manifest.parts)], filesystem=loc.fs)
+    table = pq.read_table([loc.join(p) for p in manifest.part_names()], filesystem=loc.fs)
     return table.sort_by("index")

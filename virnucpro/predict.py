@@ -275,7 +275,7 @@ class Classification:
         if manifest is None or not manifest.complete:
             raise PredictError(f"{path}: the {family} embeddings are not complete")
         dim = self.dims[family]
-        for name in sorted(manifest.parts):
+        for name in manifest.part_names():
             table = pq.read_table(path / name, columns=["id", "index", "embedding"])
             emb = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             yield (table.column("id").to_pylist(), table.column("index").to_numpy(),

@@ -35,23 +35,13 @@ punctuation, non-ASCII), and a record whose letters look like a protein.
 
 from __future__ import annotations
 
-import gzip
-import logging
-import mmap
-import os
-import shutil
-import tempfile
-import zlib
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-import numpy as np
+from .fasta import HeaderTooLong, header_id, scan
+from .storage import InputFile
 
-from .fasta import HeaderTooLong, header_id, is_gzip, open_fasta, scan
-
-log = logging.getLogger(__name__)
 
 PROTEIN = "protein"
 DNA = "dna"
@@ -108,18 +98,36 @@ def _check_fasta_start(path: Path, first: bytes) -> None:
     raise SequenceError(f"{path}: not a FASTA file (the first line does not start with '>')")
 
 
-def _where(path: Path, ordinal: int, offset: int) -> str:
-    return f"{path}: record {ordinal + 1} (byte {offset})"
+class RecordError(SequenceError):
+    """A record's error whose message names the record by number. A range of the input indexed on its own
+    (`virnucpro.index.index_range`) counts its records from 0; `rebased(first)` gives the message with
+    the number in the whole input, once the records before the range are counted."""
+
+    _MARK = "\x00record\x00"  # where the number goes in `template`
+
+    def __init__(self, template: str, ordinal: int, first: int = 0):
+        super().__init__(template.replace(self._MARK, str(first + ordinal + 1)))
+        self.template, self.ordinal = template, ordinal
+
+    def rebased(self, first: int) -> "RecordError":
+        return RecordError(self.template, self.ordinal, first)
+
+    def __reduce__(self):  # raised in a Ray task, unpickled in the driver
+        return RecordError, (self.template, self.ordinal)
 
 
-def _record_id(header: bytes, path: Path, ordinal: int, offset: int) -> str:
+def _where(path: Path | str, offset: int) -> str:
+    return f"{path}: record {RecordError._MARK} (byte {offset})"
+
+
+def _record_id(header: bytes, path: Path | str, ordinal: int, offset: int) -> str:
     """The id: the header up to its first whitespace (ids may hold '/', non-ASCII letters, ...)."""
     try:
         rid = header_id(header)
     except UnicodeDecodeError:
-        raise SequenceError(f"{_where(path, ordinal, offset)}: header is not valid UTF-8") from None
+        raise RecordError(f"{_where(path, offset)}: header is not valid UTF-8", ordinal) from None
     if not rid:
-        raise SequenceError(f"{_where(path, ordinal, offset)}: empty header (no id after '>')")
+        raise RecordError(f"{_where(path, offset)}: empty header (no id after '>')", ordinal)
     return rid
 
 
@@ -147,11 +155,20 @@ def normalise(sequence: bytes, kind: str, record_id: str, path: Path | str = "<i
 
 
 def iter_fasta(path: str | Path, kind: str | None = None) -> Iterator[Record]:
-    """Stream validated records from a plain or gzip FASTA file, one at a time (each record's
-    sequence is held whole: for the embedding driver's bounded-memory pass, see `FastaIndex`)."""
-    for block in _scan(Path(path), kind, collect=True):
+    """Stream validated records from a plain or gzip FASTA file (a path or a URI), one at a time (each
+    record's sequence is held whole: for the embedding driver's bounded-memory pass, see
+    `virnucpro.index.FastaIndex`)."""
+    for block in scan_records(open_input(path), kind, collect=True):
         for rid, seq, ordinal in zip(block.ids, block.sequences, block.ordinals):
             yield Record(rid, seq.decode("ascii"), ordinal)
+
+
+def open_input(where: str | Path) -> InputFile:
+    """The input file at a path or URI; a missing or unreadable one is a one-line SequenceError."""
+    try:
+        return InputFile.open(where)
+    except (OSError, ValueError) as e:  # pyarrow's filesystems raise OSError subclasses; a bad URI ValueError
+        raise unreadable(where, e) from None
 
 
 _BLOCK = 1 << 18  # bytes read at a time: what the index pass holds, however long a line is
@@ -182,7 +199,8 @@ class _Scanned:
         self.residues += len(seq)
 
 
-def _scan(path: Path, kind: str | None, collect: bool = False) -> Iterator[_Scanned]:
+def scan_records(source: InputFile, kind: str | None, collect: bool = False, start: int = 0,
+                 end: int | None = None, tee: BinaryIO | None = None) -> Iterator[_Scanned]:
     """One streaming pass over a FASTA file in blocks of _BLOCK bytes, validating every record.
 
     Yields batches of records: id, header offset, length (and the normalised sequence with
@@ -190,19 +208,39 @@ def _scan(path: Path, kind: str | None, collect: bool = False) -> Iterator[_Scan
     them over, never assembled, so memory stays bounded however long a line is (a record of 10 GB on
     one line costs a block). Whitespace inside sequence lines (spaces, tabs, CR) is ignored; blank
     lines before the first header are allowed.
+
+    `start`, `end`: only the records whose header starts in [start, end) (end None: to the end of the
+    file), numbered from 0 (`RecordError.rebased` renumbers their errors); a plain file only.
+    `tee`: where every byte read (decompressed) is also written: a gzip input's plain copy.
     """
+    path = source.uri
     try:
-        f = open_fasta(path)
+        f = source.stream() if start == 0 else source.random_access()
     except OSError as e:
-        raise _unreadable(path, e) from None
+        raise unreadable(path, e) from None
     with f:
         try:
-            yield from _validated(f, path, kind, collect)
+            reader = _Tee(f, tee) if tee is not None else f
+            yield from _validated(reader, path, kind, collect, start, end)
         except (OSError, EOFError) as e:  # truncated gzip, unreadable block
+            if source.gzip:
+                raise SequenceError(f"{path}: damaged or truncated gzip file ({e})") from None
             raise SequenceError(f"{path}: input ends unexpectedly or cannot be read ({e})") from None
 
 
-def _first_header(f: BinaryIO, path: Path) -> tuple[bytes, int]:
+class _Tee:
+    """A binary stream whose reads are also written to `copy`."""
+
+    def __init__(self, f: BinaryIO, copy: BinaryIO):
+        self.f, self.copy = f, copy
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.copy.write(data)
+        return data
+
+
+def _first_header(f: BinaryIO, path: Path | str) -> tuple[bytes, int]:
     """The input from its first non-blank byte on (one block of it), and that byte's offset, once
     the start is checked to look like FASTA (see `_check_fasta_start`)."""
     buf = f.read(_BLOCK)
@@ -217,11 +255,34 @@ def _first_header(f: BinaryIO, path: Path) -> tuple[bytes, int]:
     return buf[skip:], base + skip
 
 
-def _validated(f: BinaryIO, path: Path, kind: str | None, collect: bool) -> Iterator[_Scanned]:
-    """The records of `f`, validated (when `kind` is given) piece by piece, in batches."""
+def _record_start(f, start: int, end: int | None) -> tuple[bytes, int] | None:
+    """(one block from the first header at or after byte `start`, its offset), or None when no header
+    starts before `end`. A header is a '>' at a line start: the search begins one byte early, at the
+    line end that may precede `start`."""
+    f.seek(start - 1)
+    base, buf = start - 1, b""
+    while True:
+        chunk = f.read(_BLOCK)
+        buf += chunk
+        at = buf.find(b"\n>")
+        if at >= 0:
+            offset = base + at + 1
+            return (buf[at + 1:], offset) if end is None or offset < end else None
+        if not chunk or (end is not None and base + len(buf) >= end + 1):
+            return None
+        base, buf = base + len(buf) - 1, buf[-1:]  # a line end at the block's end starts the next search
+
+
+def _validated(f: BinaryIO, path: Path | str, kind: str | None, collect: bool, start: int = 0,
+               end: int | None = None) -> Iterator[_Scanned]:
+    """The records of `f` (those whose header starts in [start, end)), validated (when `kind` is given)
+    piece by piece, in batches."""
     keep = _KEEP[kind] if kind else None  # the alphabet plus whitespace; None: no validation
     whitespace = _WHITESPACE
-    head, base = _first_header(f, path)
+    found = _first_header(f, path) if start == 0 else _record_start(f, start, end)
+    if found is None:  # no record starts in the range
+        return
+    head, base = found
     # the open record: its header (bytes), offset and ordinal, residues so far, a trailing '*' seen
     header: bytes | None = None
     h_offset = length = 0
@@ -232,6 +293,8 @@ def _validated(f: BinaryIO, path: Path, kind: str | None, collect: bool) -> Iter
     try:
         for offset, starts, text in scan(f, _BLOCK, max_header=MAX_HEADER, head=head, offset=base):
             if starts is not None:  # a new record: the open one is complete
+                if end is not None and offset >= end:
+                    break  # the next range's
                 if header is not None:
                     out.add(_record_id(header, path, ordinal, h_offset), h_offset, length, ordinal)
                     if collect:
@@ -251,8 +314,7 @@ def _validated(f: BinaryIO, path: Path, kind: str | None, collect: bool) -> Iter
             if collect:
                 pieces.append(clean)
     except HeaderTooLong as e:
-        raise SequenceError(f"{_where(path, ordinal + 1, e.offset)}: header line longer than {e.limit} "
-                            f"bytes") from None
+        raise RecordError(f"{_where(path, e.offset)}: header line longer than {e.limit} bytes", ordinal + 1) from None
     if header is not None:
         out.add(_record_id(header, path, ordinal, h_offset), h_offset, length, ordinal)
         if collect:
@@ -303,224 +365,10 @@ def plain_contigs(upper: bytes) -> bool:
     return not upper.translate(None, _PLAIN_CONTIG)  # one pass: deletes all but the two kinds
 
 
-_SPILL_CHUNK = 1 << 16  # values buffered per column before they are appended to its scratch file
-
-
-class _Column:
-    """An int64 column built by appending, stored in an unlinked scratch file and mapped back
-    read-only: memory the kernel can page out, not driver heap."""
-
-    def __init__(self, scratch_dir: str | Path):
-        Path(scratch_dir).mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".index-", suffix=".i64", dir=scratch_dir)
-        os.unlink(name)  # no file to clean up: the data lives until the mapping is dropped
-        self.file = os.fdopen(fd, "w+b")
-        self.buf = array("q")
-
-    def append(self, value: int) -> None:
-        self.buf.append(value)
-        if len(self.buf) >= _SPILL_CHUNK:
-            self.buf.tofile(self.file)
-            del self.buf[:]
-
-    def extend(self, values) -> None:
-        self.buf.extend(values)
-        if len(self.buf) >= _SPILL_CHUNK:
-            self.buf.tofile(self.file)
-            del self.buf[:]
-
-    def finish(self) -> np.ndarray:
-        self.buf.tofile(self.file)
-        del self.buf[:]
-        self.file.flush()
-        size = self.file.tell()
-        if size == 0:
-            return np.empty(0, np.int64)
-        mapped = mmap.mmap(self.file.fileno(), size, access=mmap.ACCESS_READ)
-        return np.frombuffer(mapped, np.int64)
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _read_header_id(path: Path, offset: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return header_id(f.readline(MAX_HEADER + 2)[1:])
-
-
-_DEDUP_BUCKET = 1 << 18  # hashes sorted at once by the duplicate check (2 MiB)
-
-
-def _repeats(sorted_hashes: np.ndarray) -> np.ndarray:
-    return np.unique(sorted_hashes[1:][sorted_hashes[1:] == sorted_hashes[:-1]])
-
-
-def _duplicate_ids(path: Path, offsets: np.ndarray, hashes: np.ndarray, scratch_dir: str | Path) -> list[str]:
-    """Ids that occur more than once (each listed once), found through their 64-bit hashes in bounded
-    memory: hashes are split by their top bits into scratch buckets of about _DEDUP_BUCKET each, each
-    bucket is sorted alone, and the repeated values are looked up in one more chunked pass. Candidates
-    are confirmed by reading their headers back, so a hash collision reports nothing."""
-    n = len(hashes)
-    if n < 2:
-        return []
-    bits = max(0, int(np.ceil(np.log2(n / _DEDUP_BUCKET))))
-    if bits == 0:
-        repeated = _repeats(np.sort(hashes))
-    else:
-        buckets = [tempfile.TemporaryFile(dir=scratch_dir) for _ in range(1 << bits)]
-        try:
-            for a in range(0, n, _SPILL_CHUNK):
-                h = hashes[a:a + _SPILL_CHUNK]
-                which = (h.view(np.uint64) >> np.uint64(64 - bits)).astype(np.intp)
-                order = np.argsort(which, kind="stable")
-                grouped, counts = h[order], np.bincount(which, minlength=len(buckets))
-                ends = np.cumsum(counts)
-                for k in np.flatnonzero(counts).tolist():
-                    grouped[ends[k] - counts[k]:ends[k]].tofile(buckets[k])
-            found = []
-            for f in buckets:
-                f.seek(0)
-                found.append(_repeats(np.sort(np.fromfile(f, np.int64))))
-            repeated = np.concatenate(found)
-        finally:
-            for f in buckets:
-                f.close()
-    if not len(repeated):
-        return []
-    seen: dict[str, int] = {}
-    for a in range(0, n, _SPILL_CHUNK):
-        for position in (a + np.flatnonzero(np.isin(hashes[a:a + _SPILL_CHUNK], repeated))).tolist():
-            rid = _read_header_id(path, int(offsets[position]))
-            seen[rid] = seen.get(rid, 0) + 1
-    return [rid for rid, n in seen.items() if n > 1]
-
-
-def _unreadable(path: Path, e: OSError) -> SequenceError:
+def unreadable(path: Path | str, e: Exception) -> SequenceError:
     """An input that cannot be opened, in one line."""
     if isinstance(e, FileNotFoundError):
         return SequenceError(f"{path}: no such file")
     if isinstance(e, IsADirectoryError):
         return SequenceError(f"{path}: is a directory, not a FASTA file")
-    return SequenceError(f"{path}: cannot read ({e.strerror or e})")
-
-
-def _plain_copy(path: Path, scratch_dir: str | Path) -> Path:
-    """`path` itself, or for gzip input a decompressed copy in scratch_dir: the index reads records
-    back by byte offset, and a gzip stream cannot seek."""
-    try:
-        compressed = is_gzip(path)
-    except OSError as e:
-        raise _unreadable(path, e) from None
-    if not compressed:
-        return path
-    source = Path(scratch_dir) / (path.name.removesuffix(".gz") + ".plain")
-    source.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with gzip.open(path, "rb") as src, open(source, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise SequenceError(f"{path}: damaged or truncated gzip file ({e})") from None
-    return source
-
-
-def _index_columns(source: Path, kind: str, scratch_dir: str | Path
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """Offsets, lengths, ordinals and id hashes of the records with a sequence; the ids of the empty ones.
-
-    Int64 columns appended in chunks to unlinked scratch files and mapped back read-only: the
-    driver's heap does not grow with the input (the OS pages the columns in and out). The id hashes
-    are for the duplicate check, which sorts them in buckets afterwards."""
-    offsets, lengths, ordinals, hashes = (_Column(scratch_dir) for _ in range(4))
-    empty: list[str] = []
-    try:
-        for block in _scan(source, kind):
-            if 0 in block.lengths:  # rare: take the empty records out
-                keep = [i for i, n in enumerate(block.lengths) if n]
-                empty.extend(block.ids[i] for i, n in enumerate(block.lengths) if not n)
-                block = _Scanned(*([column[i] for i in keep]
-                                   for column in (block.ids, block.offsets, block.lengths, block.ordinals)))
-            hashes.extend(map(hash, block.ids))
-            offsets.extend(block.offsets)
-            lengths.extend(block.lengths)
-            ordinals.extend(block.ordinals)
-        return offsets.finish(), lengths.finish(), ordinals.finish(), hashes.finish(), empty
-    finally:
-        for c in (offsets, lengths, ordinals, hashes):
-            c.close()
-
-
-def _warn_skipped(path: Path, empty: list[str], duplicates: list[str]) -> None:
-    if empty:
-        log.warning("%s: skipped %d empty record(s) (no sequence): %s", path, len(empty),
-                    ", ".join(empty[:_MAX_REPORTED]) + (" ..." if len(empty) > _MAX_REPORTED else ""))
-    if duplicates:
-        log.warning("%s: %d duplicate record id(s), all records kept (see the 'index' column): %s",
-                    path, len(duplicates), ", ".join(duplicates[:_MAX_REPORTED]))
-
-
-@dataclass
-class FastaIndex:
-    """Byte offsets and lengths of every valid record of a (seekable, plain) FASTA file."""
-
-    path: Path
-    kind: str
-    offsets: np.ndarray  # int64 [N], header line offset (arrays are read-only, file-backed)
-    lengths: np.ndarray  # int64 [N], residues or bases after normalisation
-    ordinals: np.ndarray  # int64 [N], record number in the input (0-based, empty records counted)
-    skipped_empty: list[str] = field(default_factory=list)
-    duplicate_ids: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    @classmethod
-    def build(cls, path: str | Path, kind: str, scratch_dir: str | Path) -> "FastaIndex":
-        """Validate every record in one streaming pass; decompress gzip input into scratch_dir."""
-        path = Path(path)
-        source = _plain_copy(path, scratch_dir)
-        offsets, lengths, ordinals, hashes, empty = _index_columns(source, kind, scratch_dir)
-        duplicates = _duplicate_ids(source, offsets, hashes, scratch_dir)
-        _warn_skipped(path, empty, duplicates)
-        if not len(offsets):
-            raise SequenceError(f"{path}: no records with a sequence")
-        if int(lengths.max()) > _INT32_MAX:
-            log.warning("%s: a record is longer than %d residues; its 'length' column (int32) says %d",
-                        path, _INT32_MAX, _INT32_MAX)
-        return cls(source, kind, offsets, lengths, ordinals, empty, duplicates)
-
-    def read(self, positions: np.ndarray, max_residues: int | None = None) -> list[Record]:
-        """Read the records at the given index positions (in that order) back from disk.
-
-        With `max_residues`, a longer sequence is read only that far (what the tokenizer will use of
-        it): reading back is bounded however long a record is. `lengths` keeps the true length."""
-        order = np.argsort(self.offsets[positions], kind="stable")  # sequential disk access
-        out: list[Record | None] = [None] * len(positions)
-        with open(self.path, "rb") as f:
-            for j in order:
-                i = int(positions[j])
-                f.seek(int(self.offsets[i]))
-                rid = header_id(f.readline(MAX_HEADER + 2)[1:])
-                need = int(self.lengths[i]) if max_residues is None else min(int(self.lengths[i]), max_residues)
-                seq = f.read(min(need + (need >> 5) + 2, _BLOCK)).translate(None, _WHITESPACE)  # usually all
-                if len(seq) < need:
-                    seq += _read_residues(f, need - len(seq), self.path, rid)
-                seq = normalise(seq[:need], self.kind, rid, self.path)
-                out[j] = Record(rid, seq.decode("ascii"), int(self.ordinals[i]))
-        return out  # type: ignore[return-value]
-
-
-def _read_residues(f: BinaryIO, need: int, path: Path, rid: str) -> bytes:
-    """The next `need` residues from f (line ends and other whitespace dropped); the index pass
-    counted them, so nothing past them (a trailing '*', the next header) is taken."""
-    pieces, got = [], 0
-    while got < need:
-        left = need - got
-        chunk = f.read(min(left + (left >> 5) + 2, _BLOCK))  # room for the line ends
-        if not chunk:
-            raise SequenceError(f"{path}: record '{rid}' is shorter than when it was indexed (was the "
-                                f"file changed during the run?)")
-        clean = chunk.translate(None, _WHITESPACE)[:left]
-        pieces.append(clean)
-        got += len(clean)
-    return b"".join(pieces)
+    return SequenceError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})")

@@ -111,7 +111,7 @@ def resolve_model(spec: str | Path) -> ModelSource:
 
 
 def load_tokenizer(source: ModelSource, truncation_seq_length: int | None = 1022):
-    """The tokenizer alone: cheap, picklable, used by the driver's data-loading workers."""
+    """The tokenizer alone: cheap and picklable; the driver plans with it, each actor tokenises its batches."""
     return source.model_family.tokenizer(source.path, truncation_seq_length)
 
 
