@@ -67,7 +67,7 @@ def create_parser() -> argparse.ArgumentParser:
         v.add_argument("--verbose", "-v", action="store_true")
 
     p = sub.add_parser("preprocess", help="VirNucPro chunking and six-frame translation")
-    p.add_argument("input", type=Path, help="nucleotide FASTA (contigs or reads), plain or gzip")
+    p.add_argument("input", help="nucleotide FASTA (contigs or reads), plain or gzip: a local path or a URI (s3://...)")
     p.add_argument("-o", "--out-dir", type=Path, required=True)
     add_arguments(p, PredictOptions, only=("chunk_size", "chunking", "workers"), required=("chunk_size",))
     p.add_argument("--verbose", "-v", action="store_true")
@@ -77,7 +77,7 @@ def create_parser() -> argparse.ArgumentParser:
                                    "with DNABERT-S and ESM-2 in one Ray session, classify them, and write "
                                    "prediction_results.txt, prediction_results_highestscore.csv (upstream's "
                                    "formats), predictions.parquet and contig_predictions.tsv in OUT_DIR.")
-    p.add_argument("input", type=Path, help="nucleotide FASTA (contigs or reads), plain or gzip")
+    p.add_argument("input", help="nucleotide FASTA (contigs or reads), plain or gzip: a local path or a URI (s3://...)")
     p.add_argument("-o", "--out-dir", type=Path, required=True)
     p.add_argument("--classifier", type=Path, required=True,
                    help="upstream's 300_model.pth / 500_model.pth, or a state dict of the same MLP")
@@ -90,8 +90,8 @@ def create_parser() -> argparse.ArgumentParser:
                                    "and OUT_DIR/others), train upstream VirNucPro's MLP on the frames (90/10 random "
                                    "split, SGD, early stopping), and write classifier.safetensors (predict "
                                    "--classifier loads it), classifier.json and metrics.json in OUT_DIR.")
-    p.add_argument("--virus", type=Path, required=True, help="viral sequences (nucleotide FASTA), label virus")
-    p.add_argument("--others", type=Path, required=True, help="non-viral sequences (nucleotide FASTA), label others")
+    p.add_argument("--virus", required=True, help="viral sequences (nucleotide FASTA, a path or URI), label virus")
+    p.add_argument("--others", required=True, help="non-viral sequences (nucleotide FASTA, a path or URI), label others")
     p.add_argument("-o", "--out-dir", type=Path, required=True)
     _add_models(p)
     add_arguments(p, PredictOptions, only=("chunk_size", "chunking", "workers"), required=("chunk_size",))

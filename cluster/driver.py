@@ -67,6 +67,7 @@ log = logging.getLogger("virnucpro")
 STOP_WAIT_SECONDS = 30  # a failed run waits this long for the batches its actors are computing
 WORK_DIR = ".work"  # OUT_DIR/.work: the saved plan and a gzip input's plain copy, until the run is complete
 CALIBRATION_RECORDS = 256  # records the driver tokenises to estimate a BPE model's tokens per base
+TASK_INDEX_BYTES = 16 << 20  # an input this large is indexed by Ray tasks on the nodes, a smaller one here
 _ACTOR_FAILED = (RayActorError, ObjectLostError, WorkerCrashedError)  # the actor, not the batch, failed
 
 
@@ -91,6 +92,7 @@ class EmbedResult:
     # then to the last part written and to the run's end (actors and Ray shut down, output completed)
     timeline: dict[str, float] = field(default_factory=dict)
     service: str | None = None  # the service whose replicas computed the batches, if any
+    index_nodes: list[str] = field(default_factory=list)  # Ray nodes whose tasks indexed the input (none: the driver)
 
     @property
     def tokens_per_second(self) -> float:
@@ -154,6 +156,7 @@ class EmbedJob:
         self.dispatcher: _Dispatcher | None = None
         self.local_scratch: Path | None = None
         self.skipped_empty: list[str] = []  # empty records the index skipped (a resumed run keeps its manifest's)
+        self.index_nodes: list[str] = []  # Ray nodes that indexed ranges of the input (none: the driver did)
 
     # -- the steps ------------------------------------------------------------------------------------
 
@@ -250,11 +253,19 @@ class EmbedJob:
         return todo
 
     def _index_and_plan(self, toks: int, fingerprint: str, work: Location) -> BatchPlan:
+        """Index the input (from TASK_INDEX_BYTES on, in Ray tasks on the cluster's nodes, a range of
+        RANGE_BYTES each, or one task for a gzip stream; a smaller input here, where a task's start would
+        cost more than it saves), then plan and save the plan beside the output."""
         target = self.target
-        index = FastaIndex.build(self.source.uri, target.source.sequence_kind, self.local_scratch,
-                                 copy_to=work.uri, map_ranges=_range_map(self.source))
+        tasks = _RangeTasks() if self.source.size >= TASK_INDEX_BYTES else None
+        start = time.perf_counter()
+        index = FastaIndex.build(self.source.uri, target.source.sequence_kind, self.local_scratch, copy_to=work.uri,
+                                 map_ranges=tasks or serial, range_bytes=RANGE_BYTES)
         self.skipped_empty = index.skipped_empty
         self.timeline.mark("indexed")
+        where = f"{tasks.ranges} range(s) on {len(tasks.nodes)} node(s)" if tasks else "in the driver"
+        log.info("indexed %d sequences (%s) in %.1f s", len(index), where, time.perf_counter() - start)
+        self.index_nodes = sorted(tasks.nodes) if tasks else []
         tokenizer = target.tokenizer
         if not tokenizer.exact:  # a BPE model: its tokens per base, from a sample, for the plan's estimates
             sample = index.read(np.arange(min(len(index), CALIBRATION_RECORDS)), tokenizer.max_residues)
@@ -308,46 +319,52 @@ class EmbedJob:
                              batches_retried=run.scheduler.retried, actors_replaced=pool.replaced,
                              batches_retried_after_errors=run.scheduler.retried_after_errors,
                              forward_seconds=totals.forward, write_seconds=totals.write,
-                             first_part_seconds=totals.first_part, timeline=self.timeline.marks, service=self.opts.service)
+                             first_part_seconds=totals.first_part, timeline=self.timeline.marks, service=self.opts.service,
+                             index_nodes=self.index_nodes)
         log.info("done: %s", result.summary())
         return result
 
 
 # --- indexing on the cluster --------------------------------------------------------------------------
 
-def _range_map(source: InputFile):
-    """How the input's ranges are indexed: here, for an input of one range (a task's start would cost more
-    than it saves), else as Ray tasks over the cluster's nodes, in order."""
-    if source.size < RANGE_BYTES:
-        return serial
-    return _index_tasks
+class _RangeTasks:
+    """`index_range(*job)` of each job as a Ray task on the cluster's nodes, results in job order.
 
+    At most half the cluster's CPUs' worth run at once. The tasks reserve no CPU: actors hold theirs for
+    the whole run, so a task that waited for one could wait for ever (predict's two jobs on a small
+    machine); the bound on tasks in flight keeps them from crowding the actors instead."""
 
-def _index_tasks(jobs: list[tuple]) -> Iterator[RangeIndex]:
-    """`index_range(*job)` of each job as a Ray task, results in job order. At most half the cluster's
-    CPUs' worth run at once. The tasks reserve no CPU: actors hold theirs for the whole run, so a task
-    that waited for one could wait for ever (predict's two jobs on a small machine); the bound on tasks
-    in flight keeps them from crowding the actors instead."""
-    task = ray.remote(index_range).options(num_cpus=0, scheduling_strategy="SPREAD", max_retries=2)
-    limit = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
-    pending: deque = deque()
-    jobs_left = iter(jobs)
-    for job in jobs_left:
-        pending.append(task.remote(*job))
-        if len(pending) >= limit:
-            break
-    while pending:
-        ref = pending.popleft()
-        try:
-            result = ray.get(ref)
-        except RayTaskError as e:  # the input's own error, as the range raised it (renumbered by the caller)
-            if isinstance(e.cause, SequenceError):
-                raise e.cause from None
-            raise
+    def __init__(self):
+        self.nodes: set[str] = set()  # where the ranges were indexed
+        self.ranges = 0
+
+    def __call__(self, jobs: list[tuple]) -> Iterator[RangeIndex]:
+        task = ray.remote(_index_on_node).options(num_cpus=0, scheduling_strategy="SPREAD", max_retries=2)
+        limit = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+        pending: deque = deque()
+        jobs_left = iter(jobs)
         for job in jobs_left:
             pending.append(task.remote(*job))
-            break
-        yield result
+            if len(pending) >= limit:
+                break
+        while pending:
+            try:
+                node, result = ray.get(pending.popleft())
+            except RayTaskError as e:  # the input's own error, as the range raised it (renumbered by the caller)
+                if isinstance(e.cause, SequenceError):
+                    raise e.cause from None
+                raise
+            for job in jobs_left:
+                pending.append(task.remote(*job))
+                break
+            self.nodes.add(node)
+            self.ranges += 1
+            yield result
+
+
+def _index_on_node(*job) -> tuple[str, RangeIndex]:
+    """(this node's id, `index_range(*job)`): a Ray task."""
+    return ray.get_runtime_context().get_node_id(), index_range(*job)
 
 
 # --- the actors ------------------------------------------------------------------------------------------

@@ -47,9 +47,10 @@ from virnucpro.predict import (EMBED_DIRS, LETTER_COUNTS, STAGE_TIMES, Classific
                                prepare_out_dir, preprocess_params, remove_scratch, reusable_preprocessing,
                                save_preprocess_marker)
 from virnucpro.preprocess import NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds, default_workers, preprocess_fasta
+from virnucpro.sequences import SequenceError, open_input
 
 from .driver import EmbedOptions, EmbedResult, run_embed
-from .session import Placement, init_ray, local_dashboard
+from .session import Placement, RaySession, local_dashboard
 
 log = logging.getLogger("virnucpro")
 
@@ -117,7 +118,7 @@ def predict(input: str | Path, out_dir: str | Path, classifier: str | Path,
     models = {ESM2_FAMILY: esm_model, DNABERT_S_FAMILY: dnabert_model}
     services = {f: n for f, n in ((ESM2_FAMILY, esm_service), (DNABERT_S_FAMILY, dnabert_service)) if n}
     with _services_cluster(opts.address) if services else nullcontext():
-        result = _Run(Path(input), Path(out_dir), Path(classifier), models, services, chunk_size, chunking,
+        result = _Run(str(input), Path(out_dir), Path(classifier), models, services, chunk_size, chunking,
                       threshold, keep_embeddings, workers, opts).run()
     if plots:
         figures_after_predict(result.out_dir, plot_contigs, threshold)
@@ -150,7 +151,7 @@ def _same_model(spec: str, source: ModelSource) -> bool:
 
 
 class _Run:
-    def __init__(self, input: Path, out: Path, classifier: Path, models: dict[str, str | Path | None],
+    def __init__(self, input: str, out: Path, classifier: Path, models: dict[str, str | Path | None],
                  services: dict[str, str], chunk_size: int, chunking: str, threshold: float, keep_embeddings: bool,
                  workers: int | None, opts: EmbedOptions):
         self.input, self.out, self.classifier_path = input, out, classifier
@@ -166,8 +167,10 @@ class _Run:
     # --- checks made before anything is written or any model is loaded ---------------------------
 
     def _check_arguments(self, models: dict[str, str | Path | None]) -> None:
-        if not self.input.is_file():
-            raise PredictError(f"{self.input}: no such file")
+        try:
+            open_input(self.input)  # a local path or a URI (s3://...), read as it streams
+        except SequenceError as e:
+            raise PredictError(str(e)) from None
         chunk_bounds(1, self.chunk_size, self.chunking)  # ValueError names the bad argument
         if not 0.0 <= self.threshold <= 1.0:
             raise PredictError(f"--threshold must be within [0, 1], got {self.threshold}")
@@ -320,10 +323,11 @@ class _Run:
                 todo.append(family)
         if not todo:
             return
-        started_ray = init_ray(self.opts.address, self.opts.dashboard_host,  # already, with a service
-                               local_dashboard(self.opts.dashboard, self.input))
+        session = RaySession(self.opts.address, self.opts.dashboard_host,  # already up, with a service
+                             local_dashboard(self.opts.dashboard, self.input))
         pg = None
         try:
+            session.wait()
             layout, pg = self._layout([f for f in todo if f not in self.services])
             inputs = {DNABERT_S_FAMILY: self.out / NUCLEOTIDE_FASTA, ESM2_FAMILY: self.out / PROTEIN_FASTA}
             jobs = {}
@@ -348,8 +352,7 @@ class _Run:
         finally:
             if pg is not None:
                 ray.util.remove_placement_group(pg)
-            if started_ray:
-                ray.shutdown()
+            session.close()
 
     def _layout(self, local: list[str]) -> tuple[dict[str, dict], object]:
         """EmbedOptions overrides for the models embedded by the run's own actors (`local`; a model

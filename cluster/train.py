@@ -25,19 +25,19 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import ray
 import torch
 
 import virnucpro
 from virnucpro.classifier import classifier_record, save_classifier, save_upstream_classifier
 from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY
+from virnucpro.storage import InputFile, is_uri, resolve
 from virnucpro.options import PIPELINE_EMBED_OPTIONS, TrainOptions
 from virnucpro.predict import EMBED_DIRS, PredictError, prepare_out_dir
 from virnucpro.train import FEATURE_ORDER, FitResult, fit, format_metrics, labelled, set_features
 
 from .driver import EmbedOptions
 from .predict import _Run, _services_cluster
-from .session import init_ray, local_dashboard
+from .session import RaySession, local_dashboard
 
 log = logging.getLogger("virnucpro")
 
@@ -109,8 +109,8 @@ def train(virus: str | Path, others: str | Path, out_dir: str | Path, esm_model:
     topts = TrainOptions(**{k: v for k, v in options.items() if k in train_names})
     eopts = EmbedOptions(**{k: v for k, v in options.items() if k in embed_names})
     out = Path(out_dir)
-    inputs = {"virus": Path(virus), "others": Path(others)}
-    if inputs["virus"].resolve() == inputs["others"].resolve():
+    inputs = {"virus": str(virus), "others": str(others)}  # local paths or URIs
+    if resolve(inputs["virus"])[1] == resolve(inputs["others"])[1] and is_uri(virus) == is_uri(others):
         raise PredictError(f"{virus}: given as both --virus and --others")
     models = {ESM2_FAMILY: esm_model, DNABERT_S_FAMILY: dnabert_model}
     services = {f: n for f, n in ((ESM2_FAMILY, esm_service), (DNABERT_S_FAMILY, dnabert_service)) if n}
@@ -119,13 +119,13 @@ def train(virus: str | Path, others: str | Path, out_dir: str | Path, esm_model:
         runs = {s: _SetRun(inputs[s], out / s, None, models, services, chunk_size, chunking, 0.5, True, workers,
                            eopts) for s in SETS}
         _prepare_top(out, eopts.resume, eopts.overwrite, chunk_size)
-        started_ray = init_ray(eopts.address, eopts.dashboard_host,  # one session for both sets
-                               local_dashboard(eopts.dashboard, *inputs.values()))
+        session = RaySession(eopts.address, eopts.dashboard_host,  # one session for both sets
+                             local_dashboard(eopts.dashboard, *inputs.values()))
         try:
+            session.wait()
             frames = {s: run.preprocess_and_embed() for s, run in runs.items()}
         finally:
-            if started_ray:
-                ray.shutdown()
+            session.close()
     stages = {f"{s} {k}": v for s, run in runs.items() for k, v in run.stages.items()}
 
     features = {s: set_features({f: out / s / EMBED_DIRS[f] for f in FEATURE_ORDER})[1] for s in SETS}
@@ -177,13 +177,13 @@ def _log_epoch(epochs: int):
     return log_row
 
 
-def _provenance(first: _SetRun, inputs: dict[str, Path], frames: dict[str, int], topts: TrainOptions,
+def _provenance(first: _SetRun, inputs: dict[str, str], frames: dict[str, int], topts: TrainOptions,
                 result: FitResult) -> dict:
     """Where the classifier came from: models, data, recipe, result (classifier.json and metrics.json)."""
     data = {}
     for s, path in inputs.items():
-        st = path.stat()
-        data[s] = {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "frames": frames[s],
+        source = InputFile.open(path)
+        data[s] = {"path": source.uri, "bytes": source.size, "mtime_ns": source.mtime_ns, "frames": frames[s],
                    "label": int(s == "virus")}
     return {
         "chunking": first.chunking,

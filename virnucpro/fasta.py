@@ -16,25 +16,25 @@ before the first header, whitespace inside sequences, or other letters is left t
 
 from __future__ import annotations
 
-import gzip
 import os
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
-GZIP_MAGIC = b"\x1f\x8b"
+from .storage import InputFile
+
 READ_BLOCK = 1 << 22  # bytes per read: large enough that Python's work is per record, not per block
 _SEQUENCE_WHITESPACE = b" \t\r\n"  # what Bio.SeqIO removes from sequence lines
 
 
 def is_gzip(path: str | os.PathLike) -> bool:
-    """Whether the file is gzip-compressed, by its magic bytes (not its name)."""
-    with open(path, "rb") as f:
-        return f.read(2) == GZIP_MAGIC
+    """Whether the file (a path or URI) is gzip-compressed, by its magic bytes (not its name)."""
+    return InputFile.open(path).gzip
 
 
 def open_fasta(path: str | os.PathLike) -> BinaryIO:
-    """Open a FASTA file for binary reading, decompressing gzip transparently."""
-    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")  # type: ignore[return-value]
+    """Open a FASTA file (a path or any URI of `virnucpro.storage`) for streaming binary reads,
+    decompressing gzip transparently."""
+    return InputFile.open(path).stream()  # type: ignore[return-value]
 
 
 class HeaderTooLong(ValueError):

@@ -37,7 +37,7 @@ from .storage import InputFile, Location
 
 log = logging.getLogger(__name__)
 
-RANGE_BYTES = 64 << 20  # a plain input is indexed in ranges of this many bytes, each by one task
+RANGE_BYTES = 32 << 20  # a plain input is indexed in ranges of this many bytes, each by one task
 _MAX_REPORTED = 5
 _INT32_MAX = 2**31 - 1  # the output's `length` column is int32: longer records saturate
 

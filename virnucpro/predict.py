@@ -49,6 +49,7 @@ from .ids import chunk_of, contig_of
 from .models import DNABERT_S_FAMILY, ESM2_FAMILY
 from .output import Manifest, atomic_path, atomic_write
 from .preprocess import CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, PreprocessResult
+from .storage import InputFile
 
 log = logging.getLogger("virnucpro")
 
@@ -131,10 +132,10 @@ def _save_json(path: Path, value: dict) -> None:
 # -----------------------------------------------------------------------------
 # stage 1's marker
 
-def preprocess_params(input: Path, chunk_size: int, chunking: str) -> dict:
-    """What preprocessing's output depends on: the input file (path, size, mtime) and the options."""
-    st = input.stat()
-    return {"input": str(input.resolve()), "input_bytes": st.st_size, "input_mtime_ns": st.st_mtime_ns,
+def preprocess_params(input: str | Path, chunk_size: int, chunking: str) -> dict:
+    """What preprocessing's output depends on: the input file (path or URI, size, mtime) and the options."""
+    source = InputFile.open(input)
+    return {"input": source.uri, "input_bytes": source.size, "input_mtime_ns": source.mtime_ns,
             "chunk_size": chunk_size, "chunking": chunking}
 
 

@@ -47,9 +47,10 @@ from typing import TypeVar
 import numpy as np
 from Bio.Data import CodonTable, IUPACData
 
-from .fasta import fasta_ids, is_gzip, iter_records
+from .fasta import fasta_ids, iter_records
 from .ids import FRAME_NAMES, chunk_id, frame_id
 from .sequences import _IUPAC_DNA, TO_DNA_INPUT, SequenceError, check_contig, plain_contigs
+from .storage import InputFile
 
 CHUNKING_MODES = ("compat", "even")
 FASTA_WRAP = 60  # Bio.SeqIO's "fasta" writer wraps at 60; upstream writes chunks through it
@@ -483,9 +484,8 @@ def check_unique_ids(path: str | os.PathLike, hashes: array) -> None:
 def default_workers(input_path: str | os.PathLike) -> int:
     """Translation processes worth starting for this input: 1 (no pool) below ~64 Mbp, where one
     process takes about a second; else one per CPU, at most 8 (gzip input counted as 4x its size)."""
-    size = os.path.getsize(input_path)
-    if is_gzip(input_path):
-        size *= 4
+    source = InputFile.open(input_path)
+    size = source.size * (4 if source.gzip else 1)
     if size < 64 * _BATCH_BASES:
         return 1
     return max(1, min(os.cpu_count() or 1, 8, size // _BATCH_BASES))
@@ -507,14 +507,14 @@ def preprocess_fasta(input_path: str | os.PathLike, out_dir: str | os.PathLike, 
     out.mkdir(parents=True, exist_ok=True)
     paths = (out / CHUNKS_FASTA, out / NUCLEOTIDE_FASTA, out / PROTEIN_FASTA)
     try:
-        return _preprocess(Path(input_path), paths, chunk_size, chunking, workers)
+        return _preprocess(os.fspath(input_path), paths, chunk_size, chunking, workers)
     except BaseException:  # a refused input leaves nothing behind: fixed, it runs into the same OUT_DIR
         for p in paths:
             p.unlink(missing_ok=True)
         raise
 
 
-def _preprocess(input_path: Path, paths: tuple[Path, Path, Path], chunk_size: int, chunking: str,
+def _preprocess(input_path: str, paths: tuple[Path, Path, Path], chunk_size: int, chunking: str,
                 workers: int | None) -> PreprocessResult:
     hashes = array("q")
     batches = _numbered(_batched(_hashed(iter_records(input_path), hashes), _BATCH_BASES))
