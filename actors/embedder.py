@@ -31,8 +31,8 @@ import torch
 from virnucpro.attention import Packing
 from virnucpro.batching import BatchError, BatchSpec, PartResult, TokenBatch, load_batch
 from virnucpro.index import RecordReader
-from virnucpro.models import (ModelSource, compute_columns, default_toks_per_batch, load_model, load_tokenizer,
-                              residue_counts)
+from virnucpro.models import ModelSource, default_toks_per_batch, load_model, load_tokenizer
+from virnucpro.models.columns import compute_columns, residue_counts
 from virnucpro.options import EmbedOptions
 from virnucpro.output import Column, OutputLocation, plan_columns, write_part
 

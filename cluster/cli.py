@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
+import os
 import re
 import sys
 import time
@@ -27,10 +29,19 @@ MODEL_HELP = ("a fair-esm checkpoint name (esm2_t36_3B_UR50D, from the torch hub
 
 
 def create_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="virnucpro", description=__doc__.split("\n")[0])
+    # allow_abbrev=False: `--num-actor 2` is a typo to report, not `--num-actors 2` to guess
+    parser = argparse.ArgumentParser(prog="virnucpro", description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)  # every subcommand, too
 
-    p = sub.add_parser("embed", help="embed every sequence of a FASTA file into Parquet")
+    p = sub.add_parser("embed", help="embed every sequence of a FASTA file into Parquet",
+                       description="Embed every sequence of a FASTA file (plain or gzip, a path or a URI) with "
+                                   "ESM-2 or DNABERT-S on Ray actors (one per GPU, or one on CPU), or with a "
+                                   "running service (--service), into Parquet parts and a manifest in OUT_DIR "
+                                   "(a path or a URI). Columns: id, index, length, truncated, model, embedding "
+                                   "(the mean of the last layer); --repr-layers and --include add more. An "
+                                   "interrupted run finishes with --resume.")
     p.add_argument("input", help="FASTA file, plain or gzip: a local path or a URI (s3://bucket/in.fasta.gz, gs://...)")
     p.add_argument("-o", "--out-dir", required=True,
                    help="output directory: a local path or a URI (s3://bucket/run, gs://..., file:///...)")
@@ -127,23 +138,25 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
     if args.command == "serve":
         return _serve(args)
     if args.command == "embed":
-        opts = from_args(EmbedOptions, args)
-        if (args.model is None) == (opts.service is None):
-            raise OptionError("give --model, or --service NAME to use a running service's model")
+        from .checks import check_embed
         from .progress import Timeline, process_start_time
 
+        opts = from_args(EmbedOptions, args)
         timeline = Timeline(process_start_time())
-        _refuse_previous_run(args.out_dir, opts)
+        check_embed(args.input, args.out_dir, args.model, opts)  # before Ray: a mistake costs a second
         # Ray starts while the driver imports torch and checks the model (a job through a service: neither)
-        session = RaySession(opts.address, opts.dashboard_host, local_dashboard(opts.dashboard, args.input),
-                             on_ready=lambda: timeline.mark("ray_up"))
+        session = _STARTING.session = RaySession(opts.address, opts.dashboard_host,
+                                                 local_dashboard(opts.dashboard, args.input),
+                                                 on_ready=lambda: timeline.mark("ray_up"))
         from .driver import run_embed
 
         return run_embed(args.input, args.out_dir, args.model, opts, actor_class, timeline, session).summary()
     if args.command == "preprocess":
         from virnucpro.preprocess import default_workers, preprocess_fasta
+        from virnucpro.sequences import check_fasta
 
         opts = from_args(PredictOptions, args)
+        check_fasta(args.input)
         workers = opts.workers or default_workers(args.input)
         start = time.perf_counter()
         res = preprocess_fasta(args.input, args.out_dir, opts.chunk_size, opts.chunking, workers)
@@ -196,45 +209,54 @@ def _fields(opts) -> dict:
     return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
 
 
+class _STARTING:
+    """The command's Ray session, if it started one: a command that fails while Ray is still starting
+    exits at once instead of waiting for it (Ray's processes end with this one)."""
+
+    session = None
+
+
 def main(argv: list[str] | None = None, *, actor_class: type | None = None) -> int:
     """`actor_class`: an `actors.embedder.Embedder` subclass for `embed` (tests inject faults with it)."""
+    # a Ray call after the command's own Ray is shut down (a thread still ending) must not start another
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     args = create_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _STARTING.session = None
     try:
         print(run(args, actor_class))
+        return 0
     except OptionError as e:
-        print(f"virnucpro {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = _report(f"virnucpro {args.command}: error: {e}", 2)
     except Exception as e:  # noqa: BLE001 - sorted below: a user's error gets one line, a bug its traceback
         if not _user_error(e):
             raise
         if args.verbose:  # --verbose keeps the traceback for bug reports
             log.exception("failed")
         text = re.sub(r"\s*\n\s*", " ", str(e).strip()) or type(e).__name__  # one line, whatever raised
-        print(f"virnucpro: error: {text}", file=sys.stderr)
-        return 1
+        code = _report(f"virnucpro: error: {text}", 1)
     except KeyboardInterrupt:
-        print("virnucpro: interrupted; rerun with --resume to finish", file=sys.stderr)
-        return 130
-    return 0
+        resumable = args.command in ("embed", "predict", "train")
+        code = _report("virnucpro: interrupted" + ("; rerun with --resume to finish" if resumable else ""), 130)
+    session = _STARTING.session
+    if session is not None and not session.future.done():
+        if argv is None:  # the command: Ray is still starting in a thread, its processes end with this one
+            os._exit(code)
+        session.close()  # a call from Python (the tests): the process goes on, so Ray is stopped properly
+    return code
 
 
-def _refuse_previous_run(out_dir: str | Path, opts: EmbedOptions) -> None:
-    """The driver's own check, made before Ray starts: a command that would only be refused (a previous
-    run's output, no --resume or --overwrite) says so at once, not after Ray's start (8 s on a 2-CPU VM).
-    Local directories only: listing a bucket can take seconds, better spent beside Ray's start."""
-    if opts.resume or opts.overwrite or "://" in str(out_dir):
-        return
-    from virnucpro.output import MANIFEST, PART_NAME, PREVIOUS_RUN, OutputLocation
+def _report(line: str, code: int) -> int:
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    return code
 
-    try:
-        out = OutputLocation.parse(out_dir)
-        previous = any(f == MANIFEST or PART_NAME.fullmatch(f) for f in out.list_files())
-    except Exception:  # noqa: BLE001 - an unreachable or odd location: the driver's full check reports it
-        return
-    if previous:
-        raise RuntimeError(f"{out}: {PREVIOUS_RUN}")
+
+def _version() -> str:
+    from virnucpro import __version__
+
+    return __version__
 
 
 def _user_error(e: Exception) -> bool:

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,14 +46,15 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError, WorkerC
 # Nothing here imports torch: a job through a running service (--service) needs none of it. A job with
 # its own actors imports the model code (and torch) where it checks the model and defines the actors.
 from virnucpro.batching import BatchError, BatchPlan, PartResult, Plan, plan_fingerprint, token_counts
-from virnucpro.checkpoint import ModelSource
+from virnucpro.models.registry import ModelSource
 from virnucpro.index import RANGE_BYTES, FastaIndex, RangeIndex, index_range, plain_copy, serial
-from virnucpro.options import EmbedOptions
+from virnucpro.options import EmbedOptions, OptionError
 from virnucpro.output import (LEGACY_MANIFEST, MANIFEST, PART_NAME, PREVIOUS_RUN, WRITE_TEST, Manifest, OutputLocation,
-                             default_columns, is_cut_short, part_name, part_schema)
-from virnucpro.sequences import RecordError, SequenceError, open_input
+                             default_columns, is_cut_short, part_name, part_schema, plan_columns)
+from virnucpro.sequences import RecordError, SequenceError
 from virnucpro.storage import InputFile, Location
 
+from .checks import check_embed, holds_run
 from .pool import ActorPool, Lease, cause
 from .progress import DriverMetrics, Progress, Timeline
 from .scheduling import ACTOR_DIED, STORAGE, EmbedError, Scheduler, failure_kind
@@ -156,6 +157,8 @@ class EmbedJob:
         self.dispatcher: _Dispatcher | None = None
         self.local_scratch: Path | None = None
         self.skipped_empty: list[str] = []  # empty records the index skipped (a resumed run keeps its manifest's)
+        self.created_out = False  # OUT_DIR did not exist before this run
+        self.resumed = False  # a previous run's manifest is this run's
         self.index_nodes: list[str] = []  # Ray nodes that indexed ranges of the input (none: the driver did)
 
     # -- the steps ------------------------------------------------------------------------------------
@@ -163,15 +166,19 @@ class EmbedJob:
     def run(self) -> EmbedResult:
         opts = self.opts
         self.timeline.mark("driver_started")  # imports done, arguments parsed
-        # Ray takes seconds to start: meanwhile the model, the input and the output are checked. A service
-        # runs on this machine's Ray.
+        # options, input, output and the model's files: milliseconds, before Ray is started
+        self.source, model_source = check_embed(self.input, self.out.uri, self.model, opts)
+        # Ray takes seconds to start: meanwhile the model's weights are checked and the output prepared. A
+        # service runs on this machine's Ray.
+        own_session = self.session is None
         self.session = self.session or RaySession(
             opts.address or ("auto" if opts.service else None), opts.dashboard_host,
             local_dashboard(opts.dashboard, self.input), on_ready=lambda: self.timeline.mark("ray_up"))
         try:
-            self._check()
+            self._check(model_source)
         except BaseException:
-            self.session.close()
+            # a command exits at once; a call waits for Ray's start to end before it disconnects
+            self.session.close(wait=own_session)
             raise
         todo = np.zeros(0, np.int64)
         try:
@@ -181,11 +188,7 @@ class EmbedJob:
                 return self._nothing_to_do()
             totals = self._deal(todo)
         except BaseException:
-            if self.manifest is not None:  # what finished stays finished: --resume starts from here
-                try:
-                    self.manifest.save(self.out)
-                except Exception:  # noqa: BLE001 - the original error matters more
-                    log.warning("could not save the manifest", exc_info=True)
+            self._keep_what_finished()
             raise
         finally:
             self._close()
@@ -193,14 +196,33 @@ class EmbedJob:
         self.timeline.mark("done")
         return self._result(todo, totals)
 
-    def _check(self) -> None:
-        """What can be known without Ray: the model (names and shapes), the input, the output directory."""
-        self.target = None if self.opts.service else _Target.local(self.model, self.opts)  # a bad checkpoint fails here
+    def _check(self, model_source: ModelSource | None) -> None:
+        """What can be known before Ray is up: the model's weights (names and shapes) and the output columns
+        asked of it; the output directory, prepared."""
+        if model_source is not None:  # (a service's model is checked by the service)
+            self.target = _Target.local(model_source, self.opts)  # a bad checkpoint fails here
         self.timeline.mark("model_checked")
-        self.source = open_input(self.input)
+        self.created_out = not self.out.exists_dir()
         _prepare_out_dir(self.out, self.opts)
         self.local_scratch = (self.out.local_path / WORK_DIR if self.out.local_path is not None
                               else Path(tempfile.mkdtemp(prefix="virnucpro-work-")))
+
+    def _keep_what_finished(self) -> None:
+        """After a failure or Ctrl-C: a run with finished parts keeps them and its manifest (--resume
+        finishes it); a run that wrote no part leaves nothing behind (a rerun needs no --overwrite)."""
+        if self.manifest is not None and (self.manifest.batches_done or self.resumed):
+            try:
+                self.manifest.save(self.out)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                log.warning("could not save the manifest", exc_info=True)
+            return
+        if self.manifest is not None:
+            self.out.delete(MANIFEST)
+        self.out.child(WORK_DIR).delete_tree()
+        if self.local_scratch is not None:
+            shutil.rmtree(self.local_scratch, ignore_errors=True)
+        if self.created_out:
+            self.out.delete_dir_if_empty()
 
     def _connect(self) -> None:
         """Ray up; the actors launched (they load their model while the input is indexed and planned)."""
@@ -225,6 +247,7 @@ class EmbedJob:
         fingerprint = plan_fingerprint(source.name, source.family, target.truncation, toks, self.source.identity(),
                                        *(() if default_columns(*outputs) else (outputs,)))
         old = _resumable_manifest(out, fingerprint) if opts.resume else None
+        self.resumed = old is not None
         if old is not None and old.complete:
             self.manifest = old
             return None
@@ -383,13 +406,17 @@ class _Target:
     placement: Placement | None = None
 
     @classmethod
-    def local(cls, model: str, opts: EmbedOptions) -> _Target:
-        """The job's own actors will load `model`; checked here (names and shapes), before they start."""
-        from virnucpro.models import check_model, load_tokenizer, resolve_model
+    def local(cls, source: ModelSource, opts: EmbedOptions) -> _Target:
+        """The job's own actors will load `source`; checked here (names and shapes, and the output columns
+        asked of it), before they start."""
+        from virnucpro.models import describe_model, load_tokenizer
 
-        source = resolve_model(model)
-        return cls(source, load_tokenizer(source, opts.truncation_seq_length), check_model(source),
-                   opts.truncation_seq_length, 0)
+        shape = describe_model(source)
+        try:
+            plan_columns(opts.repr_layers, opts.include, shape.layers, shape.bos_name, shape.logits)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
+        return cls(source, load_tokenizer(source, opts.truncation_seq_length), shape.dim, opts.truncation_seq_length, 0)
 
     def place(self, opts: EmbedOptions) -> None:
         """Once Ray is up: the device and actor count from the cluster's resources."""
@@ -474,7 +501,7 @@ def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
     except Exception as e:  # noqa: BLE001 - OSError locally, pyarrow / fsspec errors elsewhere
         raise EmbedError(f"{out}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
     parts = [name for name in files if PART_NAME.fullmatch(name)]
-    previous = holds_run(files)
+    previous = holds_run(out, files)
     if opts.resume or opts.overwrite:  # temporaries of writes a killed run left behind
         _remove_temporaries(out, files)
     if previous and opts.overwrite:
@@ -485,11 +512,6 @@ def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
         out.child(WORK_DIR).delete_tree()
     elif previous and not opts.resume:
         raise EmbedError(f"{out}: {PREVIOUS_RUN}")
-
-
-def holds_run(files: Iterable[str]) -> bool:
-    """Whether a directory's files (`list_files()`) are a run's output (a manifest or parts)."""
-    return any(f in (MANIFEST, LEGACY_MANIFEST) or PART_NAME.fullmatch(f) for f in files)
 
 
 def _remove_temporaries(out: OutputLocation, files: dict[str, int]) -> None:

@@ -136,9 +136,13 @@ class RaySession:
         """Block until Ray is up; True when this session connected it (Ray's own error if it failed)."""
         return self.future.result()
 
-    def close(self) -> float:
-        """Disconnect if this session connected (after a start that failed: nothing); the seconds it took."""
+    def close(self, wait: bool = True) -> float:
+        """Disconnect if this session connected (after a start that failed: nothing); the seconds it took.
+        `wait` False: while Ray is still starting, return at once (a command that is about to exit: its Ray
+        processes end with it)."""
         start = time.perf_counter()
+        if not wait and not self.future.done():
+            return 0.0
         try:
             connected = self.future.result()
         except Exception:  # noqa: BLE001 - the run's own error is the one to report

@@ -295,7 +295,7 @@ def test_esm2_bf16_per_residue_columns_match_fp32_fair_esm(tmp_path):
     residue cosine >= 0.999, pooled >= MIN_COSINE."""
     import esm
 
-    from virnucpro.models import compute_columns, residue_counts
+    from virnucpro.models.columns import compute_columns, residue_counts
     from virnucpro.output import plan_columns
 
     path = write_esm2_checkpoint(tmp_path / "esm2_cols.pt", 6, 320, 20, seed=23)
@@ -329,7 +329,7 @@ def test_esm2_bf16_per_residue_columns_match_fp32_fair_esm(tmp_path):
 
 def test_dnabert_s_bf16_per_token_matches_fp32_reference(tmp_path):
     from tests.reference_dnabert import load_reference_model, load_reference_tokenizer, reference_forward
-    from virnucpro.models import compute_columns
+    from virnucpro.models.columns import compute_columns
     from virnucpro.output import plan_columns
 
     path = write_dnabert_s_dir(tmp_path / "dnabert_cols", hidden=768, layers=4, heads=12, intermediate=3072, seed=4)

@@ -231,7 +231,7 @@ def test_load_model_and_tokenizer_by_source(esm_tiny, dnabert_tiny):
 
 
 def test_family_registry_describes_each_model(esm_tiny, dnabert_tiny):
-    from virnucpro.models.family import ModelFamily
+    from virnucpro.models.registry import ModelFamily
     from virnucpro.sequences import DNA, PROTEIN
 
     assert (ESM2_FAMILY, DNABERT_S_FAMILY) == ("esm2", "dnabert_s")

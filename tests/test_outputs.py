@@ -11,7 +11,7 @@ import torch
 from tests.conftest import fair_esm_reference, random_dna, random_proteins, write_fasta
 from tests.reference_dnabert import load_reference_model, load_reference_tokenizer, reference_forward
 from virnucpro.attention import Packing
-from virnucpro.models import compute_columns, residue_counts
+from virnucpro.models.columns import compute_columns, residue_counts
 from virnucpro.models.dnabert_s import DNABERTSTokenizer, load_dnabert_s
 from virnucpro.models.esm2 import ESM2Tokenizer, load_esm2
 from virnucpro.options import EmbedOptions, OptionError

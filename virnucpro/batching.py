@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import ModelSource
+from .models.registry import ModelSource
 from .index import FastaIndex, RecordReader
 from .options import EmbedOptions
 from .storage import Location

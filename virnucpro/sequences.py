@@ -171,6 +171,18 @@ def open_input(where: str | Path) -> InputFile:
         raise unreadable(where, e) from None
 
 
+def check_fasta(where: str | Path) -> InputFile:
+    """The input file at a path or URI, once its start is found to be FASTA (one block read): a missing,
+    empty or other kind of file is a one-line SequenceError before anything starts."""
+    source = open_input(where)
+    try:
+        with source.stream() as f:
+            _first_header(f, source.uri)
+    except (OSError, EOFError) as e:
+        raise SequenceError(f"{source.uri}: {'damaged or truncated gzip file' if source.gzip else 'cannot read'} ({e})") from None
+    return source
+
+
 _BLOCK = 1 << 18  # bytes read at a time: what the index pass holds, however long a line is
 MAX_HEADER = 1 << 20  # a longer header line is an error (a header is buffered whole, a sequence never)
 _RECORDS_PER_YIELD = 1024  # records the scanner hands over at a time (and at most _BLOCK residues)

@@ -138,6 +138,17 @@ class Location:
     def make_dirs(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
 
+    def exists_dir(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
+
+    def delete_dir_if_empty(self) -> None:
+        """Remove the directory if nothing is in it (on object stores a directory is only a prefix)."""
+        try:
+            if not self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True)):
+                self.fs.delete_dir(self.path)
+        except (FileNotFoundError, OSError):
+            pass
+
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self.join(name)).type == pafs.FileType.File
 

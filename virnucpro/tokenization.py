@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 # fair-esm's "ESM-1b" alphabet, used by every ESM-2 checkpoint: 4 specials, 25 residues, '.', '-',
 # one filler to a multiple of 8, then <mask>.
@@ -56,6 +56,23 @@ class ESM2Tokenizer:
             pieces.append(np.concatenate(([CLS], self._lut[raw], [EOS])).astype(np.int32))
             lengths.append(len(raw) + 2)
         return np.concatenate(pieces), np.asarray(lengths, np.int32), np.asarray(truncated, bool)
+
+
+def check_esm_vocab(model_dir: Path) -> None:
+    """vocab.txt, when present, must be fair-esm's alphabet in its order: our tokenizer is that alphabet."""
+    vocab = model_dir / "vocab.txt"
+    if not vocab.is_file():
+        return
+    tokens = [line.strip() for line in vocab.read_text().splitlines()]
+    while tokens and not tokens[-1]:
+        tokens.pop()
+    if tokens != ALPHABET:
+        i = next((i for i, (a, b) in enumerate(zip(tokens, ALPHABET)) if a != b), min(len(tokens), len(ALPHABET)))
+        got = tokens[i] if i < len(tokens) else "(end)"
+        want = ALPHABET[i] if i < len(ALPHABET) else "(end)"
+        raise CheckpointError(f"{vocab}: not ESM-2's alphabet ({len(tokens)} tokens; token {i} is '{got}', "
+                              f"expected '{want}')")
+
 
 
 class DNABERTSTokenizer:

@@ -26,11 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Backend, Packing, alibi_slopes, attention, in_background, select_backend
-from ..checkpoint import CheckpointError
-from ..sequences import DNA
-from ..tokenization import DNABERTSTokenizer  # noqa: F401 - also imported from here (FAMILY uses it)
+from ..errors import CheckpointError
+from ..tokenization import DNABERTSTokenizer  # noqa: F401 - also imported from here
 from .esm2 import check_state_dict, load_error, load_weights_only, on_meta_device, to_device
-from .family import ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -323,20 +321,14 @@ def fused_kernels_fail(device: torch.device, dtype: torch.dtype, width: int, int
     return None
 
 
-def _embed_dim(model_dir: Path) -> int:
-    return check_dnabert_s(model_dir).hidden_size
+def load(path: Path, device: torch.device | str, dtype: torch.dtype, attention_backend: str = "auto") -> DNABERTS:
+    """The registry's loader (`virnucpro.models.registry.FAMILIES`)."""
+    return load_dnabert_s(path, device, dtype, attention_backend)
 
 
-def _claims_dir(config: dict) -> bool:
-    """A BERT-style config.json (DNABERT-S's says model_type "bert"; some copies say nothing) with a width."""
-    return str(config.get("model_type", "")).lower() in ("bert", "") and "hidden_size" in config
-
-
-FAMILY = ModelFamily(
-    name=DNABERTS.family, title="DNABERT-S", sequence_kind=DNA, tokenizer=DNABERTSTokenizer, load=load_dnabert_s,
-    check=_embed_dim,
-    # DNABERT-S does ~25x fewer FLOPs a token than ESM-2 3B: bigger batches keep the GPU busy while the
-    # per-batch host work (reading, tokenising, the Parquet part) stays the same
-    gpu_toks_per_batch=262144,
-    claims_dir=_claims_dir,
-)
+def describe(model_dir: Path) -> dict:
+    """The registry's check: the weights' names and shapes checked without loading them; the width and
+    the layers (no LM head: no logits)."""
+    config = check_dnabert_s(model_dir)
+    return {"dim": config.hidden_size, "layers": config.num_hidden_layers, "logits": False,
+            "bos_name": DNABERTS.bos_name}

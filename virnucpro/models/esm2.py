@@ -31,10 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Backend, Packing, attention, in_background, select_backend
-from ..checkpoint import CheckpointError
-from ..sequences import PROTEIN
-from ..tokenization import ALPHABET, CLS, EOS, MASK, PAD, UNK, ESM2Tokenizer  # noqa: F401 - also imported from here
-from .family import ModelFamily
+from ..errors import CheckpointError
+from ..tokenization import ALPHABET, CLS, EOS, MASK, PAD, UNK, ESM2Tokenizer, check_esm_vocab  # noqa: F401 - also imported from here
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +360,7 @@ def hf_config(model_dir: Path) -> ESM2Config:
     layers, dim, heads = raw["num_hidden_layers"], raw["hidden_size"], raw["num_attention_heads"]
     for refusal in _hf_refusals(raw, dim, heads):
         raise CheckpointError(f"{where}: {refusal}")
-    _check_hf_vocab(model_dir)
+    check_esm_vocab(model_dir)
     # transformers' EsmConfig defaults token_dropout to False; ESM-2's configs say true
     return ESM2Config(layers, dim, heads, bool(raw.get("token_dropout", False)))
 
@@ -391,22 +389,6 @@ def _hf_refusals(raw: dict, dim: int, heads: int) -> list[str]:
          f"mask_token_id {mask}: ESM-2's <mask> is {MASK}"),
     ]
     return [message for refused, message in checks if refused]
-
-
-def _check_hf_vocab(model_dir: Path) -> None:
-    """vocab.txt, when present, must be fair-esm's alphabet in its order: our tokenizer is that alphabet."""
-    vocab = model_dir / "vocab.txt"
-    if not vocab.is_file():
-        return
-    tokens = [line.strip() for line in vocab.read_text().splitlines()]
-    while tokens and not tokens[-1]:
-        tokens.pop()
-    if tokens != ALPHABET:
-        i = next((i for i, (a, b) in enumerate(zip(tokens, ALPHABET)) if a != b), min(len(tokens), len(ALPHABET)))
-        got = tokens[i] if i < len(tokens) else "(end)"
-        want = ALPHABET[i] if i < len(ALPHABET) else "(end)"
-        raise CheckpointError(f"{vocab}: not ESM-2's alphabet ({len(tokens)} tokens; token {i} is '{got}', "
-                              f"expected '{want}')")
 
 
 def _hf_weight_files(model_dir: Path) -> dict[str, Path]:
@@ -526,10 +508,13 @@ def _matched(path: str | Path, config: ESM2Config, state: dict[str, torch.Tensor
 def check_esm2(path: str | Path) -> ESM2Config:
     """Check a checkpoint's parameter names and shapes without loading its weights (the driver does
     this before any actor starts, so a bad file fails in seconds, not after GPU actors come up)."""
+    return _checked(path)[0]
+
+
+def _checked(path: str | Path) -> tuple[ESM2Config, ESM2]:
     config, state = read_checkpoint(path, shapes_only=True)  # memory-mapped or meta: no weight is read
     meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
-    _matched(path, config, meta, config.num_layers)
-    return config
+    return config, _matched(path, config, meta, config.num_layers)[0]
 
 
 def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -548,31 +533,14 @@ def load_esm2(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     return model.eval().requires_grad_(False)
 
 
-def _tokenizer(path: Path, truncation_seq_length: int | None) -> ESM2Tokenizer:
-    if path.is_dir():
-        _check_hf_vocab(path)  # an HF directory's vocab.txt must be the fixed alphabet the tokenizer has
-    return ESM2Tokenizer(truncation_seq_length)
-
-
-def _load(path: Path, device: torch.device | str, dtype: torch.dtype, attention_backend: str) -> ESM2:
+def load(path: Path, device: torch.device | str, dtype: torch.dtype, attention_backend: str = "auto") -> ESM2:
+    """The registry's loader (`virnucpro.models.registry.FAMILIES`)."""
     return load_esm2(path, device, dtype, attention_backend=attention_backend)
 
 
-def _embed_dim(path: Path) -> int:
-    return check_esm2(path).embed_dim
-
-
-def _claims_dir(config: dict) -> bool:
-    """transformers' ESM config.json (model_type "esm"; or, without one, Esm* architectures). ESM-1b and
-    ESMFold configs say "esm" too: they are claimed here and refused by `hf_config` with the reason."""
-    model_type = str(config.get("model_type", "")).lower()
-    return model_type == "esm" or (not model_type and any(
-        str(a).startswith("Esm") for a in config.get("architectures") or []))
-
-
-FAMILY = ModelFamily(
-    name=ESM2.family, title="ESM-2", sequence_kind=PROTEIN, tokenizer=_tokenizer, load=_load, check=_embed_dim,
-    # on a GPU the actor's budget is what fills the chip (see bench/) without risking memory on 40 GB cards
-    gpu_toks_per_batch=65536,
-    claims_dir=_claims_dir,
-)
+def describe(path: Path) -> dict:
+    """The registry's check: the weights' names and shapes checked without loading them; the width, the
+    layers and whether the checkpoint has an LM head (logits)."""
+    config, model = _checked(path)
+    return {"dim": config.embed_dim, "layers": config.num_layers, "logits": model.lm_head is not None,
+            "bos_name": model.bos_name}
