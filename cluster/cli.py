@@ -47,6 +47,9 @@ def create_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", required=True, help=MODEL_HELP)
     v.add_argument("--name", default="virnucpro", help="service name (default: %(default)s)")
     v.add_argument("--replicas", type=int, default=1, help="model replicas (default: %(default)s)")
+    v.add_argument("--request-timeout", type=float, default=300.0, metavar="S",
+                   help="an HTTP request not answered within S seconds gets 503 with Retry-After "
+                        "(default: %(default)s)")
     v.add_argument("--gpus-per-replica", type=float, default=None,
                    help="Ray GPU resource of each replica (default 1 on a GPU cluster, 0 on CPU; 0.5 shares a GPU)")
     v.add_argument("--http-host", default="127.0.0.1", help="where Serve's HTTP proxy listens (default: "
@@ -178,9 +181,10 @@ def _serve(args: argparse.Namespace) -> str:
 
     if args.verb == "start":
         opts = from_args(EmbedOptions, args)
+        limits = _limits(args)
         connect(opts.address, start_if_missing=True, dashboard_host=opts.dashboard_host)
         s = start_service(args.model, args.name, args.replicas, args.gpus_per_replica, opts, args.http_host,
-                          args.http_port)
+                          args.http_port, limits=limits)
         return (f"service '{s['name']}' {s['status']}: {s['model']} on {s['replicas']} replica(s); jobs: virnucpro "
                 f"embed IN -o OUT --service {s['name']}; HTTP: http://{args.http_host}:{args.http_port}{s['route']}")
     connect(args.address)
@@ -190,6 +194,14 @@ def _serve(args: argparse.Namespace) -> str:
     rows = service_status(args.name)
     return "\n".join(f"{s['name']}\t{s['status']}\t{s['model']}\treplicas {s['replicas']}\t{s['route']}"
                      for s in rows) or "no virnucpro service is running"
+
+
+def _limits(args: argparse.Namespace):
+    if not args.request_timeout > 0:
+        raise OptionError(f"--request-timeout {args.request_timeout}: seconds, more than 0")
+    from actors.ingress import Limits
+
+    return Limits(request_timeout_s=args.request_timeout)
 
 
 def _fields(opts) -> dict:

@@ -1,12 +1,13 @@
 """`virnucpro serve start|status|stop`, and the pool through which a job uses a running service.
 
-A service is a Ray Serve application named NAME whose deployment (`actors.service.EmbeddingService`)
-keeps one model loaded on N replicas. `virnucpro embed --service NAME` deals its batches to it through
-`service_pool`, which has the surface of the job's own `ActorPool`: Serve routes each batch to a
-replica, restarts replicas that die (the batch is dealt again, as with a dead actor), and shares the
-replicas among jobs. Each job keeps at most a few batches per replica in flight, so a job of 10^6
-sequences and one of 100 take turns at the replicas' queues: the small one waits for a few batches,
-not for the large one.
+A service is a Ray Serve application named NAME of two deployments: the model
+(`actors.service.EmbeddingService`), loaded on N replicas, and in front of it a light CPU ingress (`actors.ingress`) that
+answers HTTP at /NAME and hands the model token batches, retrying those whose replica dies.
+`virnucpro embed --service NAME` deals its batches to the model deployment through `service_pool`,
+which has the surface of the job's own `ActorPool`: Serve routes each batch to a replica, restarts
+replicas that die (the batch is dealt again, as with a dead actor), and shares the replicas among
+jobs. Each job keeps at most a few batches per replica in flight, so a job of 10^6 sequences and one
+of 100 take turns at the replicas' queues: the small one waits for a few batches, not for the large one.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from .scheduling import EmbedError
 log = logging.getLogger("virnucpro")
 
 DEPLOYMENT = "EmbeddingService"
+INGRESS = "EmbeddingIngress"
 DEFAULT_NAME = "virnucpro"
 DEFAULT_HTTP_PORT = 8000
-MAX_ONGOING_REQUESTS = 64  # queued batches a replica accepts, all jobs together
+MAX_ONGOING_REQUESTS = 64  # queued batches a replica accepts, all jobs and HTTP requests together
 
 
 def connect(address: str | None = None, start_if_missing: bool = False, dashboard_host: str = "127.0.0.1") -> None:
@@ -59,31 +61,42 @@ def connect(address: str | None = None, start_if_missing: bool = False, dashboar
 
 def start_service(model: str, name: str = DEFAULT_NAME, replicas: int = 1, gpus_per_replica: float | None = None,
                   opts: EmbedOptions | None = None, http_host: str = "127.0.0.1",
-                  http_port: int = DEFAULT_HTTP_PORT, actor_class: type | None = None) -> dict:
+                  http_port: int = DEFAULT_HTTP_PORT, actor_class: type | None = None, limits=None) -> dict:
     """Deploy `model` as service `name` on the connected cluster and wait until its replicas are up.
-    `actor_class`: what each replica runs, `Embedder` or a subclass (the tests inject faults with it)."""
+    `limits`: the HTTP
+    requests' (`actors.ingress.Limits`: sizes, timeout, queue). `actor_class`: what each replica runs,
+    `Embedder` or a subclass (the tests inject faults with it)."""
     from ray import serve
 
     from actors.embedder import ActorConfig
+    from actors.ingress import EmbeddingIngress, IngressConfig, Limits
     from actors.service import EmbeddingService, ServiceConfig
-    from virnucpro.models import check_model, default_toks_per_batch, resolve_model
+    from virnucpro.models import check_model, default_toks_per_batch, load_tokenizer, resolve_model
 
     from .session import Placement
 
     opts = opts or EmbedOptions()
+    limits = limits or Limits()
     source = resolve_model(model)
     check_model(source)  # a bad checkpoint fails here, not in every replica
     place = Placement.of(opts.replace(gpus_per_actor=gpus_per_replica, num_actors=replicas))
     toks = opts.toks_per_batch or default_toks_per_batch(source, place.device)
     config = ServiceConfig(ActorConfig(source, None, place.device, opts), toks_per_batch=toks,
                            **({"actor_class": actor_class} if actor_class else {}))
-    serve.start(http_options={"host": http_host, "port": http_port})
-    deployment = serve.deployment(EmbeddingService).options(
+    model_deployment = serve.deployment(EmbeddingService).options(
         name=DEPLOYMENT, num_replicas=replicas, max_ongoing_requests=MAX_ONGOING_REQUESTS,
         ray_actor_options={"num_gpus": place.gpus_per_actor, "num_cpus": 1},
         health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=30)
+    # the ingress parses, tokenises and encodes; it takes no CPU from the cluster's count, as Serve's proxy
+    ingress = serve.deployment(EmbeddingIngress).options(
+        name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=limits.max_requests, max_queued_requests=limits.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": limits.retry_after_s})
+    ingress_config = IngressConfig(source, load_tokenizer(source, opts.truncation_seq_length), toks, limits)
+    serve.start(http_options={"host": http_host, "port": http_port})
     log.info("starting service '%s': %d replica(s) of %s on %s", name, replicas, source.name, place.device)
-    serve.run(deployment.bind(config), name=name, route_prefix=f"/{name}", blocking=False)
+    serve.run(ingress.bind(ingress_config, model_deployment.bind(config)), name=name, route_prefix=f"/{name}",
+              blocking=False)
     return next(s for s in service_status() if s["name"] == name)
 
 
@@ -99,7 +112,8 @@ def service_status(name: str | None = None) -> list[dict]:
         model = toks = None
         if deployment.status == "HEALTHY":
             try:
-                info = _described(app_name, partial(serve.get_app_handle, app_name), timeout_s=30)
+                info = _described(app_name, partial(serve.get_deployment_handle, DEPLOYMENT, app_name=app_name),
+                                  timeout_s=30)
                 model, toks = info["source"].name, info["toks_per_batch"]
             except InterfaceMismatch:
                 model = "(another VirNucPro: restart this service)"

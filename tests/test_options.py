@@ -91,3 +91,13 @@ def test_help_is_fast_and_imports_neither_torch_nor_ray():
     seconds, torch_loaded, ray_loaded = out.split()
     assert torch_loaded == "False" and ray_loaded == "False"
     assert float(seconds) < 1.0
+
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--request-timeout", "0"], "--request-timeout 0.0: seconds, more than 0"),
+])
+def test_serve_start_refuses_bad_limits_before_joining_ray(capsys, flags, message):
+    code = main(["serve", "start", "--model", "nope", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err

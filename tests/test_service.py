@@ -1,6 +1,7 @@
 """The embedding service on Ray Serve, on CPU with a tiny model: start, status and stop; jobs through it
 (the same rows as a job's own actors, two jobs at once, a replica killed mid-job, a replica's torch
-error); HTTP with the cluster's token, bad input and size limits; a service of another VirNucPro refused."""
+error); HTTP with the cluster's token, bad input and size limits, a short soak with a replica killed
+(no request lost); a service of another VirNucPro refused."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,10 +28,11 @@ import ray
 
 from actors.embedder import Embedder
 from actors.service import _torch_free_errors
+from bench.soak import Soak, kill_local_replica, run_soak, summary
 from cluster.cli import main
 from cluster.driver import embed
 from cluster.scheduling import EmbedError
-from cluster.service import _described, check_interface, service_status, start_service, stop_service
+from cluster.service import DEPLOYMENT, _described, check_interface, service_status, start_service, stop_service
 from tests import faults
 from tests.conftest import random_dna, random_proteins, write_fasta
 from virnucpro import batching
@@ -39,7 +42,16 @@ from virnucpro.output import part_metadata, read_embeddings
 
 pytestmark = pytest.mark.slow
 
-PORT = 8931
+
+def _free_port() -> int:
+    """A loopback port nobody listens on now: Serve's proxy shares its port with another's (SO_REUSEPORT),
+    so two test sessions on one port would answer each other's requests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = _free_port()
 
 
 @pytest.fixture(scope="module")
@@ -209,21 +221,34 @@ def test_replica_killed_mid_job(service, tmp_path):
     assert "result" in box, "the job did not finish after a replica was killed"
     assert box["result"].batches_retried >= 1
     _assert_exactly_once(tmp_path / "k", ids)
-    deadline = time.monotonic() + 120  # Serve replaces the replica
-    while service_status("svc")[0]["replicas"] != {"RUNNING": 2}:
-        assert time.monotonic() < deadline, service_status("svc")
-        time.sleep(1)
+    _wait_for(lambda: _running("svc") == 2, 120, "Serve to replace the replica")
 
 
-def _post(body: bytes, content_type: str, token: str | None, accept: str = "application/json"):
+def _running(name: str) -> int:
+    from ray import serve
+
+    return serve.status().applications[name].deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds} s for {what}: {service_status()}"
+        time.sleep(0.2)
+
+
+def _post(body: bytes, content_type: str, token: str | None, accept: str = "application/json", app: str = "svc",
+          headers_out: dict | None = None):
     headers = {"Content-Type": content_type, "Accept": accept}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/svc", data=body, headers=headers)
+    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/{app}", data=body, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
+        if headers_out is not None:
+            headers_out.update({k.lower(): v for k, v in e.headers.items()})
         return e.code, e.read()
 
 
@@ -262,7 +287,24 @@ def test_http_bad_input_and_limits(service):
     assert message == "request: record 'x': character '1' at position 3 is not a valid protein letter"
     assert _post(b"{not json", "application/json", _token())[0] == 400
     many = json.dumps({"sequences": ["MK"] * 10_001}).encode()
-    assert _post(many, "application/json", _token())[0] == 413
+    status, data = _post(many, "application/json", _token())
+    assert (status, json.loads(data)["error"]) == (413, "10001 sequences in one request; at most 10000 per request")
+    # a body over 16 MiB: read to its end and refused with the limit, not a connection reset
+    large = b">big\n" + b"M" * (17 << 20) + b"\n"
+    status, data = _post(large, "text/x-fasta", _token())
+    assert (status, json.loads(data)["error"]) == (
+        413, f"request of {len(large)} bytes; at most {16 << 20} bytes (16 MiB) per request")
+
+
+def test_http_soak_with_a_replica_killed_loses_no_request(service):
+    """Hundreds of requests from 8 clients, a replica SIGKILLed under them: each one answered 200 (the
+    ingress computes the dead replica's batches on the other), none failed."""
+    soak = Soak(f"http://127.0.0.1:{PORT}/svc", clients=8, requests=300, proteins=(1, 12), lengths=(20, 120),
+                kill_at=(2.0,), timeout_s=120)
+    result = run_soak(soak, _token(), kill=lambda: kill_local_replica("svc"))
+    assert len(result["kills"]) == 1 and result["wall_s"] > 2.5, summary(result)  # killed mid-soak
+    assert (result["answered"], result["failed"]) == (300, {}), summary(result) + f" {result['errors']}"
+    _wait_for(lambda: _running("svc") == 2, 120, "Serve to replace the replica")
 
 
 def test_cli_serve_status_and_stop(service, esm_tiny, capsys):
