@@ -5,7 +5,8 @@ batches through a deployment handle, as they deal batches to actors of their own
 the Parquet part into the job's output directory and returns a `PartResult`, so output, manifest,
 resume and exactly-once are the job's as always. HTTP requests reach it through the service's ingress
 (`actors.ingress`), which hands it token batches (`compute`) and gets their embeddings back. Serve
-gives the rest: replicas restarted when they die, health checks, the HTTP proxy and the Serve page of the Ray dashboard.
+gives the rest: replicas restarted when they die, health checks, autoscaling on the queue, the HTTP
+proxy and the Serve page of the Ray dashboard.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ServiceConfig:
     actor: ActorConfig  # out_dir None: each job's batches say where their parts go
     toks_per_batch: int = 65536  # the budget jobs plan with, and HTTP requests are cut by
     actor_class: type = Embedder  # what each replica runs (a subclass, in the tests' fault injection)
+    max_replicas: int = 1  # the most replicas Serve may run (autoscaling): how many a job fills
 
 
 class EmbeddingService:
@@ -46,8 +48,9 @@ class EmbeddingService:
     async def describe(self) -> dict:
         """The interface this replica's VirNucPro speaks, as a plain string. A driver checks it before it
         asks for `description`, whose objects a driver of another VirNucPro may not deserialise
-        (`cluster.service.describe_service`)."""
-        return {"interface": interface_fingerprint()}
+        (`cluster.service.describe_service`). With it, the most replicas the service may run (its jobs
+        fill as many)."""
+        return {"interface": interface_fingerprint(), "max_replicas": self.config.max_replicas}
 
     async def description(self) -> dict:
         """What a job's driver needs: the model (to plan and fingerprint), its tokenizer, the replica.

@@ -1,7 +1,7 @@
 """The embedding service on Ray Serve, on CPU with a tiny model: start, status and stop; jobs through it
 (the same rows as a job's own actors, two jobs at once, a replica killed mid-job, a replica's torch
 error); HTTP with the cluster's token, bad input and size limits, a short soak with a replica killed
-(no request lost); a service of another VirNucPro refused."""
+(no request lost); autoscaling from zero, under load and back; a service of another VirNucPro refused."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,12 +29,14 @@ import pytest
 import ray
 
 from actors.embedder import Embedder
+from actors.ingress import Limits
 from actors.service import _torch_free_errors
 from bench.soak import Soak, kill_local_replica, run_soak, summary
 from cluster.cli import main
 from cluster.driver import embed
 from cluster.scheduling import EmbedError
-from cluster.service import DEPLOYMENT, _described, check_interface, service_status, start_service, stop_service
+from cluster.service import (DEPLOYMENT, Scaling, _described, check_interface, service_status, start_service,
+                             stop_service)
 from tests import faults
 from tests.conftest import random_dna, random_proteins, write_fasta
 from virnucpro import batching
@@ -56,7 +60,8 @@ PORT = _free_port()
 
 @pytest.fixture(scope="module")
 def serve_ray():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    # 4 CPUs in Ray's count: svc's 2 replicas, and another service's 2 (the ingresses count none)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield
     from ray import serve
 
@@ -305,6 +310,52 @@ def test_http_soak_with_a_replica_killed_loses_no_request(service):
     assert len(result["kills"]) == 1 and result["wall_s"] > 2.5, summary(result)  # killed mid-soak
     assert (result["answered"], result["failed"]) == (300, {}), summary(result) + f" {result['errors']}"
     _wait_for(lambda: _running("svc") == 2, 120, "Serve to replace the replica")
+
+
+def test_autoscaling_from_zero_under_load_and_back(serve_ray, esm_tiny, tmp_path):
+    """A service of 0-2 replicas: none while idle; the first request then waits for one to load and is
+    answered; a second replica comes under load; a burst beyond the ingress's queue gets 503 with
+    Retry-After at once; idle again, none, and a job then waits for one and completes. (Short delays:
+    Serve's defaults are 30 s up, 600 s down.)"""
+    scaling = Scaling(0, 2, upscale_delay_s=0.5, downscale_delay_s=1.0, look_back_s=1.0, metrics_interval_s=0.25)
+    start_service(str(esm_tiny), "auto", opts=EmbedOptions(device="cpu", toks_per_batch=256), http_port=PORT,
+                  actor_class=faults.slow(0.2), scaling=scaling, limits=Limits(max_requests=4, max_queued_requests=2))
+    body = json.dumps({"sequences": random_proteins(16, 20, 60, seed=60)}).encode()
+    post = partial(_post, body, "application/json", _token(), app="auto")
+    statuses: Counter = Counter()
+    try:
+        _wait_for(lambda: _running("auto") == 0, 60, "the idle service to scale to zero")
+        assert post()[0] == 200  # held while a replica loads, then answered
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                status, reply = post()
+                statuses[status if status == 200 else (status, reply[:300])] += 1
+
+        # 2 clients keep ~7 batches at the replica (target: 3); fewer than the ingress's 4 requests at
+        # work, as a request's slot there is freed a moment after its client has the answer
+        clients = [threading.Thread(target=client) for _ in range(2)]
+        for c in clients:
+            c.start()
+        _wait_for(lambda: _running("auto") == 2, 60, "a second replica under load")
+        stop.set()
+        for c in clients:
+            c.join()
+        assert set(statuses) == {200}, statuses
+        retry_after: dict = {}
+        time.sleep(0.5)
+        with ThreadPoolExecutor(10) as pool:  # 4 at work and 2 queued in the ingress: the others refused
+            burst = Counter(pool.map(lambda _: post(headers_out=retry_after)[0], range(10)))
+        assert burst[503] >= 1 and burst[200] >= 4 and burst[200] + burst[503] == 10, burst
+        assert retry_after["retry-after"] == "5"
+        _wait_for(lambda: _running("auto") == 0, 60, "the replicas to be removed when idle")
+        assert service_status("auto")[0]["model"].startswith("(no replica running")  # asked without waking it
+        ids = write_fasta(tmp_path / "in.faa", random_proteins(20, 20, 60, seed=61))
+        embed(tmp_path / "in.faa", tmp_path / "out", None, service="auto", progress=False)
+        _assert_exactly_once(tmp_path / "out", ids)
+    finally:
+        stop_service("auto")
 
 
 def test_cli_serve_status_and_stop(service, esm_tiny, capsys):
