@@ -44,6 +44,8 @@ class EmbeddingService:
         self.embedder = config.actor_class(config.actor)
         self.embedder.prepare()
         self.tokenizer = load_tokenizer(config.actor.source, config.actor.options.truncation_seq_length)
+        self.streams = self.embedder.streams.qsize()  # all of them: no batch has taken one yet
+        self.turns: asyncio.Semaphore | None = None  # HTTP batches' turns at the streams (`compute`)
 
     async def describe(self) -> dict:
         """The interface this replica's VirNucPro speaks, as a plain string. A driver checks it before it
@@ -80,9 +82,15 @@ class EmbeddingService:
         self.embedder.info()
 
     async def compute(self, batch: TokenBatch) -> np.ndarray:
-        """Pooled embeddings [B, D] float32 of one batch of an HTTP request (from the ingress), nothing written."""
-        with _torch_free_errors("compute"):
-            return await asyncio.to_thread(self.embedder.compute, batch)
+        """Pooled embeddings [B, D] float32 of one batch of an HTTP request (from the ingress), nothing written.
+        The batches go to their threads in the order they came, as many at once as the replica has streams:
+        threads waiting on the embedder's pool of streams would take them in no particular order, and a
+        request is answered only when its last batch is."""
+        if self.turns is None:  # made here, on the replica's event loop
+            self.turns = asyncio.Semaphore(self.streams)
+        async with self.turns:
+            with _torch_free_errors("compute"):
+                return await asyncio.to_thread(self.embedder.compute, batch)
 
 
 @contextmanager

@@ -244,7 +244,8 @@ class Service:
         from cluster.service import start_service
         from virnucpro.options import EmbedOptions
 
-        ray.init(logging_level="WARNING", **({} if self.cuda else {"num_cpus": self.replicas + 1}))
+        # on CPU a Ray of its own, never one running on this machine (whose CPUs the replicas would share)
+        ray.init(logging_level="WARNING", **({} if self.cuda else {"address": "local", "num_cpus": self.replicas + 1}))
         self.token = (Path.home() / ".ray" / "auth_token").read_text().strip()
         opts = EmbedOptions() if self.cuda else EmbedOptions(device="cpu")
         stub = {"actor_class": stub_replica(self.args.stub_width)} if self.args.stub_width else {}

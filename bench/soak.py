@@ -69,7 +69,7 @@ def post(url: str, body: bytes, token: str, arrow: bool, timeout_s: float) -> tu
 def run_soak(soak: Soak, token: str, kill: Callable[[], object] | None = None) -> dict:
     """Run the soak; `kill()` kills a replica (at each of `soak.kill_at`) and says which.
     Returns the report: statuses, answered, failed by status, latency of the answered, tokens/s."""
-    results: list[tuple[str, float, int]] = []  # (status, seconds, tokens)
+    results: list[tuple[str, float, int, float]] = []  # (status, seconds, tokens, sent at: s after the start)
     errors: Counter = Counter()  # first line of each failure's body, for the report
     numbers = iter(range(soak.requests))
     lock = threading.Lock()
@@ -85,7 +85,7 @@ def run_soak(soak: Soak, token: str, kill: Callable[[], object] | None = None) -
             t = time.perf_counter()
             status, reply = post(soak.url, body, token, soak.arrow, soak.timeout_s)
             with lock:
-                results.append((status, time.perf_counter() - t, tokens))
+                results.append((status, time.perf_counter() - t, tokens, t - start))
                 if status != "200":
                     errors[f"{status}: {reply[:200].decode(errors='replace')}"] += 1
 
@@ -110,17 +110,22 @@ def _kill_on_schedule(kill_at: tuple[float, ...], kill, start: float, threads: l
     return kills
 
 
-def report(soak: Soak, results: list[tuple[str, float, int]], wall: float, kills: list, errors: Counter) -> dict:
-    statuses = Counter(status for status, _, _ in results)
-    ok = np.array([s for status, s, _ in results if status == "200"])
-    tokens = sum(t for status, _, t in results if status == "200")
+def report(soak: Soak, results: list[tuple[str, float, int, float]], wall: float, kills: list,
+           errors: Counter) -> dict:
+    statuses = Counter(r[0] for r in results)
+    ok = np.array([r[1] for r in results if r[0] == "200"])
+    tokens = sum(r[2] for r in results if r[0] == "200")
+    slowest = sorted(results, key=lambda r: -r[1])[:10]
     return {"soak": {k: v for k, v in asdict(soak).items() if k != "url"},
             "requests": len(results), "answered": statuses.get("200", 0),
             "failed": {k: v for k, v in statuses.items() if k != "200"},
             "p50_s": float(np.percentile(ok, 50)) if ok.size else None,
             "p99_s": float(np.percentile(ok, 99)) if ok.size else None,
             "wall_s": wall, "tokens_answered": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
-            "kills": kills, "errors": dict(errors.most_common(5))}
+            "kills": kills, "errors": dict(errors.most_common(5)),
+            # when the slowest were sent, beside the kills' times: what a death costs the requests it meets
+            "slowest": [{"sent_at_s": round(r[3], 2), "seconds": round(r[1], 3), "status": r[0], "tokens": r[2]}
+                        for r in slowest]}
 
 
 def kill_local_replica(app: str, deployment: str = "EmbeddingService") -> int:

@@ -5,6 +5,7 @@ error); HTTP with the cluster's token, bad input and size limits, a short soak w
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -30,7 +31,7 @@ import ray
 
 from actors.embedder import Embedder
 from actors.ingress import Limits
-from actors.service import _torch_free_errors
+from actors.service import EmbeddingService, _torch_free_errors
 from bench.soak import Soak, kill_local_replica, run_soak, summary
 from cluster.cli import main
 from cluster.driver import embed
@@ -185,6 +186,35 @@ def test_replica_errors_of_torch_classes_leave_as_runtime_errors():
         assert e.value is error  # the driver's scheduler tells these apart: unchanged
 
 
+def test_http_batches_take_their_turns_at_a_replica_in_arrival_order():
+    """A replica hands HTTP batches to threads in the order they came, as many at once as it has streams
+    (one on CPU): threads waiting for a stream would take it in no particular order, and a request whose
+    one batch waits behind later ones is answered late."""
+
+    class OneStream:
+        def __init__(self):
+            self.lock, self.running, self.most, self.order = threading.Lock(), 0, 0, []
+
+        def compute(self, batch):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.005)
+            with self.lock:
+                self.order.append(batch.batch_id)
+                self.running -= 1
+            return np.zeros((1, 4), np.float32)
+
+    replica = EmbeddingService.__new__(EmbeddingService)  # the model deployment's class, without a model
+    replica.embedder, replica.streams, replica.turns = OneStream(), 1, None
+
+    async def batches():
+        await asyncio.gather(*(replica.compute(SimpleNamespace(batch_id=i)) for i in range(24)))
+
+    asyncio.run(batches())
+    assert replica.embedder.most == 1 and replica.embedder.order == list(range(24))
+
+
 def test_two_jobs_at_once_share_the_replicas(service, tmp_path):
     """A large job and a small one started just after it: the small one is not starved (it finishes
     long before the large one), and both are complete, each sequence once."""
@@ -302,13 +332,14 @@ def test_http_bad_input_and_limits(service):
 
 
 def test_http_soak_with_a_replica_killed_loses_no_request(service):
-    """Hundreds of requests from 8 clients, a replica SIGKILLed under them: each one answered 200 (the
+    """200 requests from 8 clients, a replica SIGKILLed under them: each one answered 200 (the
     ingress computes the dead replica's batches on the other), none failed."""
-    soak = Soak(f"http://127.0.0.1:{PORT}/svc", clients=8, requests=300, proteins=(1, 12), lengths=(20, 120),
+    # mostly one batch a request: each takes the fault's 0.1 s at its replica, one batch at a time
+    soak = Soak(f"http://127.0.0.1:{PORT}/svc", clients=8, requests=200, proteins=(1, 8), lengths=(20, 120),
                 kill_at=(2.0,), timeout_s=120)
     result = run_soak(soak, _token(), kill=lambda: kill_local_replica("svc"))
     assert len(result["kills"]) == 1 and result["wall_s"] > 2.5, summary(result)  # killed mid-soak
-    assert (result["answered"], result["failed"]) == (300, {}), summary(result) + f" {result['errors']}"
+    assert (result["answered"], result["failed"]) == (200, {}), summary(result) + f" {result['errors']}"
     _wait_for(lambda: _running("svc") == 2, 120, "Serve to replace the replica")
 
 
