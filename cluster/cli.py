@@ -57,7 +57,20 @@ def create_parser() -> argparse.ArgumentParser:
     v = verbs.add_parser("start", help="load MODEL on N replicas and keep it loaded")
     v.add_argument("--model", required=True, help=MODEL_HELP)
     v.add_argument("--name", default="virnucpro", help="service name (default: %(default)s)")
-    v.add_argument("--replicas", type=int, default=1, help="model replicas (default: %(default)s)")
+    v.add_argument("--replicas", type=int, default=None, help="model replicas, a fixed number (default: 1)")
+    v.add_argument("--min-replicas", type=int, default=None, metavar="A",
+                   help="autoscale: at least A model replicas (0: none while idle; the first request after "
+                        "waits for one to load). Default 1 when --max-replicas is given")
+    v.add_argument("--max-replicas", type=int, default=None, metavar="B",
+                   help="autoscale: at most B model replicas, added while their queues are long "
+                        "(default: --min-replicas, or 1)")
+    v.add_argument("--upscale-delay", type=float, default=30.0, metavar="S",
+                   help="autoscale: seconds of long queues before a replica is added (default: %(default)s)")
+    v.add_argument("--downscale-delay", type=float, default=600.0, metavar="S",
+                   help="autoscale: seconds of short queues before a replica is removed (default: %(default)s)")
+    v.add_argument("--request-timeout", type=float, default=300.0, metavar="S",
+                   help="an HTTP request not answered within S seconds gets 503 with Retry-After "
+                        "(default: %(default)s)")
     v.add_argument("--gpus-per-replica", type=float, default=None,
                    help="Ray GPU resource of each replica (default 1 on a GPU cluster, 0 on CPU; 0.5 shares a GPU)")
     v.add_argument("--http-host", default="127.0.0.1", help="where Serve's HTTP proxy listens (default: "
@@ -191,11 +204,14 @@ def _serve(args: argparse.Namespace) -> str:
 
     if args.verb == "start":
         opts = from_args(EmbedOptions, args)
+        scaling, limits = _scaling(args), _limits(args)
         connect(opts.address, start_if_missing=True, dashboard_host=opts.dashboard_host)
-        s = start_service(args.model, args.name, args.replicas, args.gpus_per_replica, opts, args.http_host,
-                          args.http_port)
-        return (f"service '{s['name']}' {s['status']}: {s['model']} on {s['replicas']} replica(s); jobs: virnucpro "
-                f"embed IN -o OUT --service {s['name']}; HTTP: http://{args.http_host}:{args.http_port}{s['route']}")
+        s = start_service(args.model, args.name, args.replicas or 1, args.gpus_per_replica, opts, args.http_host,
+                          args.http_port, scaling=scaling, limits=limits)
+        size = (f"{scaling.min_replicas}-{scaling.max_replicas} replicas (autoscaling; running: {s['replicas']})"
+                if scaling else f"{s['replicas']} replica(s)")
+        return (f"service '{s['name']}' {s['status']}: {s['model']} on {size}; jobs: virnucpro embed IN -o OUT "
+                f"--service {s['name']}; HTTP: http://{args.http_host}:{args.http_port}{s['route']}")
     connect(args.address)
     if args.verb == "stop":
         stop_service(args.name)
@@ -203,6 +219,34 @@ def _serve(args: argparse.Namespace) -> str:
     rows = service_status(args.name)
     return "\n".join(f"{s['name']}\t{s['status']}\t{s['model']}\treplicas {s['replicas']}\t{s['route']}"
                      for s in rows) or "no virnucpro service is running"
+
+
+def _scaling(args: argparse.Namespace):
+    """`serve start`'s autoscaling bounds (a `Scaling`), or None for a fixed number of replicas."""
+    if args.min_replicas is None and args.max_replicas is None:
+        if args.replicas is not None and args.replicas < 1:
+            raise OptionError(f"--replicas {args.replicas}: must be at least 1")
+        return None
+    if args.replicas is not None:
+        raise OptionError("give --replicas N (a fixed number) or --min-replicas/--max-replicas (autoscaling), not both")
+    from .service import Scaling
+
+    low = 1 if args.min_replicas is None else args.min_replicas
+    high = max(low, 1) if args.max_replicas is None else args.max_replicas
+    if args.upscale_delay < 0 or args.downscale_delay < 0:
+        raise OptionError("--upscale-delay and --downscale-delay: seconds, at least 0")
+    try:
+        return Scaling(low, high, args.upscale_delay, args.downscale_delay)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+
+
+def _limits(args: argparse.Namespace):
+    if not args.request_timeout > 0:
+        raise OptionError(f"--request-timeout {args.request_timeout}: seconds, more than 0")
+    from actors.ingress import Limits
+
+    return Limits(request_timeout_s=args.request_timeout)
 
 
 def _fields(opts) -> dict:

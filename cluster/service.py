@@ -1,12 +1,14 @@
 """`virnucpro serve start|status|stop`, and the pool through which a job uses a running service.
 
-A service is a Ray Serve application named NAME whose deployment (`actors.service.EmbeddingService`)
-keeps one model loaded on N replicas. `virnucpro embed --service NAME` deals its batches to it through
-`service_pool`, which has the surface of the job's own `ActorPool`: Serve routes each batch to a
-replica, restarts replicas that die (the batch is dealt again, as with a dead actor), and shares the
-replicas among jobs. Each job keeps at most a few batches per replica in flight, so a job of 10^6
-sequences and one of 100 take turns at the replicas' queues: the small one waits for a few batches,
-not for the large one.
+A service is a Ray Serve application named NAME of two deployments: the model
+(`actors.service.EmbeddingService`), loaded on N replicas or on as many as its queue needs between
+--min-replicas and --max-replicas, and in front of it a light CPU ingress (`actors.ingress`) that
+answers HTTP at /NAME and hands the model token batches, retrying those whose replica dies.
+`virnucpro embed --service NAME` deals its batches to the model deployment through `service_pool`,
+which has the surface of the job's own `ActorPool`: Serve routes each batch to a replica, restarts
+replicas that die (the batch is dealt again, as with a dead actor), and shares the replicas among
+jobs. Each job keeps at most a few batches per replica in flight, so a job of 10^6 sequences and one
+of 100 take turns at the replicas' queues: the small one waits for a few batches, not for the large one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from functools import partial
 
 from virnucpro.batching import interface_fingerprint
@@ -27,9 +30,42 @@ from .scheduling import EmbedError
 log = logging.getLogger("virnucpro")
 
 DEPLOYMENT = "EmbeddingService"
+INGRESS = "EmbeddingIngress"
 DEFAULT_NAME = "virnucpro"
 DEFAULT_HTTP_PORT = 8000
-MAX_ONGOING_REQUESTS = 64  # queued batches a replica accepts, all jobs together
+MAX_ONGOING_REQUESTS = 64  # queued batches a replica accepts, all jobs and HTTP requests together
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Serve's autoscaling of the model replicas on their queues: a replica is added while they hold
+    more than `target` batches each (for `upscale_delay_s`), one is removed while they hold fewer (for
+    `downscale_delay_s`), between `min_replicas` (0: none while idle) and `max_replicas`."""
+
+    min_replicas: int
+    max_replicas: int
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    look_back_s: float = 30.0  # the window over which the queues are averaged
+    # how often the queues are reported (None: Serve's default, 10 s; Serve deprecates setting it, and has
+    # no other way yet to set it per deployment)
+    metrics_interval_s: float | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError(f"--min-replicas {self.min_replicas} --max-replicas {self.max_replicas}: need "
+                             f"0 <= min <= max and max >= 1")
+
+    def serve_config(self, target: float) -> dict:
+        """Serve's `autoscaling_config`. A service starts with at least one replica, even where it may
+        scale to zero: `serve start` then proves that the model loads, and the first job finds it warm."""
+        config = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                  "initial_replicas": max(1, self.min_replicas), "target_ongoing_requests": target,
+                  "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                  "look_back_period_s": self.look_back_s}
+        if self.metrics_interval_s is not None:
+            config["metrics_interval_s"] = self.metrics_interval_s
+        return config
 
 
 def connect(address: str | None = None, start_if_missing: bool = False, dashboard_host: str = "127.0.0.1") -> None:
@@ -59,31 +95,48 @@ def connect(address: str | None = None, start_if_missing: bool = False, dashboar
 
 def start_service(model: str, name: str = DEFAULT_NAME, replicas: int = 1, gpus_per_replica: float | None = None,
                   opts: EmbedOptions | None = None, http_host: str = "127.0.0.1",
-                  http_port: int = DEFAULT_HTTP_PORT, actor_class: type | None = None) -> dict:
-    """Deploy `model` as service `name` on the connected cluster and wait until its replicas are up.
-    `actor_class`: what each replica runs, `Embedder` or a subclass (the tests inject faults with it)."""
+                  http_port: int = DEFAULT_HTTP_PORT, actor_class: type | None = None,
+                  scaling: Scaling | None = None, limits=None) -> dict:
+    """Deploy `model` as service `name` on the connected cluster and wait until its replicas are up:
+    `replicas` of them, or as many as its queue needs within `scaling`'s bounds. `limits`: the HTTP
+    requests' (`actors.ingress.Limits`: sizes, timeout, queue). `actor_class`: what each replica runs,
+    `Embedder` or a subclass (the tests inject faults with it)."""
     from ray import serve
 
     from actors.embedder import ActorConfig
+    from actors.ingress import EmbeddingIngress, IngressConfig, Limits
     from actors.service import EmbeddingService, ServiceConfig
-    from virnucpro.models import check_model, default_toks_per_batch, resolve_model
+    from virnucpro.models import check_model, default_toks_per_batch, load_tokenizer, resolve_model
 
     from .session import Placement
 
     opts = opts or EmbedOptions()
+    limits = limits or Limits()
     source = resolve_model(model)
     check_model(source)  # a bad checkpoint fails here, not in every replica
     place = Placement.of(opts.replace(gpus_per_actor=gpus_per_replica, num_actors=replicas))
     toks = opts.toks_per_batch or default_toks_per_batch(source, place.device)
     config = ServiceConfig(ActorConfig(source, None, place.device, opts), toks_per_batch=toks,
+                           max_replicas=scaling.max_replicas if scaling else replicas,
                            **({"actor_class": actor_class} if actor_class else {}))
-    serve.start(http_options={"host": http_host, "port": http_port})
-    deployment = serve.deployment(EmbeddingService).options(
-        name=DEPLOYMENT, num_replicas=replicas, max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    # a replica is as busy as it should be with the batches one job keeps in flight on it
+    size = ({"autoscaling_config": scaling.serve_config(target=opts.cuda_streams + 1)} if scaling
+            else {"num_replicas": replicas})
+    model_deployment = serve.deployment(EmbeddingService).options(
+        name=DEPLOYMENT, max_ongoing_requests=MAX_ONGOING_REQUESTS, **size,
         ray_actor_options={"num_gpus": place.gpus_per_actor, "num_cpus": 1},
         health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=30)
-    log.info("starting service '%s': %d replica(s) of %s on %s", name, replicas, source.name, place.device)
-    serve.run(deployment.bind(config), name=name, route_prefix=f"/{name}", blocking=False)
+    # the ingress parses, tokenises and encodes; it takes no CPU from the cluster's count, as Serve's proxy
+    ingress = serve.deployment(EmbeddingIngress).options(
+        name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=limits.max_requests, max_queued_requests=limits.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": limits.retry_after_s})
+    ingress_config = IngressConfig(source, load_tokenizer(source, opts.truncation_seq_length), toks, limits)
+    serve.start(http_options={"host": http_host, "port": http_port})
+    log.info("starting service '%s': %s of %s on %s", name, f"{scaling.min_replicas}-{scaling.max_replicas} "
+             "replicas (autoscaling)" if scaling else f"{replicas} replica(s)", source.name, place.device)
+    serve.run(ingress.bind(ingress_config, model_deployment.bind(config)), name=name, route_prefix=f"/{name}",
+              blocking=False)
     return next(s for s in service_status() if s["name"] == name)
 
 
@@ -97,9 +150,12 @@ def service_status(name: str | None = None) -> list[dict]:
         if deployment is None or (name is not None and app_name != name):
             continue
         model = toks = None
-        if deployment.status == "HEALTHY":
+        if deployment.replica_states.get("RUNNING", 0) == 0:  # asking would wake a service scaled to zero
+            model = "(no replica running: scaled to zero, or starting)"
+        elif deployment.status in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
             try:
-                info = _described(app_name, partial(serve.get_app_handle, app_name), timeout_s=30)
+                info = _described(app_name, partial(serve.get_deployment_handle, DEPLOYMENT, app_name=app_name),
+                                  timeout_s=30)
                 model, toks = info["source"].name, info["toks_per_batch"]
             except InterfaceMismatch:
                 model = "(another VirNucPro: restart this service)"
@@ -183,7 +239,7 @@ class _Replicas:
 
 
 def service_pool(name: str, out_uri: str, per_replica: int, outputs: tuple | None = None) -> ActorPool:
-    """The job's pool over service `name`: one slot per running replica, `per_replica` batches each.
+    """The job's pool over service `name`: one slot per replica, `per_replica` batches each.
     `outputs`: the job's (repr_layers, include, output_dtype), which the replicas compute for it."""
     from ray import serve
 
@@ -192,6 +248,10 @@ def service_pool(name: str, out_uri: str, per_replica: int, outputs: tuple | Non
     # driver already has from describe_service
     app = serve.status().applications.get(name)
     deployment = app.deployments.get(DEPLOYMENT) if app else None
-    replicas = max(1, deployment.replica_states.get("RUNNING", 0) if deployment else 1)
+    running = deployment.replica_states.get("RUNNING", 0) if deployment else 1
+    # an autoscaling service: as many slots as it may have replicas, so that the job's batches queued at
+    # the running ones make Serve start the others (a service of before autoscaling answers no maximum)
+    most = handle.describe.remote().result(timeout_s=120).get("max_replicas", 1)
+    replicas = max(1, running, most)
     return ActorPool(lambda i: _Replicas(handle, out_uri, outputs), replicas, per_replica, f"service '{name}'",
                      kill=lambda actor: None)  # the replicas are the service's, not the job's

@@ -91,3 +91,35 @@ def test_help_is_fast_and_imports_neither_torch_nor_ray():
     seconds, torch_loaded, ray_loaded = out.split()
     assert torch_loaded == "False" and ray_loaded == "False"
     assert float(seconds) < 1.0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--replicas", "2", "--max-replicas", "4"], "give --replicas N (a fixed number) or --min-replicas/--max-replicas"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas 3 --max-replicas 2: need 0 <= min <= max"),
+    (["--max-replicas", "0"], "--min-replicas 1 --max-replicas 0: need 0 <= min <= max"),
+    (["--replicas", "0"], "--replicas 0: must be at least 1"),
+    (["--request-timeout", "0"], "--request-timeout 0.0: seconds, more than 0"),
+    (["--min-replicas", "0", "--downscale-delay", "-1"], "--upscale-delay and --downscale-delay: seconds, at least 0"),
+])
+def test_serve_start_refuses_bad_sizes_before_joining_ray(capsys, flags, message):
+    code = main(["serve", "start", "--model", "nope", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_serve_start_flags_reach_the_autoscaling_and_limits():
+    from cluster.cli import _limits, _scaling
+    from cluster.service import Scaling
+
+    def parsed(*flags):
+        return create_parser().parse_args(["serve", "start", "--model", "m", *flags])
+
+    assert _scaling(parsed()) is None and _scaling(parsed("--replicas", "3")) is None
+    assert _scaling(parsed("--min-replicas", "0", "--max-replicas", "4", "--upscale-delay", "5",
+                           "--downscale-delay", "60")) == Scaling(0, 4, 5.0, 60.0)
+    assert _scaling(parsed("--max-replicas", "3")) == Scaling(1, 3)  # from one replica up
+    assert _scaling(parsed("--min-replicas", "2")) == Scaling(2, 2)
+    assert _limits(parsed("--request-timeout", "45")).request_timeout_s == 45.0
+    assert Scaling(0, 2, look_back_s=1).serve_config(target=3) == {
+        "min_replicas": 0, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 3,
+        "upscale_delay_s": 30.0, "downscale_delay_s": 600.0, "look_back_period_s": 1}

@@ -1,13 +1,16 @@
 """The embedding service on Ray Serve, on CPU with a tiny model: start, status and stop; jobs through it
 (the same rows as a job's own actors, two jobs at once, a replica killed mid-job, a replica's torch
-error); HTTP with the cluster's token, bad input and size limits; a service of another VirNucPro refused."""
+error); HTTP with the cluster's token, bad input and size limits, a short soak with a replica killed
+(no request lost); autoscaling from zero, under load and back; a service of another VirNucPro refused."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +18,9 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,11 +30,14 @@ import pytest
 import ray
 
 from actors.embedder import Embedder
-from actors.service import _torch_free_errors
+from actors.ingress import Limits
+from actors.service import EmbeddingService, _torch_free_errors
+from bench.soak import Soak, kill_local_replica, run_soak, summary
 from cluster.cli import main
 from cluster.driver import embed
 from cluster.scheduling import EmbedError
-from cluster.service import _described, check_interface, service_status, start_service, stop_service
+from cluster.service import (DEPLOYMENT, Scaling, _described, check_interface, service_status, start_service,
+                             stop_service)
 from tests import faults
 from tests.conftest import random_dna, random_proteins, write_fasta
 from virnucpro import batching
@@ -39,12 +47,22 @@ from virnucpro.output import part_metadata, read_embeddings
 
 pytestmark = pytest.mark.slow
 
-PORT = 8931
+
+def _free_port() -> int:
+    """A loopback port nobody listens on now: Serve's proxy shares its port with another's (SO_REUSEPORT),
+    so two test sessions on one port would answer each other's requests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = _free_port()
 
 
 @pytest.fixture(scope="module")
 def serve_ray():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    # 4 CPUs in Ray's count: svc's 2 replicas, and another service's 2 (the ingresses count none)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield
     from ray import serve
 
@@ -168,6 +186,35 @@ def test_replica_errors_of_torch_classes_leave_as_runtime_errors():
         assert e.value is error  # the driver's scheduler tells these apart: unchanged
 
 
+def test_http_batches_take_their_turns_at_a_replica_in_arrival_order():
+    """A replica hands HTTP batches to threads in the order they came, as many at once as it has streams
+    (one on CPU): threads waiting for a stream would take it in no particular order, and a request whose
+    one batch waits behind later ones is answered late."""
+
+    class OneStream:
+        def __init__(self):
+            self.lock, self.running, self.most, self.order = threading.Lock(), 0, 0, []
+
+        def compute(self, batch):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.005)
+            with self.lock:
+                self.order.append(batch.batch_id)
+                self.running -= 1
+            return np.zeros((1, 4), np.float32)
+
+    replica = EmbeddingService.__new__(EmbeddingService)  # the model deployment's class, without a model
+    replica.embedder, replica.streams, replica.turns = OneStream(), 1, None
+
+    async def batches():
+        await asyncio.gather(*(replica.compute(SimpleNamespace(batch_id=i)) for i in range(24)))
+
+    asyncio.run(batches())
+    assert replica.embedder.most == 1 and replica.embedder.order == list(range(24))
+
+
 def test_two_jobs_at_once_share_the_replicas(service, tmp_path):
     """A large job and a small one started just after it: the small one is not starved (it finishes
     long before the large one), and both are complete, each sequence once."""
@@ -209,21 +256,34 @@ def test_replica_killed_mid_job(service, tmp_path):
     assert "result" in box, "the job did not finish after a replica was killed"
     assert box["result"].batches_retried >= 1
     _assert_exactly_once(tmp_path / "k", ids)
-    deadline = time.monotonic() + 120  # Serve replaces the replica
-    while service_status("svc")[0]["replicas"] != {"RUNNING": 2}:
-        assert time.monotonic() < deadline, service_status("svc")
-        time.sleep(1)
+    _wait_for(lambda: _running("svc") == 2, 120, "Serve to replace the replica")
 
 
-def _post(body: bytes, content_type: str, token: str | None, accept: str = "application/json"):
+def _running(name: str) -> int:
+    from ray import serve
+
+    return serve.status().applications[name].deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds} s for {what}: {service_status()}"
+        time.sleep(0.2)
+
+
+def _post(body: bytes, content_type: str, token: str | None, accept: str = "application/json", app: str = "svc",
+          headers_out: dict | None = None):
     headers = {"Content-Type": content_type, "Accept": accept}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/svc", data=body, headers=headers)
+    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/{app}", data=body, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
+        if headers_out is not None:
+            headers_out.update({k.lower(): v for k, v in e.headers.items()})
         return e.code, e.read()
 
 
@@ -262,7 +322,71 @@ def test_http_bad_input_and_limits(service):
     assert message == "request: record 'x': character '1' at position 3 is not a valid protein letter"
     assert _post(b"{not json", "application/json", _token())[0] == 400
     many = json.dumps({"sequences": ["MK"] * 10_001}).encode()
-    assert _post(many, "application/json", _token())[0] == 413
+    status, data = _post(many, "application/json", _token())
+    assert (status, json.loads(data)["error"]) == (413, "10001 sequences in one request; at most 10000 per request")
+    # a body over 16 MiB: read to its end and refused with the limit, not a connection reset
+    large = b">big\n" + b"M" * (17 << 20) + b"\n"
+    status, data = _post(large, "text/x-fasta", _token())
+    assert (status, json.loads(data)["error"]) == (
+        413, f"request of {len(large)} bytes; at most {16 << 20} bytes (16 MiB) per request")
+
+
+def test_http_soak_with_a_replica_killed_loses_no_request(service):
+    """200 requests from 8 clients, a replica SIGKILLed under them: each one answered 200 (the
+    ingress computes the dead replica's batches on the other), none failed."""
+    # mostly one batch a request: each takes the fault's 0.1 s at its replica, one batch at a time
+    soak = Soak(f"http://127.0.0.1:{PORT}/svc", clients=8, requests=200, proteins=(1, 8), lengths=(20, 120),
+                kill_at=(2.0,), timeout_s=120)
+    result = run_soak(soak, _token(), kill=lambda: kill_local_replica("svc"))
+    assert len(result["kills"]) == 1 and result["wall_s"] > 2.5, summary(result)  # killed mid-soak
+    assert (result["answered"], result["failed"]) == (200, {}), summary(result) + f" {result['errors']}"
+    _wait_for(lambda: _running("svc") == 2, 120, "Serve to replace the replica")
+
+
+def test_autoscaling_from_zero_under_load_and_back(serve_ray, esm_tiny, tmp_path):
+    """A service of 0-2 replicas: none while idle; the first request then waits for one to load and is
+    answered; a second replica comes under load; a burst beyond the ingress's queue gets 503 with
+    Retry-After at once; idle again, none, and a job then waits for one and completes. (Short delays:
+    Serve's defaults are 30 s up, 600 s down.)"""
+    scaling = Scaling(0, 2, upscale_delay_s=0.5, downscale_delay_s=1.0, look_back_s=1.0, metrics_interval_s=0.25)
+    start_service(str(esm_tiny), "auto", opts=EmbedOptions(device="cpu", toks_per_batch=256), http_port=PORT,
+                  actor_class=faults.slow(0.2), scaling=scaling, limits=Limits(max_requests=4, max_queued_requests=2))
+    body = json.dumps({"sequences": random_proteins(16, 20, 60, seed=60)}).encode()
+    post = partial(_post, body, "application/json", _token(), app="auto")
+    statuses: Counter = Counter()
+    try:
+        _wait_for(lambda: _running("auto") == 0, 60, "the idle service to scale to zero")
+        assert post()[0] == 200  # held while a replica loads, then answered
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                status, reply = post()
+                statuses[status if status == 200 else (status, reply[:300])] += 1
+
+        # 2 clients keep ~7 batches at the replica (target: 3); fewer than the ingress's 4 requests at
+        # work, as a request's slot there is freed a moment after its client has the answer
+        clients = [threading.Thread(target=client) for _ in range(2)]
+        for c in clients:
+            c.start()
+        _wait_for(lambda: _running("auto") == 2, 60, "a second replica under load")
+        stop.set()
+        for c in clients:
+            c.join()
+        assert set(statuses) == {200}, statuses
+        retry_after: dict = {}
+        time.sleep(0.5)
+        with ThreadPoolExecutor(10) as pool:  # 4 at work and 2 queued in the ingress: the others refused
+            burst = Counter(pool.map(lambda _: post(headers_out=retry_after)[0], range(10)))
+        assert burst[503] >= 1 and burst[200] >= 4 and burst[200] + burst[503] == 10, burst
+        assert retry_after["retry-after"] == "5"
+        _wait_for(lambda: _running("auto") == 0, 60, "the replicas to be removed when idle")
+        assert service_status("auto")[0]["model"].startswith("(no replica running")  # asked without waking it
+        ids = write_fasta(tmp_path / "in.faa", random_proteins(20, 20, 60, seed=61))
+        embed(tmp_path / "in.faa", tmp_path / "out", None, service="auto", progress=False)
+        _assert_exactly_once(tmp_path / "out", ids)
+    finally:
+        stop_service("auto")
 
 
 def test_cli_serve_status_and_stop(service, esm_tiny, capsys):
