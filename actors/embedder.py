@@ -39,6 +39,7 @@ from virnucpro.output import Column, OutputLocation, plan_columns, write_part
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPILE_WAIT_SECONDS = 300  # at most, a batch caught by the compiler's tracing waits for the compile to end
 
 
 def resolve_device(device: str) -> torch.device:
@@ -185,6 +186,7 @@ class Embedder:
         # the compile starts after the warm-up and the first batch (`_start_compile`), not here
         self.compile_started = False
         self.compile_lock = threading.Lock()
+        self.compile_done = threading.Event()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.pin_memory = opts.pin_memory and self.device.type == "cuda"
         self.profile_dir, self.profile_left = opts.profile, config.profile_batches if opts.profile else 0
@@ -240,6 +242,7 @@ class Embedder:
             return
         finally:
             sys.setswitchinterval(switch)
+            self.compile_done.set()  # (batches caught by the tracing wait for this: `_compute`)
         self.layers = layers
         self.timeline["compiled"] = time.time()
         log.info("actor %s: layers compiled in %.1f s; batches now run compiled", self.name,
@@ -415,12 +418,27 @@ class Embedder:
         streams = self.streams.get()
         try:
             start = time.perf_counter()
-            values = self._forward(batch, streams, columns, dtype)
+            try:
+                values = self._forward(batch, streams, columns, dtype)
+            except NameError as e:
+                if not self._caught_by_tracing(e):
+                    raise
+                # The compile thread's FX tracing patches nn.Module.__call__ for every thread while it
+                # traces, and an eager batch that calls a module then fails (torch.fx's "module is not
+                # installed as a submodule"). Such a batch waits for the compile and runs again.
+                log.debug("actor %s: %s met the compiler's tracing; running it again after the compile",
+                          self.name, batch.describe())
+                self.compile_done.wait(COMPILE_WAIT_SECONDS)
+                values = self._forward(batch, streams, columns, dtype)
             return values, time.perf_counter() - start
         except torch.cuda.OutOfMemoryError:
             raise BatchError(self._oom_report(batch.describe(), batch.num_tokens)) from None
         finally:
             self.streams.put(streams)
+
+    def _caught_by_tracing(self, e: NameError) -> bool:
+        """Whether an eager batch's NameError is torch.fx's, raised while this actor compiles."""
+        return self.compile_started and not self.compile_done.is_set() and "installed as a submodule" in str(e)
 
     def _failed(self, reason: str) -> None:
         if self.metrics is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from virnucpro.batching import BatchError, Plan, TokenBatch
-from virnucpro.checkpoint import ModelSource
+from virnucpro.models.registry import ModelSource
 from virnucpro.sequences import SequenceError, iter_fasta
 
 log = logging.getLogger(__name__)

@@ -249,8 +249,11 @@ class Service:
         self.token = (Path.home() / ".ray" / "auth_token").read_text().strip()
         opts = EmbedOptions() if self.cuda else EmbedOptions(device="cpu")
         stub = {"actor_class": stub_replica(self.args.stub_width)} if self.args.stub_width else {}
+        # more replicas than GPUs share them (two 3B replicas fit one 80 GB GPU): the soak's kill on one GPU
+        share = self.info["gpus"] / self.replicas if self.cuda and self.replicas > self.info["gpus"] else None
         t = time.perf_counter()
-        start_service(str(self.ckpt), "bench", replicas=self.replicas, opts=opts, http_port=PORT, **stub)
+        start_service(str(self.ckpt), "bench", replicas=self.replicas, gpus_per_replica=share, opts=opts, http_port=PORT,
+                      **stub)
         self.info["service_start_seconds"] = time.perf_counter() - t
         print(f"service up in {self.info['service_start_seconds']:.1f} s", flush=True)
         return self

@@ -335,8 +335,8 @@ class _Run:
                 for i, family in enumerate(todo):
                     opts = self.opts.replace(**layout.get(family, {}), service=self.services.get(family),
                                              progress=self.opts.progress if i == 0 else False)
-                    jobs[family] = pool.submit(run_embed, inputs[family], self._embed_dir(family),
-                                               self.sources[family].name, opts)
+                    model = None if family in self.services else self.sources[family].name  # (a service's own)
+                    jobs[family] = pool.submit(run_embed, inputs[family], self._embed_dir(family), model, opts)
                 errors = []
                 for family, fut in jobs.items():
                     try:

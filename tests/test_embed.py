@@ -398,3 +398,40 @@ def test_an_actor_that_cannot_load_is_reported_by_its_exception():
     assert cause(died) == "virnucpro.checkpoint.CheckpointError: /x/esm.pt: no such ESM-2 checkpoint file"
     assert cause(RuntimeError("The actor died unexpectedly before finishing this task.\nmore")) == \
         "The actor died unexpectedly before finishing this task."
+
+
+def test_a_batch_caught_by_the_compilers_tracing_waits_for_the_compile_and_runs_again(tmp_path, esm_tiny, monkeypatch):
+    """While an actor's compile thread traces, torch.fx patches nn.Module.__call__ for every thread, and an
+    eager batch in another thread fails with "module is not installed as a submodule" (seen once in an
+    ESM-2 3B run on an H100). That batch waits for the compile to end and runs again in the actor: the
+    driver never sees the error. Any other NameError, or one after the compile, is the batch's own."""
+    import threading
+
+    from actors.embedder import ActorConfig, Embedder
+    from virnucpro.batching import make_batch
+    from virnucpro.index import FastaIndex
+    from virnucpro.models import resolve_model
+    from virnucpro.models.esm2 import ESM2Tokenizer
+    from virnucpro.options import EmbedOptions
+
+    write_fasta(tmp_path / "in.faa", random_proteins(6, 30, 90, seed=9))
+    index = FastaIndex.build(tmp_path / "in.faa", "protein", tmp_path)
+    batch = make_batch(index, np.arange(len(index)), ESM2Tokenizer(), 0)
+    actor = Embedder(ActorConfig(resolve_model(esm_tiny), None, "cpu", EmbedOptions(compile=False)))
+    want = actor.compute(batch)
+    forward, calls = actor._forward, []
+
+    def traced_once(*args):
+        calls.append(actor.compile_done.is_set())
+        if len(calls) == 1:
+            raise NameError("module is not installed as a submodule")
+        return forward(*args)
+
+    monkeypatch.setattr(actor, "_forward", traced_once)
+    actor.compile_started = True  # a compile under way, which ends 0.3 s from now
+    threading.Timer(0.3, actor.compile_done.set).start()
+    assert np.array_equal(actor.compute(batch), want)
+    assert calls == [False, True]  # the second run waited for the compile's end
+    calls.clear()
+    with pytest.raises(NameError):  # after the compile, the same error is the batch's own
+        actor.compute(batch)
