@@ -383,7 +383,7 @@ class Embedder:
         return write_part(out, batch.batch_id, batch.ids, batch.index, batch.length, batch.truncated,
                           values, self.source.name,
                           {"actor": self.name, "node_id": self.node_id, "batch_id": batch.batch_id},
-                          columns=columns, residues=residue_counts(self.model, batch.seq_tokens))
+                          columns=columns, residues=residue_counts(self.model, batch.seq_tokens), extra=batch.extra)
 
     @contextlib.contextmanager
     def _profiled(self, batch_id: int):

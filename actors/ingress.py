@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from virnucpro.batching import BatchError, Plan, TokenBatch
+from virnucpro.batching import BatchError, TokenBatch, token_batches
 from virnucpro.models.registry import ModelSource
 from virnucpro.sequences import SequenceError, iter_fasta
 
@@ -129,13 +129,12 @@ class EmbeddingIngress:
         return out
 
     def batches(self, sequences: list[str]) -> list[TokenBatch]:
-        tokens, seq_tokens, truncated = self.config.tokenizer.encode(sequences)
-        lengths = np.array([len(s) for s in sequences], np.int32)
-        starts = np.concatenate(([0], np.cumsum(seq_tokens)))
-        plan = Plan.build(seq_tokens.astype(np.int64), self.config.toks_per_batch)
-        return [TokenBatch(b, [""] * len(rows), rows, lengths[rows], truncated[rows],
-                           np.concatenate([tokens[starts[i]:starts[i + 1]] for i in rows]), seq_tokens[rows])
-                for b, rows in enumerate(plan)]
+        return token_batches(sequences, self.config.tokenizer, self.config.toks_per_batch)
+
+    async def sequences(self, sequences: list[str]) -> np.ndarray:
+        """Pooled embeddings [N, D] float32 of sequences already validated (`virnucpro.embed_sequences`
+        through a service): the HTTP path's batching and retries, without HTTP."""
+        return await asyncio.wait_for(self.embed(sequences), self.limits.request_timeout_s)
 
     async def _compute(self, batch: TokenBatch, window: asyncio.Semaphore) -> np.ndarray:
         """One batch's embeddings from a replica. A replica that dies under it (or raises an error that
@@ -179,9 +178,11 @@ def _json_as_fasta(body: bytes) -> bytes:
     import orjson
 
     try:
-        items = orjson.loads(body).get("sequences")
+        data = orjson.loads(body)
+        items = data if isinstance(data, list) else data.get("sequences")  # a bare list of sequences, too
     except (ValueError, AttributeError):
-        raise ValueError("request: expected JSON {\"sequences\": [{\"id\": ..., \"sequence\": ...}]}") from None
+        raise ValueError("request: expected JSON {\"sequences\": [{\"id\": ..., \"sequence\": ...}]} or a list "
+                         "of sequences") from None
     if not isinstance(items, list) or not items:
         raise ValueError("request: 'sequences' must be a non-empty list")
     records = [(str(x.get("id", f"seq{i}")), x.get("sequence")) if isinstance(x, dict) else (f"seq{i}", x)

@@ -33,22 +33,30 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, sys, threading, time
+import json, os, sys, threading, time
 sys.path.insert(0, {root!r})
 peak = {{"VmRSS": 0, "RssAnon": 0}}
-def sample():
+from bench.bench_driver import NullEmbedder
+from cluster.driver import embed
+from cluster.progress import Timeline, process_start_time
+timeline = Timeline(process_start_time())
+def sample():  # the peaks and the phases so far, in a file: a run that is killed leaves them
+    last = 0.0
     while True:
         with open("/proc/self/status") as f:
             for line in f:
                 k, _, v = line.partition(":")
                 if k in peak:
                     peak[k] = max(peak[k], int(v.split()[0]) * 1024)
+        if time.monotonic() - last > 0.5:
+            last = time.monotonic()
+            io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+            with open({stats!r} + ".tmp", "w") as f:
+                json.dump({{"timeline": dict(timeline.marks), "peak_rss_mib": peak["VmRSS"] / 2**20,
+                           "peak_anon_mib": peak["RssAnon"] / 2**20, "driver_read_mib": int(io["rchar"]) / 2**20}}, f)
+            os.replace({stats!r} + ".tmp", {stats!r})
         time.sleep(0.05)
 threading.Thread(target=sample, daemon=True).start()
-from bench.bench_driver import NullEmbedder
-from cluster.driver import embed
-from cluster.progress import Timeline, process_start_time
-timeline = Timeline(process_start_time())
 res = embed({fasta!r}, {out!r}, {model!r}, actor_class=NullEmbedder, timeline=timeline, device="cpu",
             toks_per_batch={toks}, progress=False, resume={resume}, dashboard=False)
 io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
@@ -75,7 +83,9 @@ def write_proteins(path: Path, n: int, seed: int = 0) -> int:
 
 def run_child(fasta: Path, out: Path, model: Path, toks: int, resume: bool, kill_at: int | None) -> dict:
     """Run the driver in a child process; with `kill_at`, SIGKILL it once that many parts exist."""
-    code = CHILD.format(root=str(ROOT), fasta=str(fasta), out=str(out), model=str(model), toks=toks, resume=resume)
+    stats = out.parent / f"stats-{'resume' if resume else 'first'}.json"
+    code = CHILD.format(root=str(ROOT), fasta=str(fasta), out=str(out), model=str(model), toks=toks, resume=resume,
+                        stats=str(stats))
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, start_new_session=True)
@@ -85,7 +95,8 @@ def run_child(fasta: Path, out: Path, model: Path, toks: int, resume: bool, kill
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return {"killed_after_seconds": round(time.perf_counter() - start, 1),
-                        "parts_at_kill": sum(1 for p in os.scandir(out) if p.name.startswith("part-"))}
+                        "parts_at_kill": sum(1 for p in os.scandir(out) if p.name.startswith("part-")),
+                        "as_it_was_killed": json.loads(stats.read_text())}
             time.sleep(0.25)
     stdout, _ = proc.communicate()
     row = next((json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")), None)

@@ -9,7 +9,8 @@ import importlib
 
 _EXPORTS = {"embed": "cluster.driver", "EmbedResult": "cluster.driver", "EmbedError": "cluster.scheduling",
             "EmbedOptions": "virnucpro.options", "predict": "cluster.predict",
-            "PredictResult": "cluster.predict", "PredictError": "cluster.predict"}
+            "PredictResult": "cluster.predict", "PredictError": "cluster.predict",
+            "embed_sequences": "cluster.in_memory"}
 
 
 def __getattr__(name: str):

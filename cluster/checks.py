@@ -15,6 +15,7 @@ from virnucpro.options import EmbedOptions, OptionError
 from virnucpro.output import MANIFEST, PART_NAME, PREVIOUS_RUN, Manifest, OutputLocation
 from virnucpro.sequences import check_fasta
 from virnucpro.storage import InputFile
+from virnucpro.tables import TableInput, check_table, table_format
 
 
 class PreviousRun(RuntimeError):
@@ -29,9 +30,20 @@ def check_embed(input: str | Path, out_dir: str | Path, model: str | None, opts:
         raise OptionError("give --model or --service NAME, not both (a service embeds with its own model)")
     if model is None and not opts.service:
         raise OptionError("give --model MODEL, or --service NAME to use a running service's model")
-    source = check_fasta(input)
+    table = table_input(input, opts)
+    source = check_table(str(input), table) if table else check_fasta(input)
     refuse_previous_run(out_dir, opts)
     return source, (resolve_model(model) if model is not None else None)
+
+
+def table_input(input: str | Path, opts: EmbedOptions) -> TableInput | None:
+    """The table options of a table input (.parquet, .csv, .tsv); None for FASTA, which takes none."""
+    if table_format(str(input)) is not None:
+        return TableInput(opts.id_column, opts.sequence_column, opts.keep_columns or ())
+    if opts.keep_columns or (opts.id_column, opts.sequence_column) != ("id", "sequence"):
+        raise OptionError(f"--id-column, --sequence-column and --keep-columns are for a table input (.parquet, "
+                          f".csv, .tsv); {input} is read as FASTA")
+    return None
 
 
 def holds_run(out: OutputLocation, files: dict[str, int]) -> bool:
@@ -61,4 +73,4 @@ def refuse_previous_run(out_dir: str | Path, opts: EmbedOptions) -> None:
         raise PreviousRun(f"{out}: {PREVIOUS_RUN}")
 
 
-__all__ = ["check_embed", "holds_run", "refuse_previous_run", "PreviousRun"]
+__all__ = ["check_embed", "table_input", "holds_run", "refuse_previous_run", "PreviousRun"]

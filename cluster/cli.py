@@ -104,7 +104,8 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="nucleotide FASTA (contigs or reads), plain or gzip: a local path or a URI (s3://...)")
     p.add_argument("-o", "--out-dir", type=Path, required=True)
     p.add_argument("--classifier", type=Path, required=True,
-                   help="upstream's 300_model.pth / 500_model.pth, or a state dict of the same MLP")
+                   help="upstream's 300_model.pth / 500_model.pth, a state dict of the same MLP, or the "
+                        "classifier.safetensors that `virnucpro train` writes")
     _add_models(p)
     add_arguments(p, PredictOptions, required=("chunk_size",))
     add_arguments(p.add_argument_group("compute"), EmbedOptions, only=PIPELINE_EMBED_OPTIONS)
@@ -203,8 +204,11 @@ def _serve(args: argparse.Namespace) -> str:
     from .service import connect, service_status, start_service, stop_service
 
     if args.verb == "start":
+        from virnucpro.models import check_model, resolve_model
+
         opts = from_args(EmbedOptions, args)
         scaling, limits = _scaling(args), _limits(args)
+        check_model(resolve_model(args.model))  # before a Ray head is started for it, which outlives the command
         connect(opts.address, start_if_missing=True, dashboard_host=opts.dashboard_host)
         s = start_service(args.model, args.name, args.replicas or 1, args.gpus_per_replica, opts, args.http_host,
                           args.http_port, scaling=scaling, limits=limits)

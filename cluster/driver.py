@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -53,8 +54,10 @@ from virnucpro.output import (LEGACY_MANIFEST, MANIFEST, PART_NAME, PREVIOUS_RUN
                              default_columns, is_cut_short, part_name, part_schema, plan_columns)
 from virnucpro.sequences import RecordError, SequenceError
 from virnucpro.storage import InputFile, Location
+from virnucpro.tables import COLUMNS_NAME, convert_table, kept_columns
+from virnucpro.tables import FASTA_NAME as TABLE_FASTA
 
-from .checks import check_embed, holds_run
+from .checks import check_embed, holds_run, table_input
 from .pool import ActorPool, Lease, cause
 from .progress import DriverMetrics, Progress, Timeline
 from .scheduling import ACTOR_DIED, STORAGE, EmbedError, Scheduler, failure_kind
@@ -131,11 +134,12 @@ def embed(input: str | Path, out_dir: str | Path, model: str | Path | None, *, a
 
 def run_embed(input: str | Path, out_dir: str | Path, model: str | None, opts: EmbedOptions,
               actor_class: type | None = None, timeline: Timeline | None = None,
-              session: RaySession | None = None) -> EmbedResult:
+              session: RaySession | None = None, stop: threading.Event | None = None) -> EmbedResult:
     """`embed` with its options parsed. `model` None: the service's (`opts.service`); `actor_class` None:
     `Embedder`. `session`: Ray being started in the background, as the command line does before its
-    imports; by default it is started here, at once."""
-    return EmbedJob(str(input), out_dir, model, opts, actor_class, timeline, session).run()
+    imports; by default it is started here, at once. `stop`: set from another thread, the run stops
+    within a second or so as Ctrl-C stops it (KeyboardInterrupt), its finished parts kept."""
+    return EmbedJob(str(input), out_dir, model, opts, actor_class, timeline, session, stop).run()
 
 
 class EmbedJob:
@@ -144,8 +148,9 @@ class EmbedJob:
     cut into batches, or the saved plan of a run being resumed), deal, and complete the output."""
 
     def __init__(self, input: str, out_dir: str | Path, model: str | None, opts: EmbedOptions,
-                 actor_class: type | None = None, timeline: Timeline | None = None, session: RaySession | None = None):
-        self.input, self.model, self.opts, self.actor_class = input, model, opts, actor_class
+                 actor_class: type | None = None, timeline: Timeline | None = None, session: RaySession | None = None,
+                 stop: threading.Event | None = None):
+        self.input, self.model, self.opts, self.actor_class, self.stop = input, model, opts, actor_class, stop
         self.out = OutputLocation.parse(out_dir)
         self.timeline = timeline or Timeline()
         self.session = session
@@ -157,6 +162,8 @@ class EmbedJob:
         self.dispatcher: _Dispatcher | None = None
         self.local_scratch: Path | None = None
         self.skipped_empty: list[str] = []  # empty records the index skipped (a resumed run keeps its manifest's)
+        self.table = None  # a table input's columns (`virnucpro.tables.TableInput`), None for FASTA
+        self.kept = None  # a table input's kept columns (pyarrow Table, row i = record i), handed out per batch
         self.created_out = False  # OUT_DIR did not exist before this run
         self.resumed = False  # a previous run's manifest is this run's
         self.index_nodes: list[str] = []  # Ray nodes that indexed ranges of the input (none: the driver did)
@@ -229,12 +236,14 @@ class EmbedJob:
         self.session.wait()  # (its on_ready marked "ray_up" when it was)
         if self.opts.service:
             self.target, self.pool = _Target.service(self.opts, self.out)
+            self.pool.stop = self.stop
             return
         from actors.embedder import ActorConfig, Embedder
 
         self.target.place(self.opts)
         config = ActorConfig(self.target.source, self.out.uri, self.target.device, self.opts)
         self.pool = _new_pool(self.actor_class or Embedder, config, self.target, self.opts)
+        self.pool.stop = self.stop
         self.pool.launch()
 
     def _plan(self) -> np.ndarray | None:
@@ -244,8 +253,10 @@ class EmbedJob:
         source = target.source
         toks = opts.toks_per_batch or target.toks_per_batch
         outputs = (opts.repr_layers, opts.include, opts.output_dtype)
+        self.table = table_input(self.input, opts)
         fingerprint = plan_fingerprint(source.name, source.family, target.truncation, toks, self.source.identity(),
-                                       *(() if default_columns(*outputs) else (outputs,)))
+                                       *(() if default_columns(*outputs) else (outputs,)),
+                                       *((self.table,) if self.table else ()))
         old = _resumable_manifest(out, fingerprint) if opts.resume else None
         self.resumed = old is not None
         if old is not None and old.complete:
@@ -255,7 +266,8 @@ class EmbedJob:
         self.plan = BatchPlan.fetch(work.child("plan"), fingerprint, self.local_scratch / "plan") if old else None
         if self.plan is not None:
             # the records are where they were, in the input as it is named now (or its plain copy)
-            self.plan.input = plain_copy(work, self.source) if self.source.gzip else self.source.uri
+            self.plan.input = self._readable(work)
+            self.kept = kept_columns(_file_in(work, COLUMNS_NAME)) if self.table and self.table.keep else None
             log.info("resuming from the saved plan (%d batches): the input is not read again", len(self.plan))
             self.timeline.mark("indexed")
             if target.tokenizer is not None and self.plan.bases_per_token:
@@ -282,7 +294,11 @@ class EmbedJob:
         target = self.target
         tasks = _RangeTasks() if self.source.size >= TASK_INDEX_BYTES else None
         start = time.perf_counter()
-        index = FastaIndex.build(self.source.uri, target.source.sequence_kind, self.local_scratch, copy_to=work.uri,
+        fasta = self.source.uri
+        if self.table:  # its ids and sequences as FASTA, its kept columns as Arrow, in .work/
+            fasta, columns = (tasks.convert if tasks else convert_table)(self.source.uri, self.table, work.uri)
+            self.kept = kept_columns(columns) if columns else None
+        index = FastaIndex.build(fasta, target.source.sequence_kind, self.local_scratch, copy_to=work.uri,
                                  map_ranges=tasks or serial, range_bytes=RANGE_BYTES)
         self.skipped_empty = index.skipped_empty
         self.timeline.mark("indexed")
@@ -300,7 +316,7 @@ class EmbedJob:
         return batches
 
     def _deal(self, todo: np.ndarray) -> _Totals:
-        self.dispatcher = _Dispatcher(self.pool, self.plan, todo, self.opts.actor_wait_seconds)
+        self.dispatcher = _Dispatcher(self.pool, self.plan, todo, self.opts.actor_wait_seconds, self.stop, self.kept)
         if len(todo):
             # the plan's first batch holds its longest sequences: each actor warms up on its shape
             largest = token_counts(self.target.tokenizer, self.plan.spec(0).lengths)
@@ -328,6 +344,13 @@ class EmbedJob:
         self.out.child(WORK_DIR).delete_tree()
         shutil.rmtree(self.local_scratch, ignore_errors=True)
 
+    def _readable(self, work: Location) -> str:
+        """What the records are read from: the input, or the plain FASTA made of it in .work/ (a gzip
+        stream's copy, a table's ids and sequences)."""
+        if self.table:
+            return _file_in(work, TABLE_FASTA)
+        return plain_copy(work, self.source) if self.source.gzip else self.source.uri
+
     def _nothing_to_do(self) -> EmbedResult:
         m = self.manifest
         log.info("%s: the run is complete already; nothing to do", self.out)
@@ -348,6 +371,10 @@ class EmbedJob:
         return result
 
 
+def _file_in(where: Location, name: str) -> str:
+    return str(where.local_path / name) if where.local_path is not None else f"{where.uri.rstrip('/')}/{name}"
+
+
 # --- indexing on the cluster --------------------------------------------------------------------------
 
 class _RangeTasks:
@@ -360,6 +387,18 @@ class _RangeTasks:
     def __init__(self):
         self.nodes: set[str] = set()  # where the ranges were indexed
         self.ranges = 0
+
+    def convert(self, *args) -> tuple[str, str | None]:
+        """A table input's `convert_table(*args)` as one Ray task on a node."""
+        task = ray.remote(_convert_on_node).options(num_cpus=0, scheduling_strategy="SPREAD", max_retries=2)
+        try:
+            node, paths = ray.get(task.remote(*args))
+        except RayTaskError as e:
+            if isinstance(e.cause, SequenceError):
+                raise e.cause from None
+            raise
+        self.nodes.add(node)
+        return paths
 
     def __call__(self, jobs: list[tuple]) -> Iterator[RangeIndex]:
         task = ray.remote(_index_on_node).options(num_cpus=0, scheduling_strategy="SPREAD", max_retries=2)
@@ -383,6 +422,11 @@ class _RangeTasks:
             self.nodes.add(node)
             self.ranges += 1
             yield result
+
+
+def _convert_on_node(*args) -> tuple[str, tuple[str, str | None]]:
+    """(this node's id, `convert_table(*args)`): a Ray task."""
+    return ray.get_runtime_context().get_node_id(), convert_table(*args)
 
 
 def _index_on_node(*job) -> tuple[str, RangeIndex]:
@@ -617,8 +661,9 @@ class _Dispatcher:
     """The loop between the scheduler and Ray: deals what the scheduler says to the actors the pool hands
     out, as descriptions (`BatchPlan.spec`), and reports what comes back."""
 
-    def __init__(self, pool: ActorPool, plan: BatchPlan, todo: np.ndarray, actor_wait_seconds: float):
-        self.pool, self.plan = pool, plan
+    def __init__(self, pool: ActorPool, plan: BatchPlan, todo: np.ndarray, actor_wait_seconds: float,
+                 stop: threading.Event | None = None, kept=None):
+        self.pool, self.plan, self.stop, self.kept = pool, plan, stop, kept
         self.scheduler = Scheduler(todo)
         self.actor_wait_seconds = actor_wait_seconds
         self.metrics = DriverMetrics(pool.name)
@@ -630,9 +675,12 @@ class _Dispatcher:
         self.pool.shutdown()
 
     def results(self) -> Iterator[PartResult]:
-        """Yield PartResults as batches finish; raise EmbedError when the scheduler says to stop."""
+        """Yield PartResults as batches finish; raise EmbedError when the scheduler says to stop, and
+        KeyboardInterrupt when `stop` is set (another thread's Ctrl-C)."""
         try:
             while not self.scheduler.done:
+                if self.stop is not None and self.stop.is_set():
+                    raise KeyboardInterrupt("stopped")
                 self._deal()
                 probes = self.pool.probes()
                 self.metrics.update(self.scheduler.waiting, len(self.running), self.pool.usable,
@@ -646,8 +694,12 @@ class _Dispatcher:
                     else:
                         self.pool.probe_done(ref)
             self.metrics.update(0, 0, self.pool.usable, 0, force=True)
-        finally:
-            self._stop()
+        except KeyboardInterrupt:  # Ctrl-C: stop now (a part cut short is found and redone by --resume)
+            self._stop(0)
+            raise
+        except BaseException:
+            self._stop(STOP_WAIT_SECONDS)
+            raise
 
     def _deal(self) -> None:
         while self.scheduler.waiting:
@@ -655,7 +707,10 @@ class _Dispatcher:
             if lease is None:
                 return
             b, attempt = self.scheduler.deal()
-            self.running[lease.actor.embed.remote(self.plan.spec(b), attempt)] = (b, lease)
+            spec = self.plan.spec(b)
+            if self.kept is not None:  # a table input's kept values of the batch's records travel with it
+                spec = replace(spec, extra=self.kept.take(spec.ordinals))
+            self.running[lease.actor.embed.remote(spec, attempt)] = (b, lease)
 
     def _check_progress_possible(self) -> None:
         """Stop when no actor can take work: all dead, or none usable for actor_wait_seconds."""
@@ -724,13 +779,14 @@ class _Dispatcher:
         tried = f"{attempts} attempts" if attempts > 1 else "not retried"
         return f"{what} failed: {cause(e)} ({tried}); fix the cause, then rerun with --resume"
 
-    def _stop(self) -> None:
-        """A run that stops early lets its dealt batches end (their parts are whole and found by
-        --resume), so that no part appears after embed() has raised."""
+    def _stop(self, wait_seconds: float) -> None:
+        """A run that stops early lets its dealt batches end for up to `wait_seconds` (their parts are
+        whole and found by --resume), so that no part appears after embed() has raised."""
         if self.running:
             for ref in self.running:
                 ray.cancel(ref, force=False)  # batches still queued in an actor do not start
-            ray.wait(list(self.running), num_returns=len(self.running), timeout=STOP_WAIT_SECONDS)
+            if wait_seconds:
+                ray.wait(list(self.running), num_returns=len(self.running), timeout=wait_seconds)
 
 
 __all__ = ["embed", "run_embed", "EmbedJob", "EmbedResult", "EmbedError", "EmbedOptions"]

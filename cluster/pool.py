@@ -89,6 +89,7 @@ class ActorPool:
         self.slots: list[_Slot] = []
         self.replaced = 0
         self.ready_call = lambda actor: actor.info.remote()  # what says an actor is ready (returns its info)
+        self.stop = None  # a threading.Event: once set, `start` stops waiting (KeyboardInterrupt)
 
     def launch(self) -> None:
         """Create the actors: Ray places them and they load their model while the caller goes on."""
@@ -109,6 +110,8 @@ class ActorPool:
         start = time.monotonic()
         report = start + 10.0
         while not self.usable:
+            if self.stop is not None and self.stop.is_set():
+                raise KeyboardInterrupt("stopped")
             ready, _ = ray.wait([s.probe for s in self.slots if s.probe is not None], num_returns=1, timeout=1.0)
             for ref in ready:
                 self.probe_done(ref)

@@ -28,6 +28,7 @@ embeddings are joined per frame in bounded memory).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,8 @@ import numpy as np
 import ray
 
 from virnucpro.classifier import classifier_chunk_size, load_classifier
-from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY, CheckpointError, ModelSource, check_model, resolve_model
+from virnucpro.models import (DNABERT_S_FAMILY, ESM2_FAMILY, FAMILIES, CheckpointError, ModelSource, check_model,
+                              resolve_model)
 from virnucpro.options import PIPELINE_EMBED_OPTIONS
 from virnucpro.output import Manifest
 from virnucpro.plot import figures_after_predict
@@ -47,7 +49,7 @@ from virnucpro.predict import (EMBED_DIRS, LETTER_COUNTS, STAGE_TIMES, Classific
                                prepare_out_dir, preprocess_params, remove_scratch, reusable_preprocessing,
                                save_preprocess_marker)
 from virnucpro.preprocess import NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds, default_workers, preprocess_fasta
-from virnucpro.sequences import SequenceError, open_input
+from virnucpro.sequences import SequenceError, check_fasta
 
 from .driver import EmbedOptions, EmbedResult, run_embed
 from .session import Placement, RaySession, local_dashboard
@@ -140,6 +142,11 @@ def _services_cluster(address: str | None) -> Iterator[None]:
             ray.shutdown()
 
 
+def _a(title: str) -> str:
+    """"an ESM-2", "a DNABERT-S"."""
+    return f"{'an' if title[0] in 'AEIOU' else 'a'} {title}"
+
+
 def _same_model(spec: str, source: ModelSource) -> bool:
     """Whether the MODEL argument `spec` names the model a service loaded (by name, or the same file)."""
     if spec == source.name:
@@ -168,7 +175,7 @@ class _Run:
 
     def _check_arguments(self, models: dict[str, str | Path | None]) -> None:
         try:
-            open_input(self.input)  # a local path or a URI (s3://...), read as it streams
+            check_fasta(self.input)  # a local path or a URI (s3://...): there, not empty, FASTA
         except SequenceError as e:
             raise PredictError(str(e)) from None
         chunk_bounds(1, self.chunk_size, self.chunking)  # ValueError names the bad argument
@@ -185,7 +192,8 @@ class _Run:
                 continue
             got = self.sources[family] = resolve_model(model or DEFAULT_MODELS[family])
             if got.family != family:
-                raise PredictError(f"{MODEL_FLAGS[family]} {got.name}: a {got.family} model, expected {family}")
+                raise PredictError(f"{MODEL_FLAGS[family]} {got.name} is {_a(got.model_family.title)} model; "
+                                   f"{MODEL_FLAGS[family]} takes {_a(FAMILIES[family].title)} model")
             self.dims[family] = check_model(got)
         if self.opts.gpus_per_actor not in (None, 1.0) and not self.services:
             log.warning("predict places one actor of each model per GPU; --gpus-per-actor is ignored")
@@ -220,8 +228,8 @@ class _Run:
         info = describe_service(name)  # EmbedError (one line) when it is not running
         source = info["source"]
         if source.family != family:
-            raise PredictError(f"{flag} {name}: the service embeds with {source.name}, a {source.family} model; "
-                               f"expected {family}")
+            raise PredictError(f"{flag} {name}: the service embeds with {source.name}, {_a(source.model_family.title)} "
+                               f"model; {flag} takes {_a(FAMILIES[family].title)} service")
         if model is not None and not _same_model(model, source):
             raise PredictError(f"{MODEL_FLAGS[family]} {model}, but {flag} {name} serves {source.name}: "
                                f"give the service alone (its model is used)")
@@ -330,23 +338,34 @@ class _Run:
             session.wait()
             layout, pg = self._layout([f for f in todo if f not in self.services])
             inputs = {DNABERT_S_FAMILY: self.out / NUCLEOTIDE_FASTA, ESM2_FAMILY: self.out / PROTEIN_FASTA}
-            jobs = {}
+            jobs, errors = {}, []
+            stop = threading.Event()  # Ctrl-C, or one job's failure, stops the other job too
             with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="virnucpro-embed") as pool:
                 for i, family in enumerate(todo):
                     opts = self.opts.replace(**layout.get(family, {}), service=self.services.get(family),
                                              progress=self.opts.progress if i == 0 else False)
                     model = None if family in self.services else self.sources[family].name  # (a service's own)
-                    jobs[family] = pool.submit(run_embed, inputs[family], self._embed_dir(family), model, opts)
-                errors = []
-                for family, fut in jobs.items():
-                    try:
-                        res = fut.result()
-                    except Exception as e:  # noqa: BLE001 - wait for the other job, then report
-                        errors.append(e)
-                        continue
-                    self.embed_results[family] = res
-                    self.stages[family] = ("computed" if res.batches_computed == res.num_batches else
-                                           f"resumed ({res.batches_computed} of {res.num_batches} batches computed)")
+                    jobs[family] = pool.submit(run_embed, inputs[family], self._embed_dir(family), model, opts,
+                                               stop=stop)
+                try:
+                    for family, fut in jobs.items():
+                        try:
+                            res = fut.result()
+                        except Exception as e:  # noqa: BLE001 - the other job stops, keeping its parts
+                            errors.append(e)
+                            stop.set()
+                            continue
+                        except KeyboardInterrupt:
+                            if not stop.is_set():  # the other job's, when this one was stopped
+                                raise
+                            continue
+                        self.embed_results[family] = res
+                        self.stages[family] = ("computed" if res.batches_computed == res.num_batches else
+                                               f"resumed ({res.batches_computed} of {res.num_batches} batches "
+                                               f"computed)")
+                except KeyboardInterrupt:
+                    stop.set()  # the jobs stop within a second or so; leaving this block waits for them
+                    raise
             if errors:
                 raise errors[0]
         finally:

@@ -114,6 +114,10 @@ def start_service(model: str, name: str = DEFAULT_NAME, replicas: int = 1, gpus_
     limits = limits or Limits()
     source = resolve_model(model)
     check_model(source)  # a bad checkpoint fails here, not in every replica
+    running = next((s for s in service_status(name)), None)
+    if running is not None:  # serve.run would replace its model under the jobs using it
+        raise EmbedError(f"service '{name}' is running already ({running['model'] or 'starting'}): stop it first "
+                         f"(virnucpro serve stop --name {name}), or give another --name")
     place = Placement.of(opts.replace(gpus_per_actor=gpus_per_replica, num_actors=replicas))
     toks = opts.toks_per_batch or default_toks_per_batch(source, place.device)
     config = ServiceConfig(ActorConfig(source, None, place.device, opts), toks_per_batch=toks,
@@ -122,15 +126,18 @@ def start_service(model: str, name: str = DEFAULT_NAME, replicas: int = 1, gpus_
     # a replica is as busy as it should be with the batches one job keeps in flight on it
     size = ({"autoscaling_config": scaling.serve_config(target=opts.cuda_streams + 1)} if scaling
             else {"num_replicas": replicas})
+    # no access log: a line per call ("CALL embed OK") is a line per batch of every job, forwarded to the
+    # drivers' terminals; the replicas' own log lines (loading, errors) stay
+    quiet = {"logging_config": {"enable_access_log": False}}
     model_deployment = serve.deployment(EmbeddingService).options(
         name=DEPLOYMENT, max_ongoing_requests=MAX_ONGOING_REQUESTS, **size,
         ray_actor_options={"num_gpus": place.gpus_per_actor, "num_cpus": 1},
-        health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=30)
+        health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=30, **quiet)
     # the ingress parses, tokenises and encodes; it takes no CPU from the cluster's count, as Serve's proxy
     ingress = serve.deployment(EmbeddingIngress).options(
         name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=limits.max_requests, max_queued_requests=limits.max_queued_requests,
-        backpressure_config={"status_code": 503, "retry_after_s": limits.retry_after_s})
+        backpressure_config={"status_code": 503, "retry_after_s": limits.retry_after_s}, **quiet)
     ingress_config = IngressConfig(source, load_tokenizer(source, opts.truncation_seq_length), toks, limits)
     serve.start(http_options={"host": http_host, "port": http_port})
     log.info("starting service '%s': %s of %s on %s", name, f"{scaling.min_replicas}-{scaling.max_replicas} "

@@ -55,7 +55,8 @@ def test_flags_reach_the_options():
     ("dataloader_workers", 0, "--dataloader-workers 0: must be at least 1"),
     ("gpus_per_actor", 1.5, "--gpus-per-actor 1.5: give a fraction of one GPU (0.5) or a whole number"),
     ("gpus_per_actor", -1.0, "--gpus-per-actor -1.0: must be at least 0"),
-    ("dtype", "fp8", "--dtype 'fp8': choose from auto, float32, bfloat16, float16"),
+    ("dtype", "fp8", "--dtype fp8: choose from auto, float32, bfloat16, float16"),
+    ("include", ("mean", "foo"), "--include mean foo: foo is not one of mean, bos, cls, per-token, logits"),
     ("actor_wait_seconds", 0.0, "--actor-wait-seconds 0.0: must be positive"),
     ("max_actor_restarts", -2, "--max-actor-restarts -2: must be at least -1"),
 ])

@@ -329,7 +329,7 @@ def test_classifier_dims_must_match_the_models(tmp_path, contigs, esm_tiny, dnab
 
 
 def test_models_must_be_of_the_right_family(tmp_path, contigs, upstream_classifier, esm_tiny, dnabert_tiny):
-    with pytest.raises(PredictError, match="--esm-model .*: a dnabert_s model, expected esm2"):
+    with pytest.raises(PredictError, match="--esm-model .* is a DNABERT-S model; --esm-model takes an ESM-2 model"):
         predict(contigs, tmp_path / "out", upstream_classifier, dnabert_tiny, dnabert_tiny, device="cpu")
 
 

@@ -41,6 +41,7 @@ class TokenBatch:
     truncated: np.ndarray  # bool [B]
     tokens: np.ndarray  # int32 [T], all sequences' tokens back to back
     seq_tokens: np.ndarray  # int32 [B], tokens of each sequence (specials included)
+    extra: object = None  # a pyarrow Table [B] of columns kept from a table input, written beside the embeddings
 
     @property
     def num_tokens(self) -> int:
@@ -64,6 +65,7 @@ class BatchSpec:
     lengths: np.ndarray  # int64 [B], residues or bases
     ordinals: np.ndarray  # int64 [B], record numbers in the input
     tokens: int  # planned (for DNABERT-S an estimate: `DNABERTSTokenizer.num_tokens`)
+    extra: object = None  # a pyarrow Table [B] of columns kept from a table input (`virnucpro.tables`)
 
     def describe(self, first_id: str | None = None) -> str:
         """One line naming the batch; `first_id`: its first record's id, if the caller read it."""
@@ -283,6 +285,7 @@ def load_batch(spec: BatchSpec, reader: RecordReader, tokenizer) -> TokenBatch:
         truncated=np.asarray(truncated, bool),
         tokens=tokens,
         seq_tokens=seq_tokens,
+        extra=spec.extra,
     )
 
 
@@ -296,6 +299,23 @@ def make_batch(index: FastaIndex, positions: np.ndarray, tokenizer, batch_id: in
         return load_batch(spec, reader, tokenizer)
     finally:
         reader.close()
+
+
+def token_batches(sequences: list[str] | list[bytes], tokenizer, toks_per_batch: int,
+                  ids: list[str] | None = None) -> list[TokenBatch]:
+    """Sequences held in memory (validated) as token-budget batches, longest first: what a service's
+    ingress and `embed_sequences` send to the replicas or actors. `index` is each row's position in
+    `sequences`."""
+    tokens, seq_tokens, truncated = tokenizer.encode(sequences)
+    lengths = np.array([len(s) for s in sequences], np.int32)
+    cap = tokenizer.max_residues
+    if cap is not None:
+        truncated = truncated | (lengths > cap)
+    starts = np.concatenate(([0], np.cumsum(seq_tokens)))
+    plan = Plan.build(seq_tokens.astype(np.int64), toks_per_batch)
+    return [TokenBatch(b, [ids[i] for i in rows] if ids else [""] * len(rows), rows, lengths[rows], truncated[rows],
+                       np.concatenate([tokens[starts[i]:starts[i + 1]] for i in rows]), seq_tokens[rows])
+            for b, rows in enumerate(plan)]
 
 
 PLAN_COLUMNS = ("offsets", "sizes", "lengths", "ordinals")  # per record, in plan order

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ids import chunk_of
+from .storage import atomic_write
 
 INPUT_DIM = 3328  # 768 DNABERT-S + 2560 ESM-2 (esm2_t36_3B_UR50D)
 HIDDEN_DIM = 512
@@ -274,7 +275,10 @@ def save_classifier(model: MLPClassifier, path: str | os.PathLike, record: dict)
         raise ValueError(f"{path}: a safe classifier file must end in {SAFETENSORS_SUFFIX}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     text = json.dumps(record, indent=1)
-    safetensors.torch.save_file(state, path, metadata={_METADATA_KEY: text})
+    # the bytes, written as every other output is (atomically, permissions from the umask): safetensors'
+    # own save_file creates its file readable by its owner alone
+    data = safetensors.torch.save(state, metadata={_METADATA_KEY: text})
+    atomic_write(path, lambda f: f.write(data))
     with open(path[:-len(SAFETENSORS_SUFFIX)] + ".json", "w", encoding="utf-8") as f:
         f.write(text + "\n")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ def _validate(obj: Any) -> None:
         elif meta["check"] is not None:
             problem = meta["check"](value)
         if problem:
-            raise OptionError(f"{_flag(f.name)} {value!r}: {problem}")
+            raise OptionError(f"{_flag(f.name)} {_shown(value)}: {problem}")
 
 
 def _base_type(annotation: Any) -> type:
@@ -140,8 +139,8 @@ class EmbedOptions:
         1022, "longest sequence embedded, in residues (ESM-2) or tokens (DNABERT-S); longer ones are "
               "truncated and flagged in the 'truncated' column", min=1)
     dataloader_workers: int | None = option(
-        None, "threads that read and tokenise batches ahead of the actors (default min(cpu_count // "
-              "num_gpus, 8))", min=1)
+        None, "threads in each actor that read and tokenise its next batches while its streams compute "
+              "(default min(cpu_count // num_gpus, 8) of the actor's node)", min=1)
     pin_memory: bool = option(True, "page-locked host buffers for asynchronous host-to-GPU copies")
     expandable_segments: bool = option(
         False, "set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the actors: less fragmentation with "
@@ -165,6 +164,11 @@ class EmbedOptions:
               "layer", check=lambda v: _one_of(v, INCLUDE))
     output_dtype: str = option("float32", "float type of the embedding columns (float16 halves per-token output)",
                                choices=("float32", "float16"))
+    id_column: str = option("id", "a table input (.parquet, .csv, .tsv): the column of the ids", metavar="C")
+    sequence_column: str = option("sequence", "a table input: the column of the sequences", metavar="C")
+    keep_columns: tuple[str, ...] | None = option(
+        None, "a table input: columns copied into the output rows beside the embeddings (labels, organism); "
+              "comma- or space-separated", metavar="C")
     compile: bool | None = option(None, "torch.compile the model layers (default: on for CUDA, except DNABERT-S "
                                         "where its fused Triton kernels load; off on CPU)")
     profile: str | None = option(
@@ -188,6 +192,9 @@ class EmbedOptions:
         if isinstance(self.include, str) or self.include is not None:
             items = [self.include] if isinstance(self.include, str) else self.include
             object.__setattr__(self, "include", tuple(p for i in items for p in str(i).replace(",", " ").split()))
+        if self.keep_columns is not None:  # `--keep-columns a,b` and keep_columns=["a", "b"] alike
+            items = [self.keep_columns] if isinstance(self.keep_columns, str) else self.keep_columns
+            object.__setattr__(self, "keep_columns", tuple(p for i in items for p in str(i).replace(",", " ").split()))
         if self.repr_layers is not None:  # an int, or the list argparse gives: a tuple (hashable)
             layers = (self.repr_layers,) if isinstance(self.repr_layers, int) else self.repr_layers
             object.__setattr__(self, "repr_layers", tuple(int(v) for v in layers))
@@ -200,20 +207,24 @@ class EmbedOptions:
 
 
 OUTPUT_OPTIONS = ("repr_layers", "include", "output_dtype")  # embed's output columns
+TABLE_OPTIONS = ("id_column", "sequence_column", "keep_columns")  # embed's table input
 # The EmbedOptions that predict and train take: they read the default `embedding` column, so not the
-# output columns, and they name a service per model (esm_service, dnabert_service), so not `service`.
+# output columns; their input is FASTA, so not the table options; and they name a service per model
+# (esm_service, dnabert_service), so not `service`.
 PIPELINE_EMBED_OPTIONS = tuple(f.name for f in dataclasses.fields(EmbedOptions)
-                               if f.name not in (*OUTPUT_OPTIONS, "service"))
-
-
-def default_dataloader_workers(num_gpus: int) -> int:
-    """min(cpu_count // num_gpus, 8), at least 1."""
-    return max(1, min((os.cpu_count() or 1) // max(1, num_gpus), 8))
+                               if f.name not in (*OUTPUT_OPTIONS, *TABLE_OPTIONS, "service"))
 
 
 def _one_of(values: tuple[str, ...], allowed: tuple[str, ...]) -> str | None:
     wrong = [v for v in values if v not in allowed]
-    return f"{', '.join(wrong)}: choose from {', '.join(allowed)}" if wrong else None
+    if not wrong:
+        return None
+    return f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not one of {', '.join(allowed)}"
+
+
+def _shown(value: Any) -> str:
+    """A value as the user typed it: `--include foo bar`, `--dtype fp8`."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _threshold(value: float) -> str | None:
@@ -270,5 +281,4 @@ class TrainOptions:
         _validate(self)
 
 
-__all__ = ["EmbedOptions", "PredictOptions", "TrainOptions", "OptionError", "add_arguments", "from_args", "option",
-           "default_dataloader_workers"]
+__all__ = ["EmbedOptions", "PredictOptions", "TrainOptions", "OptionError", "add_arguments", "from_args", "option"]

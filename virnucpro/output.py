@@ -141,13 +141,14 @@ def part_name(batch_id: int) -> str:
 def write_part(out_dir: "str | Path | OutputLocation", batch_id: int, ids: list[str], index: np.ndarray,
                length: np.ndarray, truncated: np.ndarray, embeddings: np.ndarray | dict[str, np.ndarray],
                model: str, metadata: dict[str, str] | None = None, *, columns: list[Column] | None = None,
-               residues: np.ndarray | None = None) -> tuple[str, int]:
+               residues: np.ndarray | None = None, extra: pa.Table | None = None) -> tuple[str, int]:
     """Write one batch's rows atomically; returns (file name, rows).
 
     `embeddings`: the `embedding` column [n, D] float32, or with `columns` one array per column name:
     [n, D] for a per-sequence column, [sum(residues), D] for a per-token one (`residues`: each
     sequence's count, in row order). float16 arrays give float16 columns. `metadata` becomes the
-    file's key-value metadata (the driver records which actor and node wrote the part there)."""
+    file's key-value metadata (the driver records which actor and node wrote the part there). `extra`: a
+    table input's kept columns, one row per sequence, written after the embedding columns."""
     if columns is None:
         columns, embeddings = [Column("embedding", "mean", 0)], {"embedding": embeddings}
     n = len(ids)
@@ -176,6 +177,8 @@ def write_part(out_dir: "str | Path | OutputLocation", batch_id: int, ids: list[
             vectors = pa.ListArray.from_arrays(pa.array(offsets), vectors)
         arrays.append(vectors)
     table = pa.Table.from_arrays(arrays, schema=embedding_schema(dim, columns, dtype, vocab))
+    for name in extra.column_names if extra is not None else ():  # a table input's kept columns, last
+        table = table.append_column(extra.field(name), extra.column(name))
     if metadata:
         table = table.replace_schema_metadata({f"virnucpro.{k}": str(v) for k, v in metadata.items()})
     name = part_name(batch_id)
@@ -317,6 +320,12 @@ class Manifest:
             manifest.done = bits[:manifest.num_batches].astype(bool)
         manifest.schema = schema.remove_metadata() if schema is not None else None
         return manifest
+
+
+def to_numpy(table: pa.Table, column: str = "embedding") -> np.ndarray:
+    """A fixed-size-list column (one vector per row) as an array [rows, D], without a Python object per row."""
+    values = table.column(column).combine_chunks()
+    return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), values.type.list_size)
 
 
 def read_embeddings(out_dir: "str | Path | OutputLocation") -> pa.Table:

@@ -534,6 +534,8 @@ def _preprocess(input_path: str, paths: tuple[Path, Path, Path], chunk_size: int
             with_frames += text.chunks_with_frames
             odd = odd + text.odd if text.odd.letters else odd
     check_unique_ids(input_path, hashes)
+    if not chunks:  # (records without a sequence: nothing to predict)
+        raise SequenceError(f"{input_path}: no record with a sequence")
     return PreprocessResult(contigs, chunks, frames, *paths, chunks_with_frames=with_frames, odd=odd)
 
 
