@@ -182,6 +182,11 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
             raise OptionError(f"--max-contigs {args.max_contigs}: must be at least 1")
         threshold = PredictOptions(threshold=args.threshold).threshold  # OptionError when out of [0, 1]
         return draw_figures(args.out_dir, args.contigs, args.max_contigs, threshold).summary()
+    if args.command in ("predict", "train"):  # the inputs, before torch and Ray are imported
+        from virnucpro.sequences import check_fasta
+
+        for where in (args.input,) if args.command == "predict" else (args.virus, args.others):
+            check_fasta(where)
     if args.command == "train":
         from .train import train
 
