@@ -17,8 +17,10 @@ from virnucpro.sequences import check_fasta
 from virnucpro.storage import InputFile
 from virnucpro.tables import TableInput, check_table, table_format
 
+from .scheduling import EmbedError
 
-class PreviousRun(RuntimeError):
+
+class PreviousRun(EmbedError):
     """OUT_DIR holds another run's output, and neither --resume nor --overwrite was given."""
 
 

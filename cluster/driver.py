@@ -217,7 +217,8 @@ class EmbedJob:
     def _keep_what_finished(self) -> None:
         """After a failure or Ctrl-C: a run with finished parts keeps them and its manifest (--resume
         finishes it); a run that wrote no part leaves nothing behind (a rerun needs no --overwrite)."""
-        if self.manifest is not None and (self.manifest.batches_done or self.resumed):
+        parts = self.manifest is not None and any(PART_NAME.fullmatch(f) for f in self.out.list_files())
+        if self.manifest is not None and (parts or self.resumed):  # (parts its actors wrote as it stopped, too)
             try:
                 self.manifest.save(self.out)
             except Exception:  # noqa: BLE001 - the original error matters more

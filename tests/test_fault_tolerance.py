@@ -186,7 +186,8 @@ def test_worker_node_killed_by_pid_mid_run(cluster, tmp_path, esm_tiny, monkeypa
     nodes = [c.add_node(num_cpus=2, num_gpus=1, resources={"killable": 1}) for _ in range(2)]
     c.wait_for_nodes()
     ids = write_fasta(tmp_path / "k.faa", random_proteins(300, 5, 60, seed=24))
-    monkeypatch.setattr(driver, "RANGE_BYTES", 4096)  # several ranges, so several index tasks
+    monkeypatch.setattr(driver, "RANGE_BYTES", 4096)  # several ranges, indexed by Ray tasks
+    monkeypatch.setattr(driver, "TASK_INDEX_BYTES", 4096)
     out = tmp_path / "out"
     gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")}
     t, box = _run_in_thread(actor_class=faults.slow(0.05), input=tmp_path / "k.faa", out_dir=out, model=esm_tiny,

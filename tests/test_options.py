@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import create_parser, main
-from virnucpro.options import OUTPUT_OPTIONS, EmbedOptions, OptionError, PredictOptions, from_args
+from virnucpro.options import OUTPUT_OPTIONS, TABLE_OPTIONS, EmbedOptions, OptionError, PredictOptions, from_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def test_every_option_has_a_flag_and_defaults_match_the_api(command):
     args = create_parser().parse_args(argv)
     # predict reads the default embedding column: embed's output-column options are not among its flags;
     # nor is --service (predict names one per model: --esm-service, --dnabert-service)
-    expected = _cli_fields(EmbedOptions) - ({*OUTPUT_OPTIONS, "service"} if command == "predict" else set())
+    expected = _cli_fields(EmbedOptions) - ({*OUTPUT_OPTIONS, *TABLE_OPTIONS, "service"} if command == "predict" else set())
     assert expected <= set(vars(args))
     assert command == "embed" or ("service" not in vars(args) and {"esm_service", "dnabert_service"} <= set(vars(args)))
     assert command == "embed" or not set(OUTPUT_OPTIONS) & set(vars(args))

@@ -103,7 +103,7 @@ def test_wrong_family_or_contradicting_model_refused_before_preprocessing(esm_se
     lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if not _RAY_FORWARDED.match(ln)]
     assert code == 1 and len(lines) == 1, lines
     err = lines[0]
-    assert err.startswith("virnucpro: error: --dnabert-service esm: the service embeds with") and "esm2 model" in err
+    assert err.startswith("virnucpro: error: --dnabert-service esm: the service embeds with") and "an ESM-2 model" in err
     assert not (tmp_path / "a").exists()
     with pytest.raises(PredictError, match="--esm-model .* but --esm-service esm serves"):
         predict(contigs, tmp_path / "b", classifier, dnabert_tiny, dnabert_tiny, esm_service=esm_service, **COMPUTE)

@@ -124,7 +124,7 @@ def test_init_ray_binds_loopback_unless_told_and_warns_without_auth(monkeypatch,
     assert from_args(EmbedOptions, args).dashboard_host == "127.0.0.1"
 
 
-def test_local_ray_dashboard_by_input_size_or_flag(monkeypatch, caplog, tmp_path):
+def test_local_ray_dashboard_by_input_size_or_flag(monkeypatch, caplog, tmp_path, esm_tiny):
     """A run's own Ray starts its dashboard for an input of DASHBOARD_MIN_BYTES or more, or when asked
     (--dashboard); a small run skips it (1-2 s of start-up) and says so. The flag reaches the `RaySession`
     from the command line."""
@@ -136,6 +136,7 @@ def test_local_ray_dashboard_by_input_size_or_flag(monkeypatch, caplog, tmp_path
     small, large = tmp_path / "small.faa", tmp_path / "large.faa"
     small.write_text(">a\nMKV\n")
     with open(large, "wb") as f:
+        f.write(b">a\nMKV\n")  # FASTA by its start, which is all the command checks before Ray
         f.truncate(session.DASHBOARD_MIN_BYTES)  # sparse: its size is what counts
     assert not session.local_dashboard(None, small)
     assert session.local_dashboard(None, large)
@@ -168,7 +169,7 @@ def test_local_ray_dashboard_by_input_size_or_flag(monkeypatch, caplog, tmp_path
                            ([str(large), "--no-dashboard"], False)):
         with pytest.raises(RuntimeError, match="stop here"):
             cluster.cli.run(cluster.cli.create_parser().parse_args(
-                ["embed", *argv, "-o", str(tmp_path / "out"), "--model", "m"]))
+                ["embed", *argv, "-o", str(tmp_path / "out"), "--model", str(esm_tiny)]))
         assert seen[-1] is expected, argv
 
 
