@@ -19,6 +19,7 @@ demo: install
 
 test: install
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports())"  # the layer contracts (pyproject.toml)
 	$(TEST_TIMEOUT) $(PYTHON) -m pytest -q tests
 
 clean:

@@ -28,13 +28,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from virnucpro.attention import Packing
+from virnucpro.kernels.attention import Packing
 from virnucpro.batching import BatchError, BatchSpec, PartResult, TokenBatch, load_batch
-from virnucpro.index import RecordReader
+from virnucpro.io.index import RecordReader
 from virnucpro.models import ModelSource, default_toks_per_batch, load_model, load_tokenizer
 from virnucpro.models.columns import compute_columns, residue_counts
 from virnucpro.options import EmbedOptions
-from virnucpro.output import Column, OutputLocation, plan_columns, write_part
+from virnucpro.io.output import Column, OutputLocation, plan_columns, write_part
+from virnucpro.errors import EmbedError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def resolve_device(device: str) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device cuda but this worker ({socket.gethostname()}) sees no CUDA GPU")
+            raise EmbedError(f"--device cuda but this worker ({socket.gethostname()}) sees no CUDA GPU")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
 
@@ -172,9 +173,9 @@ class Embedder:
         # prepare for every job, and a batch within one of them needs no warm-up of its own
         self.warmed_up_on: list[tuple[int, int, int]] = []
         if self.device.type == "cuda":
-            # pyarrow imports pandas (if installed) at its first pa.array: 0.37 s of the first part's write on
-            # a 2-CPU VM. Done beside the GPU warm-up, it is off the first part's path. (Not on a CPU, where no
-            # warm-up waits: it slowed the first batch's forward more than it saved.)
+            # pyarrow imports pandas (if installed) at its first pa.array, in the first part's write. Done
+            # beside the GPU warm-up, it is off the first part's path. (Not on a CPU, where no warm-up waits:
+            # it slowed the first batch's forward more than it saved.)
             threading.Thread(target=pa.array, args=([0],), name="virnucpro-warm-pyarrow", daemon=True).start()
         self.plans: dict[tuple, tuple[list[Column], torch.dtype]] = {}
         # the output columns of this actor's own jobs (--repr-layers, --include, --output-dtype)
@@ -202,9 +203,9 @@ class Embedder:
     def _start_compile(self) -> None:
         """Start compiling the layers in a thread of their own, once. Called after the first batch, or at
         once by a `prepare()` with no batch to warm up on (a service's replica, idle until a job comes):
-        the compile thread imports the compiler (7-11 s, holding the GIL much of it), which slowed the
-        eager warm-up and first batch beside it (ESM-2 3B: warm-up 2.3-2.9 s instead of about 1 s,
-        bench/README.md "Start-up"); a first part should not wait for a compile it does not use."""
+        the compile thread imports the compiler (seconds, holding the GIL much of it), which slowed the
+        eager warm-up and first batch beside it (bench/README.md, "Start-up"); a first part should not
+        wait for a compile it does not use."""
         with self.compile_lock:
             if not self.compiled or self.compile_started:
                 return
@@ -214,14 +215,13 @@ class Embedder:
     def _compile_in_background(self) -> None:
         """Compile the layers in this one thread, for the shapes batches will have (several sequences,
         or one alone), then switch the batches to them. Meanwhile batches run eagerly: a compile takes
-        6-13 s for ESM-2 3B (bench/results/startup-*.json), longer than a small job's whole run, so
-        the first parts do not wait for it. A compile that fails leaves the actor eager, and says so.
+        longer than a small job's whole run, so the first parts do not wait for it. A compile that fails
+        leaves the actor eager, and says so.
 
-        For DNABERT-S and ESM-2 650M on an H200 host, most of it is importing the compiler
-        (torch._dynamo and torch._inductor, 7.4-11.3 s), against 1.5 s (DNABERT-S) to 3.2 s (650M) to
-        compile from a warm cache (bench/results/probe-compile-*.json). Importing it before the weights
-        load finished the compile 4.5 s sooner but held the load up by 3 s (the two threads' imports
-        contend), so the actor was ready 2.4 s later; the import stays after the load."""
+        Most of a compile from a warm cache is importing the compiler (torch._dynamo and torch._inductor).
+        Importing it before the weights load finished the compile sooner but held the load up more (the
+        two threads' imports contend), so the import stays after the load (bench/README.md, "Where the
+        actor's compile goes")."""
         start = time.perf_counter()
         # Batches run beside this thread: with Python's default 5 ms GIL switch interval each of their
         # kernel launches can wait that long for the compiling thread, and the compile itself took 2x as
@@ -285,8 +285,8 @@ class Embedder:
         a budget that cannot fit fails here, with the out-of-memory report, not mid-run. The driver
         calls this once its plan exists; the constructor (model load, compile) runs meanwhile. A batch
         no larger in sequences, tokens and longest sequence than one it warmed up on before (a service's
-        next job) is not run again: the memory it needs was grown then (about 0.7 s of an H200 for ESM-2
-        3B's 65,536 tokens, estimated from its ~95 K tokens/s)."""
+        next job) is not run again: the memory it needs was grown then, and a warm-up costs a batch's
+        time."""
         if largest_batch is not None and self.device.type == "cuda":
             largest = np.asarray(largest_batch, np.int64)
             shape = batch_shape(largest)

@@ -25,7 +25,8 @@ import numpy as np
 
 from virnucpro.batching import BatchError, TokenBatch, token_batches
 from virnucpro.models.registry import ModelSource
-from virnucpro.sequences import SequenceError, iter_fasta
+from virnucpro.errors import SequenceError
+from virnucpro.io.fasta import iter_fasta
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +253,11 @@ def _line(error: Exception) -> str:
 def _refused(header: str) -> tuple[int, str] | None:
     """(status, message) when the request lacks the cluster's token, else None. Ray's own check: the
     token that the dashboard and job API require (~/.ray/auth_token or RAY_AUTH_TOKEN)."""
-    try:
-        from ray._private.authentication.authentication_utils import is_token_auth_enabled, validate_request_token
-    except ImportError:
-        return 403, "this Ray has no token authentication, so the HTTP endpoint stays closed"
-    if not is_token_auth_enabled():
+    from .ray_internals import token_auth_enabled, token_valid
+
+    if not token_auth_enabled():
         return 403, "this Ray cluster runs without token authentication, so the HTTP endpoint stays closed"
-    if not header or not validate_request_token(header):
+    if not token_valid(header):
         return 401, "missing or wrong token: send 'Authorization: Bearer <the cluster's token>' (~/.ray/auth_token)"
     return None
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_models import dna_token_lengths, token_batches  # noqa: E402
-from virnucpro.attention import Packing, PaddedLayout, _sdpa_mask, alibi_slopes  # noqa: E402
+from virnucpro.kernels.attention import Packing, PaddedLayout, _sdpa_mask, alibi_slopes  # noqa: E402
 
 STRATEGIES = ["cudnn exact", "cudnn bucketed", "efficient exact", "efficient bucketed", "default bucketed"]
 

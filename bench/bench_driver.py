@@ -176,7 +176,7 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from virnucpro.tiny import write_dnabert_s_dir, write_esm2_checkpoint
+    from virnucpro.models.tiny import write_dnabert_s_dir, write_esm2_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-driver-"))
     models = {"dnabert_s": write_dnabert_s_dir(tmp / "dnabert", vocab_size=4096),

@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"driver-memory-{platform.node()}.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from virnucpro.tiny import write_esm2_checkpoint
+    from virnucpro.models.tiny import write_esm2_checkpoint
 
     mib = 1 << 20
     rows = []

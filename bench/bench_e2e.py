@@ -27,11 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_models import cuda_time  # noqa: E402
-from virnucpro.attention import Packing  # noqa: E402
+from virnucpro.kernels.attention import Packing  # noqa: E402
 from virnucpro.batching import plan_batches  # noqa: E402
 from virnucpro.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from virnucpro.index import FastaIndex  # noqa: E402
-from virnucpro.tiny import esm2_state_dict, write_dnabert_s_dir  # noqa: E402
+from virnucpro.io.index import FastaIndex  # noqa: E402
+from virnucpro.models.tiny import esm2_state_dict, write_dnabert_s_dir  # noqa: E402
 
 SHAPES = {"esm2_3B": (36, 2560, 40), "esm2_650M": (33, 1280, 20),
           "esm2_8M": (6, 320, 20)}  # 8M: start-up on a CPU (bench_startup)
@@ -96,7 +96,7 @@ def bare_model(ckpt: Path, fasta: Path, toks: int, work: Path) -> dict:
 
 def end_to_end(ckpt: Path, fasta: Path, toks: int, work: Path, **options) -> dict:
     from cluster.driver import embed
-    from virnucpro.output import Manifest
+    from virnucpro.io.output import Manifest
 
     start = time.perf_counter()
     result = embed(fasta, work / "out", ckpt, device="cuda", toks_per_batch=toks, progress=False, overwrite=True,

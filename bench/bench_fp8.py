@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_models import (ESM_SHAPES, cuda_time, esm_flops, matmul_ceiling, random_init_,  # noqa: E402
                                 token_batches, virnucpro_lengths)
-from virnucpro.attention import Packing, select_backend  # noqa: E402
+from virnucpro.kernels.attention import Packing, select_backend  # noqa: E402
 from virnucpro.models.esm2 import ESM2, ESM2Config  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn

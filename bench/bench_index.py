@@ -25,8 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from virnucpro.index import FastaIndex  # noqa: E402
-from virnucpro.sequences import DNA, PROTEIN  # noqa: E402
+from virnucpro.io.index import FastaIndex  # noqa: E402
+from virnucpro.io.alphabet import DNA, PROTEIN  # noqa: E402
 
 AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
 BASES = np.frombuffer(b"ACGT", np.uint8)

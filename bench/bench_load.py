@@ -89,8 +89,8 @@ def main() -> None:
     import ray
 
     from cluster.driver import embed
-    from virnucpro.output import Manifest
-    from virnucpro.tiny import write_esm2_checkpoint
+    from virnucpro.io.output import Manifest
+    from virnucpro.models.tiny import write_esm2_checkpoint
 
     mib = 1 << 20
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:

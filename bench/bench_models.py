@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from virnucpro.attention import Packing  # noqa: E402
+from virnucpro.kernels.attention import Packing  # noqa: E402
 from virnucpro.models.dnabert_s import DNABERTS, DNABERTSConfig, fused_kernels_fail  # noqa: E402
 from virnucpro.models.esm2 import ESM2, ESM2Config  # noqa: E402
-from virnucpro.attention import select_backend  # noqa: E402
+from virnucpro.kernels.attention import select_backend  # noqa: E402
 
 ESM_SHAPES = {"esm2_3B": (36, 2560, 40), "esm2_650M": (33, 1280, 20)}
 

@@ -46,10 +46,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_preprocess import COMPLEMENT, SENSE, prefix_fasta  # noqa: E402
 from tests.test_preprocess import ref_preprocess_files  # noqa: E402
-from virnucpro.attention import Packing  # noqa: E402
-from virnucpro.classifier import MLPClassifier  # noqa: E402
+from virnucpro.kernels.attention import Packing  # noqa: E402
+from virnucpro.pipeline.classifier import MLPClassifier  # noqa: E402
 from virnucpro.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from virnucpro.tiny import esm2_state_dict, write_dnabert_s_dir  # noqa: E402
+from virnucpro.models.tiny import esm2_state_dict, write_dnabert_s_dir  # noqa: E402
 
 ESM_SHAPES = {"full": (36, 2560, 40), "tiny": (2, 64, 4)}  # layers, dim, heads
 DNABERT_SHAPES = {"full": dict(hidden=768, layers=12, heads=12, intermediate=3072, vocab_size=4096),

@@ -1,4 +1,4 @@
-"""Preprocessing throughput: upstream VirNucPro's rules (per-codon Python loop) vs virnucpro.preprocess.
+"""Preprocessing throughput: upstream VirNucPro's rules (per-codon Python loop) vs virnucpro.pipeline.preprocess.
 
     python3 bench/bench_preprocess.py --mbp 100 [--chunk-size 500 300] [--ref-mbp 2] [--workers N]
 
@@ -8,7 +8,7 @@ contigs do), writes it as FASTA in a temp dir, then times
   * the reference: tests/test_preprocess.py's literal transcription of upstream's path (Bio.SeqIO
     chunk file written and re-read, per-codon dict translation). It is slow, so it runs on a prefix
     of the contigs (--ref-mbp) and its time is extrapolated per Mbp to the full set;
-  * virnucpro.preprocess.preprocess_fasta on the full set, in a child process (so its peak RSS is
+  * virnucpro.pipeline.preprocess.preprocess_fasta on the full set, in a child process (so its peak RSS is
     its own), serially and with a process pool.
 Outputs on the reference prefix are checked byte for byte. Results go to
 bench/results/preprocess-<hostname>.json.
@@ -89,7 +89,7 @@ def run_ours(fasta: Path, out: Path, size: int, workers: int | None) -> dict:
     """preprocess_fasta in a child process: wall time and the child's peak RSS."""
     code = (
         "import json, resource, sys, time\n"
-        "from virnucpro.preprocess import preprocess_fasta\n"
+        "from virnucpro.pipeline.preprocess import preprocess_fasta\n"
         "t = time.perf_counter()\n"
         f"r = preprocess_fasta({str(fasta)!r}, {str(out)!r}, {size}, workers={workers!r})\n"
         "s = time.perf_counter() - t\n"
@@ -145,7 +145,7 @@ def print_table(res: dict, bases: int) -> None:
           f"{ref['seconds_per_mbp']:7.3f} {1 / ref['seconds_per_mbp']:7.2f} {1:7.1f}x {'-':>8}  "
           f"measured on a {ref['measured_mbp']:.2f} Mbp prefix, extrapolated to {bases / 1e6:.1f} Mbp")
     for name, r in res["ours"].items():
-        print(f"{'virnucpro.preprocess ' + name:36} {r['seconds']:9.2f} {r['seconds_per_mbp']:7.3f} "
+        print(f"{'virnucpro.pipeline.preprocess ' + name:36} {r['seconds']:9.2f} {r['seconds_per_mbp']:7.3f} "
               f"{1 / r['seconds_per_mbp']:7.2f} {r['speedup_vs_reference']:7.1f}x {r['peak_rss_mib']:8.0f}  "
               f"measured on {bases / 1e6:.1f} Mbp")
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_models import (ESM_SHAPES, dna_token_lengths, dnabert_flops, esm_flops, matmul_ceiling,  # noqa: E402
                                 random_dnabert_s, random_esm2, token_batches, virnucpro_lengths)
-from virnucpro.attention import Packing  # noqa: E402
+from virnucpro.kernels.attention import Packing  # noqa: E402
 
 
 def kind(name: str) -> str:

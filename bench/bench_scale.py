@@ -118,7 +118,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None)
     args = p.parse_args()
 
-    from virnucpro.tiny import write_esm2_checkpoint
+    from virnucpro.models.tiny import write_esm2_checkpoint
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)

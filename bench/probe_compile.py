@@ -34,7 +34,7 @@ def variant(model_name: str, beside: bool) -> dict:
     import torch
 
     from bench.bench_models import random_dnabert_s, random_esm2
-    from virnucpro.attention import Packing
+    from virnucpro.kernels.attention import Packing
 
     out = {"import_torch": time.perf_counter() - t0}
     model = random_dnabert_s(torch.bfloat16) if model_name == "dnabert_s" else random_esm2(model_name)

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_models import (cuda_time, dna_token_lengths, dnabert_flops, pooled_cosine_min,  # noqa: E402
                                 random_dnabert_s, staged_batches, token_batches)
-from virnucpro import triton_elementwise as te  # noqa: E402
-from virnucpro.attention import select_backend  # noqa: E402
+from virnucpro.kernels import triton_elementwise as te  # noqa: E402
+from virnucpro.kernels.attention import select_backend  # noqa: E402
 from virnucpro.models.dnabert_s import DNABERTSConfig  # noqa: E402
 
 GATED_TILES = [(1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (4, 1024, 8), (8, 512, 8), (8, 1024, 8), (16, 256, 4),

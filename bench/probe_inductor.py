@@ -15,7 +15,7 @@ one pass over the same planned batches with CUDA events after a warm-up pass, to
   autotune_gemm       Inductor's Triton GEMM templates autotuned against cuBLAS (max_autotune_gemm),
                       so a winning template carries the GELU or residual add in its epilogue
   autotune_gemm_cd    that and coordinate descent
-  persistent_wide     rows up to 2048 wide reduced in one pass in registers (virnucpro.compiling's
+  persistent_wide     rows up to 2048 wide reduced in one pass in registers (virnucpro.kernels.compiling's
                       InductorChoices raises the 1024 limit), i.e. multi_kernel's persistent LayerNorms
                       without its run-time pick, which torch 2.11 cannot load from its cache
   gelu_epilogue       ESM-2's fc1 bias and GELU in cuBLASLt's GEMM epilogue (tanh GELU), no GELU pass
@@ -60,8 +60,8 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_models import (ESM_SHAPES, cuda_time, dna_token_lengths, dnabert_flops, esm_flops,  # noqa: E402
                                 matmul_ceiling, pooled_cosine_min, random_dnabert_s, random_esm2, staged_batches,
                                 token_batches, virnucpro_lengths)
-from virnucpro.attention import keep_out_of_compile, select_backend  # noqa: E402
-from virnucpro.compiling import WideRowChoices  # noqa: E402
+from virnucpro.kernels.attention import keep_out_of_compile, select_backend  # noqa: E402
+from virnucpro.kernels.compiling import WideRowChoices  # noqa: E402
 from virnucpro.models.esm2 import TransformerLayer  # noqa: E402
 from virnucpro.models.dnabert_s import DNABERTSConfig  # noqa: E402
 

@@ -7,11 +7,11 @@ for 2% of its FLOPs: VirNucPro's proteins are at most 168 tokens, and FA2 works 
 so a 168-token sequence costs it a 256 x 256 tile grid. This probe times, on the packed batches the
 actors run (the same planner's token budgets, q/k/v as strided views of one fused [T, 3, H, hd]
 tensor as the models produce them):
-  fa2      torch's FlashAttention-2 varlen (`virnucpro.attention._varlen_attn`; ESM-2's kernel until this
+  fa2      torch's FlashAttention-2 varlen (`virnucpro.kernels.attention._varlen_attn`; ESM-2's kernel until this
            probe, its fallback since)
   cudnn    cuDNN's ragged (THD) SDPA through `aten._cudnn_attention_forward` with cumulative lengths;
            its first call per shape builds a plan, timed apart
-  triton   our packed kernel (`virnucpro.triton_attention.packed_attention`) at several block sizes
+  triton   our packed kernel (`virnucpro.kernels.triton_attention.packed_attention`) at several block sizes
 Each kernel: one untimed pass over the batches (compiles, plans), then the median of 5 passes timed
 with CUDA events. Accuracy: largest absolute difference to FA2's output (ALiBi workloads: to
 `alibi_by_hand` on the first 48 sequences of the first batch).
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_models import (cuda_time, dna_token_lengths, proteome_lengths, token_batches,  # noqa: E402
                                 virnucpro_lengths)
-from virnucpro.triton_attention import packed_attention  # noqa: E402
-from virnucpro.attention import Packing, _varlen_attn, alibi_by_hand, alibi_slopes  # noqa: E402
+from virnucpro.kernels.triton_attention import packed_attention  # noqa: E402
+from virnucpro.kernels.attention import Packing, _varlen_attn, alibi_by_hand, alibi_slopes  # noqa: E402
 
 WORKLOADS = {  # name: (heads, head dim, lengths in tokens, token budget, ALiBi)
     "esm2_650M/virnucpro": (20, 64, lambda n, rng: virnucpro_lengths(n, rng) + 2, 65536, False),

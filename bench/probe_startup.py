@@ -41,9 +41,9 @@ def forward_variant(switch: float | None, compile_beside: bool) -> dict:
     import numpy as np
     import torch
 
-    from virnucpro.attention import Packing
+    from virnucpro.kernels.attention import Packing
     from virnucpro.models.esm2 import ESM2, ESM2Config
-    from virnucpro.attention import select_backend
+    from virnucpro.kernels.attention import select_backend
 
     if switch:
         sys.setswitchinterval(switch)

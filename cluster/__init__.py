@@ -8,8 +8,8 @@ Names are imported on first use, so that `virnucpro --help` does not wait for to
 import importlib
 
 _EXPORTS = {"embed": "cluster.driver", "EmbedResult": "cluster.driver", "EmbedError": "cluster.scheduling",
-            "EmbedOptions": "virnucpro.options", "predict": "cluster.predict",
-            "PredictResult": "cluster.predict", "PredictError": "cluster.predict",
+            "EmbedOptions": "virnucpro.options", "predict": "cluster.pipeline",
+            "PredictResult": "cluster.pipeline", "PredictError": "cluster.pipeline",
             "embed_sequences": "cluster.in_memory"}
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from virnucpro.models.registry import ModelSource, resolve_model
 from virnucpro.options import EmbedOptions, OptionError
-from virnucpro.output import MANIFEST, PART_NAME, PREVIOUS_RUN, Manifest, OutputLocation
-from virnucpro.sequences import check_fasta
-from virnucpro.storage import InputFile
-from virnucpro.tables import TableInput, check_table, table_format
+from virnucpro.io.output import MANIFEST, PART_NAME, PREVIOUS_RUN, Manifest, OutputLocation
+from virnucpro.io.fasta import check_fasta
+from virnucpro.io.storage import InputFile
+from virnucpro.io.tables import TableInput, check_table, table_format
 
 from .scheduling import EmbedError
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import logging
 import os
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
+from virnucpro.errors import VirNucProError
 from virnucpro.options import (PIPELINE_EMBED_OPTIONS, EmbedOptions, OptionError, PredictOptions, TrainOptions,
                                add_arguments, from_args)
 
@@ -127,7 +130,7 @@ def create_parser() -> argparse.ArgumentParser:
                        description="Redraw the figures of a `virnucpro predict` run in OUT_DIR: prediction.png "
                                    "(upstream VirNucPro's view: each chunk's winning score along the contig, "
                                    "virus red, others dark blue) and contig_scores.png (histogram of the contig "
-                                   "scores). Needs matplotlib: pip install 'virnucpro[plot]'.")
+                                   "scores). Needs matplotlib: pip install matplotlib.")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the output directory of `virnucpro predict`")
     p.add_argument("--contigs", nargs="+", metavar="ID", help="contigs to draw in prediction.png, in this order "
                    "(default: the first --max-contigs with a classified chunk)")
@@ -166,8 +169,8 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
 
         return run_embed(args.input, args.out_dir, args.model, opts, actor_class, timeline, session).summary()
     if args.command == "preprocess":
-        from virnucpro.preprocess import default_workers, preprocess_fasta
-        from virnucpro.sequences import check_fasta
+        from virnucpro.pipeline.preprocess import default_workers, preprocess_fasta
+        from virnucpro.io.fasta import check_fasta
 
         opts = from_args(PredictOptions, args)
         check_fasta(args.input)
@@ -176,19 +179,19 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
         res = preprocess_fasta(args.input, args.out_dir, opts.chunk_size, opts.chunking, workers)
         return f"{res.summary()} ({time.perf_counter() - start:.1f} s, {workers} worker(s))"
     if args.command == "plot":
-        from virnucpro.plot import draw_figures
+        from virnucpro.pipeline.plot import draw_figures
 
         if args.max_contigs < 1:
             raise OptionError(f"--max-contigs {args.max_contigs}: must be at least 1")
         threshold = PredictOptions(threshold=args.threshold).threshold  # OptionError when out of [0, 1]
         return draw_figures(args.out_dir, args.contigs, args.max_contigs, threshold).summary()
     if args.command in ("predict", "train"):  # the inputs, before torch and Ray are imported
-        from virnucpro.sequences import check_fasta
+        from virnucpro.io.fasta import check_fasta
 
         for where in (args.input,) if args.command == "predict" else (args.virus, args.others):
             check_fasta(where)
     if args.command == "train":
-        from .train import train
+        from .training import train
 
         popts, topts, eopts = (from_args(c, args) for c in (PredictOptions, TrainOptions, EmbedOptions))
         embed_options = {k: v for k, v in _fields(eopts).items() if hasattr(args, k)}
@@ -196,7 +199,7 @@ def run(args: argparse.Namespace, actor_class: type | None = None) -> str:
                      chunk_size=popts.chunk_size, chunking=popts.chunking, workers=popts.workers,
                      esm_service=args.esm_service, dnabert_service=args.dnabert_service,
                      **_fields(topts), **embed_options).summary()
-    from .predict import predict
+    from .pipeline import predict
 
     popts, eopts = from_args(PredictOptions, args), from_args(EmbedOptions, args)
     embed_options = {k: v for k, v in _fields(eopts).items() if hasattr(args, k)}  # predict's parser has no output columns
@@ -284,11 +287,15 @@ def main(argv: list[str] | None = None, *, actor_class: type | None = None) -> i
         code = _report(f"virnucpro {args.command}: error: {e}", 2)
     except Exception as e:  # noqa: BLE001 - sorted below: a user's error gets one line, a bug its traceback
         if not _user_error(e):
-            raise
-        if args.verbose:  # --verbose keeps the traceback for bug reports
-            log.exception("failed")
-        text = re.sub(r"\s*\n\s*", " ", str(e).strip()) or type(e).__name__  # one line, whatever raised
-        code = _report(f"virnucpro: error: {text}", 1)
+            traceback.print_exc()
+            code = _report(f"virnucpro: this is a bug in VirNucPro {_version()} ({type(e).__name__} in "
+                           f"`virnucpro {args.command}`), not something you did: please report it with the traceback "
+                           f"above", 1)
+        else:
+            if args.verbose:  # --verbose keeps the traceback for bug reports
+                log.exception("failed")
+            text = re.sub(r"\s*\n\s*", " ", str(e).strip()) or type(e).__name__  # one line, whatever raised
+            code = _report(f"virnucpro: error: {text}", 1)
     except KeyboardInterrupt:
         resumable = args.command in ("embed", "predict", "train")
         code = _report("virnucpro: interrupted" + ("; rerun with --resume to finish" if resumable else ""), 130)
@@ -312,10 +319,16 @@ def _version() -> str:
     return __version__
 
 
+# what the machine or its storage says, not the code: a missing or unreadable file, a full disk, a quota
+_ENVIRONMENT = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EISDIR,
+                errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EIO}
+
+
 def _user_error(e: Exception) -> bool:
-    """Errors whose message tells the user what to fix: bad input, checkpoint or classifier, a run that
-    cannot finish, an unwritable output."""
-    return isinstance(e, (RuntimeError, OSError, ValueError))
+    """Whether the message tells the user what to fix: VirNucPro's own errors (`VirNucProError`: input,
+    options, model, classifier, a run that cannot finish, the cluster), and what the machine says of a
+    file (not found, no permission, no space). Anything else is a bug, and keeps its traceback."""
+    return isinstance(e, VirNucProError) or (isinstance(e, OSError) and e.errno in _ENVIRONMENT)
 
 
 if __name__ == "__main__":

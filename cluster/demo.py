@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from virnucpro.classifier import MLPClassifier
+from virnucpro.pipeline.classifier import MLPClassifier
 
-from virnucpro.tiny import write_dnabert_s_dir, write_esm2_checkpoint
+from virnucpro.models.tiny import write_dnabert_s_dir, write_esm2_checkpoint
 
 from .driver import embed
-from .predict import predict
+from .pipeline import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
     embed(input, out_dir, model, **options)    # the Python API of `virnucpro embed`
 
 The driver stays light however large the input: it indexes (in Ray tasks beside the actors, for an
-input of more than one range: `virnucpro.index`), plans and deals. A batch travels to its actor as a
+input of more than one range: `virnucpro.io.index`), plans and deals. A batch travels to its actor as a
 description (`BatchSpec`: byte offsets and lengths of its records), and the actor reads, tokenises,
 computes and writes the Parquet part itself, so reading, tokenising and the embeddings never pass
 through the driver. Input and output may be local, on a shared filesystem or on an object store.
@@ -33,34 +33,32 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
-from ray.exceptions import ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
 # Nothing here imports torch: a job through a running service (--service) needs none of it. A job with
 # its own actors imports the model code (and torch) where it checks the model and defines the actors.
-from virnucpro.batching import BatchError, BatchPlan, PartResult, Plan, plan_fingerprint, token_counts
+from virnucpro.batching import BatchPlan, Plan, plan_fingerprint, token_counts
 from virnucpro.models.registry import ModelSource
-from virnucpro.index import RANGE_BYTES, FastaIndex, RangeIndex, index_range, plain_copy, serial
+from virnucpro.io.index import RANGE_BYTES, FastaIndex, plain_copy, serial
 from virnucpro.options import EmbedOptions, OptionError
-from virnucpro.output import (LEGACY_MANIFEST, MANIFEST, PART_NAME, PREVIOUS_RUN, WRITE_TEST, Manifest, OutputLocation,
-                             default_columns, is_cut_short, part_name, part_schema, plan_columns)
-from virnucpro.sequences import RecordError, SequenceError
-from virnucpro.storage import InputFile, Location
-from virnucpro.tables import COLUMNS_NAME, convert_table, kept_columns
-from virnucpro.tables import FASTA_NAME as TABLE_FASTA
+from virnucpro.io.output import (MANIFEST, PART_NAME, Manifest, OutputLocation,
+                             default_columns, plan_columns)
+from virnucpro.io.storage import InputFile, Location
+from virnucpro.io.tables import COLUMNS_NAME, convert_table, kept_columns
+from virnucpro.io.tables import FASTA_NAME as TABLE_FASTA
 
-from .checks import check_embed, holds_run, table_input
-from .pool import ActorPool, Lease, cause
-from .progress import DriverMetrics, Progress, Timeline
-from .scheduling import ACTOR_DIED, STORAGE, EmbedError, Scheduler, failure_kind
+from .dispatch import Dispatcher, Totals, collect
+from .indexing import RangeTasks
+from .outdir import WORK_DIR, complete, file_in, finished_batches, prepare_out_dir, resumable_manifest
+from .checks import check_embed, table_input
+from .pool import ActorPool
+from .progress import Timeline
+from .scheduling import EmbedError
 from .session import Placement, RaySession, local_dashboard
 
 if TYPE_CHECKING:
@@ -68,11 +66,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("virnucpro")
 
-STOP_WAIT_SECONDS = 30  # a failed run waits this long for the batches its actors are computing
-WORK_DIR = ".work"  # OUT_DIR/.work: the saved plan and a gzip input's plain copy, until the run is complete
 CALIBRATION_RECORDS = 256  # records the driver tokenises to estimate a BPE model's tokens per base
 TASK_INDEX_BYTES = 16 << 20  # an input this large is indexed by Ray tasks on the nodes, a smaller one here
-_ACTOR_FAILED = (RayActorError, ObjectLostError, WorkerCrashedError)  # the actor, not the batch, failed
 
 
 @dataclass
@@ -126,7 +121,7 @@ def embed(input: str | Path, out_dir: str | Path, model: str | Path | None, *, a
     raises `OptionError` before anything starts. `actor_class`: the actor run on each worker, `Embedder`
     (the default) or a subclass of it (the tests inject faults this way). `model` None: `service=NAME`'s.
     `timeline`: where start-up phases are marked (default: from this call's start). Returns an `EmbedResult`; read the rows with
-    `virnucpro.output.read_embeddings(out_dir)` or `pyarrow.parquet.read_table(out_dir)`.
+    `virnucpro.io.output.read_embeddings(out_dir)` or `pyarrow.parquet.read_table(out_dir)`.
     """
     return run_embed(input, out_dir, None if model is None else str(model), EmbedOptions(**options),
                      actor_class, timeline)
@@ -159,10 +154,10 @@ class EmbedJob:
         self.pool: ActorPool | None = None
         self.plan: BatchPlan | None = None
         self.manifest: Manifest | None = None
-        self.dispatcher: _Dispatcher | None = None
+        self.dispatcher: Dispatcher | None = None
         self.local_scratch: Path | None = None
         self.skipped_empty: list[str] = []  # empty records the index skipped (a resumed run keeps its manifest's)
-        self.table = None  # a table input's columns (`virnucpro.tables.TableInput`), None for FASTA
+        self.table = None  # a table input's columns (`virnucpro.io.tables.TableInput`), None for FASTA
         self.kept = None  # a table input's kept columns (pyarrow Table, row i = record i), handed out per batch
         self.created_out = False  # OUT_DIR did not exist before this run
         self.resumed = False  # a previous run's manifest is this run's
@@ -210,7 +205,7 @@ class EmbedJob:
             self.target = _Target.local(model_source, self.opts)  # a bad checkpoint fails here
         self.timeline.mark("model_checked")
         self.created_out = not self.out.exists_dir()
-        _prepare_out_dir(self.out, self.opts)
+        prepare_out_dir(self.out, self.opts)
         self.local_scratch = (self.out.local_path / WORK_DIR if self.out.local_path is not None
                               else Path(tempfile.mkdtemp(prefix="virnucpro-work-")))
 
@@ -258,7 +253,7 @@ class EmbedJob:
         fingerprint = plan_fingerprint(source.name, source.family, target.truncation, toks, self.source.identity(),
                                        *(() if default_columns(*outputs) else (outputs,)),
                                        *((self.table,) if self.table else ()))
-        old = _resumable_manifest(out, fingerprint) if opts.resume else None
+        old = resumable_manifest(out, fingerprint) if opts.resume else None
         self.resumed = old is not None
         if old is not None and old.complete:
             self.manifest = old
@@ -268,7 +263,7 @@ class EmbedJob:
         if self.plan is not None:
             # the records are where they were, in the input as it is named now (or its plain copy)
             self.plan.input = self._readable(work)
-            self.kept = kept_columns(_file_in(work, COLUMNS_NAME)) if self.table and self.table.keep else None
+            self.kept = kept_columns(file_in(work, COLUMNS_NAME)) if self.table and self.table.keep else None
             log.info("resuming from the saved plan (%d batches): the input is not read again", len(self.plan))
             self.timeline.mark("indexed")
             if target.tokenizer is not None and self.plan.bases_per_token:
@@ -281,7 +276,7 @@ class EmbedJob:
         manifest.complete = False
         manifest.save(out)
         self.manifest = manifest
-        done = _finished_batches(out, manifest, self.plan)
+        done = finished_batches(out, manifest, self.plan)
         todo = np.flatnonzero(~done)
         if done.any():
             log.info("resuming: %d of %d batches already done, %d to go", int(done.sum()), len(self.plan), len(todo))
@@ -293,7 +288,7 @@ class EmbedJob:
         RANGE_BYTES each, or one task for a gzip stream; a smaller input here, where a task's start would
         cost more than it saves), then plan and save the plan beside the output."""
         target = self.target
-        tasks = _RangeTasks() if self.source.size >= TASK_INDEX_BYTES else None
+        tasks = RangeTasks() if self.source.size >= TASK_INDEX_BYTES else None
         start = time.perf_counter()
         fasta = self.source.uri
         if self.table:  # its ids and sequences as FASTA, its kept columns as Arrow, in .work/
@@ -316,15 +311,15 @@ class EmbedJob:
         batches.save(work.child("plan"), fingerprint, self.local_scratch / "plan")
         return batches
 
-    def _deal(self, todo: np.ndarray) -> _Totals:
-        self.dispatcher = _Dispatcher(self.pool, self.plan, todo, self.opts.actor_wait_seconds, self.stop, self.kept)
+    def _deal(self, todo: np.ndarray) -> Totals:
+        self.dispatcher = Dispatcher(self.pool, self.plan, todo, self.opts.actor_wait_seconds, self.stop, self.kept)
         if len(todo):
             # the plan's first batch holds its longest sequences: each actor warms up on its shape
             largest = token_counts(self.target.tokenizer, self.plan.spec(0).lengths)
             infos = self.pool.start(self.opts.actor_wait_seconds, ready_call=lambda actor: actor.prepare.remote(largest))
             for phase, at in infos[0]["timeline"].items() if not self.opts.service else ():
                 self.timeline.mark(phase, at)  # the first actor ready: when it was placed, loaded, ...
-        return _collect(self.dispatcher, self.manifest, self.out, self.plan, self.opts, self.timeline)
+        return collect(self.dispatcher, self.manifest, self.out, self.plan, self.opts, self.timeline)
 
     def _close(self) -> None:
         closing = time.perf_counter()
@@ -341,7 +336,7 @@ class EmbedJob:
     def _complete(self) -> None:
         """Mark the run complete, after counting every input sequence in the finished parts; then the
         scratch space goes."""
-        _complete(self.out, self.manifest, self.plan.num_sequences, len(self.plan))
+        complete(self.out, self.manifest, self.plan.num_sequences, len(self.plan))
         self.out.child(WORK_DIR).delete_tree()
         shutil.rmtree(self.local_scratch, ignore_errors=True)
 
@@ -349,7 +344,7 @@ class EmbedJob:
         """What the records are read from: the input, or the plain FASTA made of it in .work/ (a gzip
         stream's copy, a table's ids and sequences)."""
         if self.table:
-            return _file_in(work, TABLE_FASTA)
+            return file_in(work, TABLE_FASTA)
         return plain_copy(work, self.source) if self.source.gzip else self.source.uri
 
     def _nothing_to_do(self) -> EmbedResult:
@@ -359,7 +354,7 @@ class EmbedJob:
         return EmbedResult(self.out.local_path or self.out.uri, m.num_sequences, m.num_batches, 0, 0, 0.0,
                            time.time() - self.timeline.origin, timeline=self.timeline.marks, service=self.opts.service)
 
-    def _result(self, todo: np.ndarray, totals: _Totals) -> EmbedResult:
+    def _result(self, todo: np.ndarray, totals: Totals) -> EmbedResult:
         run, pool = self.dispatcher, self.pool
         result = EmbedResult(self.out.local_path or self.out.uri, self.plan.num_sequences, len(self.plan), len(todo),
                              totals.tokens, totals.elapsed(), time.time() - self.timeline.origin, pool.infos(),
@@ -370,69 +365,6 @@ class EmbedJob:
                              index_nodes=self.index_nodes)
         log.info("done: %s", result.summary())
         return result
-
-
-def _file_in(where: Location, name: str) -> str:
-    return str(where.local_path / name) if where.local_path is not None else f"{where.uri.rstrip('/')}/{name}"
-
-
-# --- indexing on the cluster --------------------------------------------------------------------------
-
-class _RangeTasks:
-    """`index_range(*job)` of each job as a Ray task on the cluster's nodes, results in job order.
-
-    At most half the cluster's CPUs' worth run at once. The tasks reserve no CPU: actors hold theirs for
-    the whole run, so a task that waited for one could wait for ever (predict's two jobs on a small
-    machine); the bound on tasks in flight keeps them from crowding the actors instead."""
-
-    def __init__(self):
-        self.nodes: set[str] = set()  # where the ranges were indexed
-        self.ranges = 0
-
-    def convert(self, *args) -> tuple[str, str | None]:
-        """A table input's `convert_table(*args)` as one Ray task on a node."""
-        task = ray.remote(_convert_on_node).options(num_cpus=0, scheduling_strategy="SPREAD", max_retries=2)
-        try:
-            node, paths = ray.get(task.remote(*args))
-        except RayTaskError as e:
-            if isinstance(e.cause, SequenceError):
-                raise e.cause from None
-            raise
-        self.nodes.add(node)
-        return paths
-
-    def __call__(self, jobs: list[tuple]) -> Iterator[RangeIndex]:
-        task = ray.remote(_index_on_node).options(num_cpus=0, scheduling_strategy="SPREAD", max_retries=2)
-        limit = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
-        pending: deque = deque()
-        jobs_left = iter(jobs)
-        for job in jobs_left:
-            pending.append(task.remote(*job))
-            if len(pending) >= limit:
-                break
-        while pending:
-            try:
-                node, result = ray.get(pending.popleft())
-            except RayTaskError as e:  # the input's own error, as the range raised it (renumbered by the caller)
-                if isinstance(e.cause, SequenceError):
-                    raise e.cause from None
-                raise
-            for job in jobs_left:
-                pending.append(task.remote(*job))
-                break
-            self.nodes.add(node)
-            self.ranges += 1
-            yield result
-
-
-def _convert_on_node(*args) -> tuple[str, tuple[str, str | None]]:
-    """(this node's id, `convert_table(*args)`): a Ray task."""
-    return ray.get_runtime_context().get_node_id(), convert_table(*args)
-
-
-def _index_on_node(*job) -> tuple[str, RangeIndex]:
-    """(this node's id, `index_range(*job)`): a Ray task."""
-    return ray.get_runtime_context().get_node_id(), index_range(*job)
 
 
 # --- the actors ------------------------------------------------------------------------------------------
@@ -533,261 +465,6 @@ def _writers(opts: EmbedOptions) -> int:
         return 0
     # one thread a part; the node's cores are shared with the loaders and the other actors
     return max(2, min(PER_TOKEN_WRITERS, (os.cpu_count() or 4) - 4))
-
-
-# --- output location, manifest and resume ---------------------------------------------------------------
-
-def _prepare_out_dir(out: OutputLocation, opts: EmbedOptions) -> None:
-    try:
-        out.make_dirs()
-        out.write_atomic(WRITE_TEST, lambda f: f.write(b""))
-        out.delete(WRITE_TEST)
-        files = out.list_files()
-    except Exception as e:  # noqa: BLE001 - OSError locally, pyarrow / fsspec errors elsewhere
-        raise EmbedError(f"{out}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
-    parts = [name for name in files if PART_NAME.fullmatch(name)]
-    previous = holds_run(out, files)
-    if opts.resume or opts.overwrite:  # temporaries of writes a killed run left behind
-        _remove_temporaries(out, files)
-    if previous and opts.overwrite:
-        for name in parts:
-            out.delete(name)
-        out.delete(MANIFEST)
-        out.delete(LEGACY_MANIFEST)
-        out.child(WORK_DIR).delete_tree()
-    elif previous and not opts.resume:
-        raise EmbedError(f"{out}: {PREVIOUS_RUN}")
-
-
-def _remove_temporaries(out: OutputLocation, files: dict[str, int]) -> None:
-    """Delete what writes cut short left (an actor killed while it wrote a part): nothing else."""
-    for name in files:
-        if is_cut_short(name):
-            out.delete(name)
-
-
-def _resumable_manifest(out: OutputLocation, fingerprint: str) -> Manifest | None:
-    """The manifest of the run `--resume` finishes, if it is this run (same model, input, options)."""
-    old = Manifest.load(out)
-    if old is None:
-        return None
-    if old.fingerprint != fingerprint:
-        raise EmbedError(f"{out}: holds a different run (model, input or batching options differ: "
-                         f"{old.model} on {old.input}); use --overwrite to replace it")
-    return old
-
-
-def _finished_batches(out: OutputLocation, manifest: Manifest, plan: BatchPlan) -> np.ndarray:
-    """Batches that need no recomputation (a bool mask): marked done in the manifest and present, or
-    present and whole but not yet marked (the driver died between an actor's write and its own
-    manifest update). One directory listing; only unmarked parts are opened."""
-    files = out.list_files()
-    present = np.zeros(len(plan), bool)
-    for name in files:
-        m = PART_NAME.fullmatch(name)
-        if m and int(m.group(1)) < len(plan):
-            present[int(m.group(1))] = True
-    manifest.done &= present  # marked done, but the part is gone: computed again
-    manifest.rows_done = int(np.diff(plan.bounds)[manifest.done].sum())
-    for b in np.flatnonzero(present & ~manifest.done).tolist():
-        name = part_name(b)
-        try:
-            rows = pq.read_metadata(out.join(name), filesystem=out.fs).num_rows
-        except Exception:  # noqa: BLE001 - a damaged file is recomputed
-            rows = -1
-        if rows == plan.rows(b):
-            manifest.mark_done(b, rows)
-    return manifest.done.copy()
-
-
-def _complete(out: OutputLocation, manifest: Manifest, num_sequences: int, num_batches: int) -> None:
-    """Mark the run complete, after counting every input sequence in the finished parts."""
-    if manifest.rows_done != num_sequences or manifest.batches_done != num_batches:
-        manifest.save(out)
-        raise EmbedError(f"{out}: {manifest.rows_done} rows in {manifest.batches_done} parts, expected "
-                         f"{num_sequences} rows in {num_batches} parts; the run is not complete")
-    _remove_temporaries(out, out.list_files())  # a reader of OUT_DIR by its path sees parts alone
-    if manifest.batches_done:  # the manifest's schema is the parts' (see Manifest), as they were written
-        manifest.schema = part_schema(out, manifest.part_names()[0])
-    manifest.complete, manifest.finished = True, time.time()
-    manifest.save(out)
-
-
-# --- dealing batches ----------------------------------------------------------------------------------
-
-def _collect(run: _Dispatcher, manifest: Manifest, out: OutputLocation, plan: BatchPlan, opts: EmbedOptions,
-             timeline: Timeline) -> _Totals:
-    """Record each part in the manifest as it comes (saved every few seconds), with progress."""
-    done = manifest.done
-    progress = Progress(int(plan.tokens.sum()), plan.num_sequences, int(plan.tokens[done].sum()), manifest.rows_done,
-                        opts.progress, opts.verbose)
-    totals = _Totals()
-    for result in run.results():
-        manifest.mark_done(result.batch_id, result.rows)
-        totals.add(result)
-        if "first_part" not in timeline.marks:
-            timeline.mark("first_part")
-            log.info("first part written; start-up: %s", timeline.text())
-        progress.advance(int(plan.tokens[result.batch_id]), result.rows, run.pool.usable, run.pool.size)
-        if progress.due_for_save():
-            manifest.save(out)
-    totals.stop()  # the rate counts computing, not shutting the actors and Ray down
-    if "first_part" in timeline.marks:  # (a resumed run may have had nothing left to write)
-        timeline.mark("last_part")
-    progress.close()
-    return totals
-
-
-class _Totals:
-    """Sums over the parts a run wrote, and when the first one came."""
-
-    def __init__(self):
-        self.start, self.end = time.perf_counter(), None
-        self.tokens, self.forward, self.write, self.first_part = 0, 0.0, 0.0, 0.0
-
-    def add(self, r: PartResult) -> None:
-        self.tokens += r.tokens
-        self.forward += r.forward_seconds
-        self.write += r.write_seconds
-        self.first_part = self.first_part or self.elapsed()
-
-    def stop(self) -> None:
-        self.end = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return (self.end or time.perf_counter()) - self.start
-
-
-class _Dispatcher:
-    """The loop between the scheduler and Ray: deals what the scheduler says to the actors the pool hands
-    out, as descriptions (`BatchPlan.spec`), and reports what comes back."""
-
-    def __init__(self, pool: ActorPool, plan: BatchPlan, todo: np.ndarray, actor_wait_seconds: float,
-                 stop: threading.Event | None = None, kept=None):
-        self.pool, self.plan, self.stop, self.kept = pool, plan, stop, kept
-        self.scheduler = Scheduler(todo)
-        self.actor_wait_seconds = actor_wait_seconds
-        self.metrics = DriverMetrics(pool.name)
-        self.running: dict[ray.ObjectRef, tuple[int, Lease]] = {}
-        self.idle_since: float | None = None
-
-    def close(self) -> None:
-        """Stop the actors."""
-        self.pool.shutdown()
-
-    def results(self) -> Iterator[PartResult]:
-        """Yield PartResults as batches finish; raise EmbedError when the scheduler says to stop, and
-        KeyboardInterrupt when `stop` is set (another thread's Ctrl-C)."""
-        try:
-            while not self.scheduler.done:
-                if self.stop is not None and self.stop.is_set():
-                    raise KeyboardInterrupt("stopped")
-                self._deal()
-                probes = self.pool.probes()
-                self.metrics.update(self.scheduler.waiting, len(self.running), self.pool.usable,
-                                    self.scheduler.remaining)
-                self._check_progress_possible()
-                for ref in self._wait(list(self.running) + probes):
-                    if ref in self.running:
-                        result = self._finished(ref)
-                        if result is not None:
-                            yield result
-                    else:
-                        self.pool.probe_done(ref)
-            self.metrics.update(0, 0, self.pool.usable, 0, force=True)
-        except KeyboardInterrupt:  # Ctrl-C: stop now (a part cut short is found and redone by --resume)
-            self._stop(0)
-            raise
-        except BaseException:
-            self._stop(STOP_WAIT_SECONDS)
-            raise
-
-    def _deal(self) -> None:
-        while self.scheduler.waiting:
-            lease = self.pool.acquire()
-            if lease is None:
-                return
-            b, attempt = self.scheduler.deal()
-            spec = self.plan.spec(b)
-            if self.kept is not None:  # a table input's kept values of the batch's records travel with it
-                spec = replace(spec, extra=self.kept.take(spec.ordinals))
-            self.running[lease.actor.embed.remote(spec, attempt)] = (b, lease)
-
-    def _check_progress_possible(self) -> None:
-        """Stop when no actor can take work: all dead, or none usable for actor_wait_seconds."""
-        remaining = self.scheduler.remaining
-        if not self.running and self.pool.all_dead:
-            raise EmbedError(f"every actor died and none could be replaced; {remaining} batches left: see "
-                             f"the Ray logs (`ray logs`) for why, then rerun with --resume")
-        if self.pool.usable or self.running:
-            self.idle_since = None
-        elif self.idle_since is None:
-            self.idle_since = time.monotonic()
-        elif time.monotonic() - self.idle_since > self.actor_wait_seconds:
-            raise EmbedError(f"no embedding actor usable for {self.actor_wait_seconds:.0f} s "
-                             f"({self.pool.states()}); {remaining} batches left: the cluster may lack the "
-                             f"resources to restart them (see `ray status`); rerun with --resume")
-
-    def _wait(self, refs: list) -> list:
-        if not refs:
-            time.sleep(0.2)  # no actor ready yet
-            return []
-        finished, _ = ray.wait(refs, num_returns=1, timeout=0.5)
-        if finished:  # take everything that is ready, not one at a time
-            finished, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        return finished
-
-    def _finished(self, ref) -> PartResult | None:
-        """A dealt batch came back: its PartResult, or None when it was requeued after a failure."""
-        b, lease = self.running.pop(ref)
-        self.pool.release(lease)
-        try:
-            result: PartResult = ray.get(ref)
-        except _ACTOR_FAILED as e:
-            self._failed(b, lease, ACTOR_DIED, e)
-            self.pool.actor_died(lease)
-            return None
-        except RayTaskError as e:
-            self._failed(b, lease, failure_kind(getattr(e, "cause", None)), e)
-            return None
-        self.scheduler.complete(b)
-        return result
-
-    def _failed(self, b: int, lease: Lease, kind: str, e: Exception) -> None:
-        decision = self.scheduler.fail(b, kind)
-        self.metrics.failure({ACTOR_DIED: "actor_died"}.get(kind, "error_retried" if decision.again else "batch_error"))
-        if decision.again and kind == ACTOR_DIED:
-            log.warning("actor %d died during batch %d (%s); dealing the batch to another actor",
-                        lease.number, b, cause(e))
-        elif decision.again:
-            log.warning("batch %d failed on actor %d (%s); dealing it again (retry %d of %d)",
-                        b, lease.number, cause(e), decision.attempts, self.scheduler.max_error_retries)
-        elif kind == ACTOR_DIED:
-            raise EmbedError(f"batch {b} failed {decision.attempts} times because its actor died "
-                             f"(last: {cause(e)}); see the Ray logs (`ray logs`) for why") from None
-        else:
-            raise EmbedError(self._failure_message(b, e, kind, decision.attempts)) from None
-
-    def _failure_message(self, b: int, e: Exception, kind: str, attempts: int) -> str:
-        inner = getattr(e, "cause", None)
-        if isinstance(inner, (BatchError, RecordError)):
-            return str(inner)
-        spec = self.plan.spec(b)
-        what = spec.describe(spec.first_id())
-        if kind == STORAGE:
-            return (f"{what}: writing its part failed: {cause(e)}. Finished parts are kept and the "
-                    f"run is not complete: free space or fix permissions, then rerun with --resume")
-        tried = f"{attempts} attempts" if attempts > 1 else "not retried"
-        return f"{what} failed: {cause(e)} ({tried}); fix the cause, then rerun with --resume"
-
-    def _stop(self, wait_seconds: float) -> None:
-        """A run that stops early lets its dealt batches end for up to `wait_seconds` (their parts are
-        whole and found by --resume), so that no part appears after embed() has raised."""
-        if self.running:
-            for ref in self.running:
-                ray.cancel(ref, force=False)  # batches still queued in an actor do not start
-            if wait_seconds:
-                ray.wait(list(self.running), num_returns=len(self.running), timeout=wait_seconds)
 
 
 __all__ = ["embed", "run_embed", "EmbedJob", "EmbedResult", "EmbedError", "EmbedOptions"]

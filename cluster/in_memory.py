@@ -28,8 +28,8 @@ import pyarrow as pa
 from virnucpro.batching import token_batches
 from virnucpro.models.registry import ModelSource, load_tokenizer, resolve_model
 from virnucpro.options import EmbedOptions, OptionError
-from virnucpro.output import embedding_schema
-from virnucpro.sequences import SequenceError, normalise
+from virnucpro.io.output import embedding_schema
+from virnucpro.io.alphabet import SequenceError, normalise
 
 log = logging.getLogger("virnucpro")
 
@@ -56,7 +56,7 @@ def records(sequences, id_column: str = "id", sequence_column: str = "sequence")
         table = sequences if isinstance(sequences, pa.Table) else pa.Table.from_pandas(sequences, preserve_index=False)
         for column in (id_column, sequence_column):
             if column not in table.column_names:
-                raise ValueError(f"sequences: no column '{column}' (columns: {', '.join(table.column_names)}); "
+                raise OptionError(f"sequences: no column '{column}' (columns: {', '.join(table.column_names)}); "
                                  f"name them with id_column= and sequence_column=")
         return [str(i) for i in table.column(id_column).to_pylist()], table.column(sequence_column).to_pylist()
     items = list(sequences)

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from virnucpro.batching import BatchError
-from virnucpro.sequences import SequenceError
+from virnucpro.io.alphabet import SequenceError
+from virnucpro.errors import EmbedError  # noqa: F401 - also imported from here
 
 ACTOR_DIED, RETRY, PERMANENT, STORAGE = "actor_died", "retry", "permanent", "storage"
 MAX_ACTOR_DEATHS = 3  # a batch whose actor died this many times in a row fails the run
@@ -33,8 +34,6 @@ MAX_ERROR_RETRIES = 2  # a batch that raised an error worth retrying is dealt ag
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-class EmbedError(RuntimeError):
-    """A run that cannot finish: the message says which batch or actor, and why."""
 
 
 def failure_kind(cause: BaseException | None) -> str:

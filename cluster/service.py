@@ -24,8 +24,11 @@ from functools import partial
 from virnucpro.batching import interface_fingerprint
 from virnucpro.options import EmbedOptions
 
+from actors.ray_internals import object_ref
+
 from .pool import ActorPool
 from .scheduling import EmbedError
+from virnucpro.errors import OptionError
 
 log = logging.getLogger("virnucpro")
 
@@ -53,7 +56,7 @@ class Scaling:
 
     def __post_init__(self):
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
-            raise ValueError(f"--min-replicas {self.min_replicas} --max-replicas {self.max_replicas}: need "
+            raise OptionError(f"--min-replicas {self.min_replicas} --max-replicas {self.max_replicas}: need "
                              f"0 <= min <= max and max >= 1")
 
     def serve_config(self, target: float) -> dict:
@@ -80,8 +83,10 @@ def connect(address: str | None = None, start_if_missing: bool = False, dashboar
     try:
         ray.init(address=address, logging_level=logging.WARNING)
         return
-    except ConnectionError:
-        if address != "auto" or not start_if_missing:
+    except ConnectionError as e:
+        if address != "auto":
+            raise EmbedError(f"cannot reach the Ray cluster at {address}: {' '.join(str(e).split())[:200]}") from None
+        if not start_if_missing:
             raise EmbedError("no Ray cluster is running here: start a service first (virnucpro serve start), or "
                              "give --address") from None
     ray_cli = shutil.which("ray") or None
@@ -232,7 +237,7 @@ class _Call:
         self.send = send
 
     def remote(self, *args):
-        return self.send(*args)._to_object_ref_sync()  # blocks only until a replica accepts it
+        return object_ref(self.send(*args))  # blocks only until a replica accepts it
 
 
 class _Replicas:

@@ -18,13 +18,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from virnucpro.errors import EmbedError
 from virnucpro.options import EmbedOptions
 
 log = logging.getLogger("virnucpro")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-# A local Ray started by a command ends with it. Its dashboard costs 1-2 s of `ray.init` (measured on an
-# H200 host: bench/README.md, start-up), more than a small job's whole embedding on a GPU, and nobody opens
-# the dashboard of a run that ends in seconds; from this input size on, the run lasts long enough to watch.
+# A local Ray started by a command ends with it. Its dashboard costs seconds of `ray.init` (bench/README.md,
+# "Start-up"), more than a small job's whole embedding on a GPU, and nobody opens the dashboard of a run
+# that ends in seconds; from this input size on, the run lasts long enough to watch.
 DASHBOARD_MIN_BYTES = 16 << 20
 
 
@@ -63,7 +64,11 @@ def init_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", dash
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, TimeoutError) as e:
+            raise EmbedError(f"cannot reach the Ray cluster at {address} (--address or RAY_ADDRESS): "
+                             f"{' '.join(str(e).split())[:200]}") from None
         return True
     if dashboard_host not in _LOOPBACK:
         log.warning("the Ray dashboard and job API listen on %s, not only on loopback", dashboard_host)
@@ -100,18 +105,18 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1",
             future.set_exception(e)
             return
         import ray
-        from ray._private import worker
+
+        from actors.ray_internals import current_node
 
         # Until this connection's ray.shutdown() has stopped the processes: it marks Ray uninitialised
-        # first, and a driver whose raylet died before its core worker stopped waits 10 s on a last
-        # metrics export (seen in 1 of 5 runs; every run with a short poll). Ray drops the node last
-        # (a Ray Client connection has none, nor would a Ray without this attribute: there, until Ray
+        # first, and a driver whose raylet died before its core worker stopped waits seconds on a last
+        # metrics export. Ray drops the node last (a Ray Client connection has none: there, until Ray
         # is uninitialised).
-        node = getattr(worker, "_global_node", None)  # before anyone can shut down and start another
+        node = current_node()  # before anyone can shut down and start another
         if on_ready is not None:
             on_ready()
         future.set_result(connected)
-        while connected and getattr(worker, "_global_node", None) is node and (node is not None or ray.is_initialized()):
+        while connected and current_node() is node and (node is not None or ray.is_initialized()):
             time.sleep(_RAY_THREAD_POLL_SECONDS)
 
     threading.Thread(target=run, name="virnucpro-ray", daemon=True).start()
@@ -178,11 +183,9 @@ def _protect_token_file(path: Path) -> None:
 
 def token_auth_enabled() -> bool:
     """Whether this process's Ray uses token authentication (False on Ray versions without it)."""
-    try:
-        from ray._private.authentication.authentication_utils import is_token_auth_enabled
-    except ImportError:
-        return False
-    return bool(is_token_auth_enabled())
+    from actors.ray_internals import token_auth_enabled as enabled
+
+    return enabled()
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,7 @@ class Placement:
         `gpus_per_actor` share of one), one on CPU."""
         import ray
 
-        from .scheduling import EmbedError
+
 
         resources = ray.cluster_resources()
         gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))

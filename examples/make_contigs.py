@@ -65,7 +65,7 @@ def contigs(seed: int = 2024) -> list[tuple[str, str]]:
 
 def _keeps_a_frame(seq: str) -> bool:
     """Whether any 300 or 500 bp chunk of seq keeps a stop-free frame (VirNucPro's rules)."""
-    from virnucpro.preprocess import iter_frames
+    from virnucpro.pipeline.preprocess import iter_frames
 
     return any(True for size in (300, 500) for _ in iter_frames([("x", seq)], size))
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from virnucpro.tiny import esm2_state_dict, write_dnabert_s_dir, write_esm2_checkpoint
+from virnucpro.models.tiny import esm2_state_dict, write_dnabert_s_dir, write_esm2_checkpoint
 
 AMINO = list("ACDEFGHIKLMNPQRSTVWY")
 

@@ -19,7 +19,7 @@ import sys
 import time
 
 from actors.embedder import Embedder
-from virnucpro.output import part_name
+from virnucpro.io.output import part_name
 
 _names = itertools.count()
 

@@ -26,7 +26,7 @@ import torch
 
 from cluster.cli import main
 from tests.conftest import random_proteins
-from virnucpro.output import LEGACY_MANIFEST, MANIFEST, Manifest, read_embeddings
+from virnucpro.io.output import LEGACY_MANIFEST, MANIFEST, Manifest, read_embeddings
 
 pytestmark = pytest.mark.slow
 

@@ -72,8 +72,8 @@ def test_long_records_are_read_only_as_far_as_the_tokenizer_uses_them(tmp_path, 
     from tests.conftest import random_dna, random_proteins, write_fasta
     from virnucpro.batching import make_batch
     from virnucpro.models import load_tokenizer, resolve_model
-    from virnucpro.index import FastaIndex
-    from virnucpro.sequences import DNA, PROTEIN
+    from virnucpro.io.index import FastaIndex
+    from virnucpro.io.alphabet import DNA, PROTEIN
 
     for spec, kind, seqs in [(esm_tiny, PROTEIN, random_proteins(3, 1, 40, seed=1) + random_proteins(2, 3000, 5000)),
                              (dnabert_tiny, DNA, random_dna(3, 1, 40, seed=1) + random_dna(2, 20000, 30000))]:

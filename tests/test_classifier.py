@@ -1,4 +1,4 @@
-"""virnucpro.classifier: loading upstream-style pickles safely, inference, upstream's output formats."""
+"""virnucpro.pipeline.classifier: loading upstream-style pickles safely, inference, upstream's output formats."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import UPSTREAM_CLASSIFIER_CLASS
-from virnucpro.classifier import (ClassifierLoadError, MLPClassifier, highest_scores,
+from virnucpro.pipeline.classifier import (ClassifierLoadError, MLPClassifier, highest_scores,
                                   load_classifier, predict_proba, write_highest_scores,
                                   write_prediction_results)
 

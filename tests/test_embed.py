@@ -22,7 +22,7 @@ from cluster.pool import ActorPool
 from tests import faults
 from tests.conftest import fair_esm_pooled, fair_esm_reference, random_dna, random_proteins, write_fasta
 from tests.reference_dnabert import reference_dnabert_embed
-from virnucpro.output import Manifest, read_embeddings
+from virnucpro.io.output import Manifest, read_embeddings
 
 pytestmark = pytest.mark.slow
 
@@ -118,14 +118,14 @@ def test_unwritable_output_and_bad_input_are_clear_errors(tmp_path, esm_tiny, lo
     with pytest.raises(EmbedError, match="not writable"):
         embed(tmp_path / "ok.faa", tmp_path / "afile" / "out", esm_tiny, device="cpu")
     (tmp_path / "bad.faa").write_text(">p1\nMKV\n>p2\nMK1V\n")
-    from virnucpro.sequences import SequenceError
+    from virnucpro.io.alphabet import SequenceError
     with pytest.raises(SequenceError, match="record 'p2': character '1'"):
         embed(tmp_path / "bad.faa", tmp_path / "out2", esm_tiny, device="cpu")
 
 
 def test_model_of_wrong_family_for_input_is_reported(tmp_path, dnabert_tiny, local_ray):
     """Proteins given to DNABERT-S fail validation with a message naming the record, not deep in a model."""
-    from virnucpro.sequences import SequenceError
+    from virnucpro.io.alphabet import SequenceError
 
     (tmp_path / "p.faa").write_text(">p1\nMKVLQE\n")
     with pytest.raises(SequenceError, match="record 'p1'.*not a valid DNA letter"):
@@ -154,7 +154,7 @@ def test_permanent_batch_failure_names_batch_and_cause_then_resume(tmp_path, esm
 
 
 def test_output_uri_and_part_metadata(tmp_path, esm_tiny, local_ray):
-    from virnucpro.output import part_metadata
+    from virnucpro.io.output import part_metadata
 
     ids = write_fasta(tmp_path / "u.faa", random_proteins(30, 5, 80, seed=9))
     uri = (tmp_path / "out").as_uri()  # file:///...
@@ -169,7 +169,7 @@ def test_output_uri_and_part_metadata(tmp_path, esm_tiny, local_ray):
 
 def test_output_location_on_an_fsspec_filesystem():
     """Parts and manifest through a non-local filesystem (fsspec's in-memory one), no Ray."""
-    from virnucpro.output import OutputLocation, part_metadata, write_part
+    from virnucpro.io.output import OutputLocation, part_metadata, write_part
 
     loc = OutputLocation.parse("memory://bucket/run")
     assert loc.local_path is None and not loc.object_store
@@ -311,7 +311,7 @@ def test_actor_compiles_on_a_batch_sized_shape_before_a_single_sequence(tmp_path
     from virnucpro.models import resolve_model
     from virnucpro.models.esm2 import ESM2, ESM2Tokenizer
     from virnucpro.options import EmbedOptions
-    from virnucpro.index import FastaIndex
+    from virnucpro.io.index import FastaIndex
 
     first_calls = []
     run_random = Embedder._run_random
@@ -409,7 +409,7 @@ def test_a_batch_caught_by_the_compilers_tracing_waits_for_the_compile_and_runs_
 
     from actors.embedder import ActorConfig, Embedder
     from virnucpro.batching import make_batch
-    from virnucpro.index import FastaIndex
+    from virnucpro.io.index import FastaIndex
     from virnucpro.models import resolve_model
     from virnucpro.models.esm2 import ESM2Tokenizer
     from virnucpro.options import EmbedOptions

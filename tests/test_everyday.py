@@ -116,7 +116,7 @@ def test_a_truncated_gzip_leaves_no_plain_copy(tmp_path, esm_tiny, local_ray):
     """A gzip stream that ends early is found while it is decompressed into OUT_DIR/.work: the copy is
     written whole or not at all, and the failed run removes .work/ and the directory it created."""
     from cluster.driver import embed
-    from virnucpro.sequences import SequenceError
+    from virnucpro.io.alphabet import SequenceError
 
     data = gzip.compress(b"".join(b">p%d\n%s\n" % (i, b"MKV" * 200) for i in range(5000)))
     (tmp_path / "t.faa.gz").write_bytes(data[: len(data) // 2])
@@ -161,7 +161,7 @@ def test_ctrl_c_stops_predict_while_it_embeds(tmp_path, esm_tiny, dnabert_tiny):
     finish before), and no second local Ray is started on the way out."""
     import torch
 
-    from virnucpro.classifier import MLPClassifier
+    from virnucpro.pipeline.classifier import MLPClassifier
 
     import numpy as np
 
@@ -203,7 +203,7 @@ def test_version_and_help_say_what_they_should():
 def test_the_classifier_file_follows_the_umask(tmp_path):
     """classifier.safetensors is created as every other output: permissions from the umask (safetensors'
     own writer made it 0600)."""
-    from virnucpro.classifier import MLPClassifier, save_classifier
+    from virnucpro.pipeline.classifier import MLPClassifier, save_classifier
 
     old = os.umask(0o022)
     try:

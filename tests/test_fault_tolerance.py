@@ -22,7 +22,7 @@ import ray
 from cluster.driver import embed
 from tests import faults
 from tests.conftest import random_proteins, write_fasta
-from virnucpro.output import part_metadata, read_embeddings
+from virnucpro.io.output import part_metadata, read_embeddings
 
 pytestmark = pytest.mark.slow
 

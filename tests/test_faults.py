@@ -24,7 +24,7 @@ import pytest
 from cluster.driver import EmbedError, embed
 from tests import faults
 from tests.conftest import random_proteins, write_fasta
-from virnucpro.output import Manifest, read_embeddings
+from virnucpro.io.output import Manifest, read_embeddings
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import virnucpro.attention as attention_mod
+import virnucpro.kernels.attention as attention_mod
 from tests.conftest import fair_esm_pooled, fair_esm_reference, random_dna, random_proteins, write_fasta
 from tests.reference_dnabert import reference_dnabert_embed
-from virnucpro.attention import Packing
+from virnucpro.kernels.attention import Packing
 from virnucpro.models.dnabert_s import DNABERTSTokenizer, load_dnabert_s
 from virnucpro.models.esm2 import ESM2Tokenizer, load_esm2
-from virnucpro.tiny import write_dnabert_s_dir, write_esm2_checkpoint
+from virnucpro.models.tiny import write_dnabert_s_dir, write_esm2_checkpoint
 
 pytestmark = pytest.mark.gpu
 MIN_COSINE = 0.9995
@@ -49,7 +49,7 @@ def test_esm2_bf16_packed_attention_matches_fp32_fair_esm(tmp_path, monkeypatch,
     name = "triton" if attention == "auto" and head_dim & (head_dim - 1) == 0 else "flash"
     assert model.backend.name == name, model.backend.describe()
     if name == "triton":
-        import virnucpro.triton_attention as module
+        import virnucpro.kernels.triton_attention as module
         counter = CallCounter(module.packed_attention)
     else:
         counter = CallCounter(attention_mod._varlen_attn())
@@ -114,7 +114,7 @@ def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention,
     counter = CallCounter(getattr(module, kernel))
     monkeypatch.setattr(module, kernel, counter)
     # uncompiled layers run the fused elementwise kernels; compiled ones leave those steps to Inductor
-    import virnucpro.triton_elementwise as elementwise
+    import virnucpro.kernels.triton_elementwise as elementwise
     gated = CallCounter(elementwise.gated_gelu)
     monkeypatch.setattr(elementwise, "gated_gelu", gated)
     seqs = random_dna(48, 300, 520, seed=3)
@@ -129,8 +129,8 @@ def test_dnabert_s_bf16_matches_fp32_reference(tmp_path, monkeypatch, attention,
 
 
 def triton_module():
-    import virnucpro.triton_attention
-    return virnucpro.triton_attention
+    import virnucpro.kernels.triton_attention
+    return virnucpro.kernels.triton_attention
 
 
 @pytest.mark.parametrize("dtype,alibi", [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)])
@@ -139,8 +139,8 @@ def test_triton_kernel_matches_attention_by_hand(dtype, alibi):
     ALiBi), per sequence, for lengths around its 64-token blocks and past DNABERT-S's usual ~110 tokens
     and ESM-2's 1024; q, k, v as the models pass them: strided views of one fused QKV tensor."""
     pytest.importorskip("triton")
-    from virnucpro.attention import alibi_by_hand, alibi_slopes
-    from virnucpro.triton_attention import packed_attention
+    from virnucpro.kernels.attention import alibi_by_hand, alibi_slopes
+    from virnucpro.kernels.triton_attention import packed_attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
     lengths = [1, 2, 63, 64, 65, 110, 127, 128, 129, 300, 517, 1024]
@@ -162,8 +162,8 @@ def test_triton_kernel_addresses_batches_past_2_gib():
     300,000 tokens): the kernel's offsets must not wrap. The last sequences, whose offsets pass 2^31,
     are checked against attention by hand."""
     pytest.importorskip("triton")
-    from virnucpro.attention import alibi_by_hand
-    from virnucpro.triton_attention import packed_attention
+    from virnucpro.kernels.attention import alibi_by_hand
+    from virnucpro.kernels.triton_attention import packed_attention
 
     H, hd, L, B = 40, 64, 150, 2000
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -200,7 +200,7 @@ def test_out_of_memory_is_reported_with_a_recommendation(tmp_path):
     from virnucpro.options import EmbedOptions
     from virnucpro.batching import make_batch
     from virnucpro.models import resolve_model
-    from virnucpro.index import FastaIndex
+    from virnucpro.io.index import FastaIndex
 
     path = write_esm2_checkpoint(tmp_path / "esm2_oom.pt", 2, 2560, 40, seed=1)
     write_fasta(tmp_path / "in.faa", random_proteins(64, 1000, 1022, seed=1))
@@ -247,7 +247,7 @@ def test_dnabert_s_actor_runs_uncompiled_with_fused_kernels_by_default(tmp_path)
     from virnucpro.batching import make_batch
     from virnucpro.models import resolve_model
     from virnucpro.options import EmbedOptions
-    from virnucpro.index import FastaIndex
+    from virnucpro.io.index import FastaIndex
 
     path = write_dnabert_s_dir(tmp_path / "dnabert", hidden=768, layers=4, heads=12, intermediate=3072,
                                vocab_size=512, seed=4)
@@ -271,7 +271,7 @@ def test_actor_embeds_eagerly_while_it_compiles_then_compiled(tmp_path):
     from virnucpro.batching import make_batch
     from virnucpro.models import resolve_model
     from virnucpro.options import EmbedOptions
-    from virnucpro.index import FastaIndex
+    from virnucpro.io.index import FastaIndex
 
     path = write_esm2_checkpoint(tmp_path / "esm2_bg.pt", 4, 320, 20, seed=5)
     seqs = random_proteins(24, 30, 400, seed=5)
@@ -296,7 +296,7 @@ def test_esm2_bf16_per_residue_columns_match_fp32_fair_esm(tmp_path):
     import esm
 
     from virnucpro.models.columns import compute_columns, residue_counts
-    from virnucpro.output import plan_columns
+    from virnucpro.io.output import plan_columns
 
     path = write_esm2_checkpoint(tmp_path / "esm2_cols.pt", 6, 320, 20, seed=23)
     model = load_esm2(path, "cuda", torch.bfloat16)
@@ -330,7 +330,7 @@ def test_esm2_bf16_per_residue_columns_match_fp32_fair_esm(tmp_path):
 def test_dnabert_s_bf16_per_token_matches_fp32_reference(tmp_path):
     from tests.reference_dnabert import load_reference_model, load_reference_tokenizer, reference_forward
     from virnucpro.models.columns import compute_columns
-    from virnucpro.output import plan_columns
+    from virnucpro.io.output import plan_columns
 
     path = write_dnabert_s_dir(tmp_path / "dnabert_cols", hidden=768, layers=4, heads=12, intermediate=3072, seed=4)
     model = load_dnabert_s(path, "cuda", torch.bfloat16)

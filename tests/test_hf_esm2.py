@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import random_proteins
-from virnucpro.attention import Packing
+from virnucpro.kernels.attention import Packing
 from virnucpro.models import CheckpointError, check_model, load_model, load_tokenizer, resolve_model
 from virnucpro.models.esm2 import ALPHABET, MASK, read_checkpoint
 

@@ -11,13 +11,13 @@ import torch
 
 from tests.conftest import fair_esm_pooled, fair_esm_reference, random_dna, random_proteins
 from tests.reference_dnabert import reference_dnabert_embed
-from virnucpro.attention import Packing
+from virnucpro.kernels.attention import Packing
 from virnucpro.models import (DNABERT_S_FAMILY, ESM2_FAMILY, FAMILIES, CheckpointError, ModelSource, check_model,
                               default_toks_per_batch, load_model, load_tokenizer, resolve_model)
 from virnucpro.models.dnabert_s import DNABERTSTokenizer, load_dnabert_s
 from virnucpro.models.esm2 import ALPHABET, MASK, ESM2Tokenizer, load_esm2
-from virnucpro.sequences import DNA, PROTEIN
-from virnucpro.tiny import write_dnabert_s_dir, write_esm2_checkpoint
+from virnucpro.io.alphabet import DNA, PROTEIN
+from virnucpro.models.tiny import write_dnabert_s_dir, write_esm2_checkpoint
 
 TOL = 1e-5
 
@@ -123,7 +123,7 @@ def test_dnabert_s_packing_does_not_change_results(dnabert_tiny):
 def test_bucketed_padded_attention_equals_exact(alibi):
     """The CUDA path rounds the padded grid up (more rows, longer rows) so a run meets few kernel
     shapes; the extra rows and columns must not change any token's output."""
-    from virnucpro.attention import PaddedLayout, _sdpa_attention, alibi_slopes
+    from virnucpro.kernels.attention import PaddedLayout, _sdpa_attention, alibi_slopes
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 38, (33,), generator=g)
@@ -232,7 +232,7 @@ def test_load_model_and_tokenizer_by_source(esm_tiny, dnabert_tiny):
 
 def test_family_registry_describes_each_model(esm_tiny, dnabert_tiny):
     from virnucpro.models.registry import ModelFamily
-    from virnucpro.sequences import DNA, PROTEIN
+    from virnucpro.io.alphabet import DNA, PROTEIN
 
     assert (ESM2_FAMILY, DNABERT_S_FAMILY) == ("esm2", "dnabert_s")
     assert list(FAMILIES) == ["esm2", "dnabert_s"]
@@ -263,7 +263,7 @@ def test_packed_alibi_probe_accepts_the_right_bias_and_names_a_wrong_one():
     """The load-time check that decides whether a packed ALiBi kernel (FlashAttention-2's slopes, our
     Triton kernel) is used: a kernel computing -slope * |i - j| passes, one with the wrong sign or a
     one-sided distance is refused with a reason, and one that raises is refused with its error."""
-    from virnucpro.attention import _packed_kernel_fails, _triton_fails
+    from virnucpro.kernels.attention import _packed_kernel_fails, _triton_fails
 
     def by_hand(sign, distance):
         def kernel(q, k, v, cu, max_seqlen, scale, slopes):
@@ -291,7 +291,7 @@ def test_packed_kernel_probe_without_alibi_checks_plain_attention_and_sequence_b
     """Without ALiBi (ESM-2), the same load-time check gets slopes=None and wants plain softmax attention
     within each sequence: a kernel that adds a bias anyway, or attends across the packed sequences'
     boundary, is refused."""
-    from virnucpro.attention import _packed_kernel_fails
+    from virnucpro.kernels.attention import _packed_kernel_fails
 
     def plain(q, k, v, cu, max_seqlen, scale, slopes, across=False, bias=0.0):
         assert slopes is None
@@ -328,7 +328,7 @@ def test_select_backend_on_a_gpu(monkeypatch, triton_ok, varlen, requested, alib
     """Which kernel each model gets on a CUDA GPU (mocked: this is a CPU test) for each --attention
     value, whether our Triton kernel passes its load-time check and whether torch has FA2's varlen
     kernel; the reason printed at load names a request that does not apply to the model."""
-    import virnucpro.attention as attention_mod
+    import virnucpro.kernels.attention as attention_mod
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
@@ -345,8 +345,8 @@ def test_select_backend_on_a_gpu(monkeypatch, triton_ok, varlen, requested, alib
 
 TRITON_ON_THE_CPU = """
 import torch
-from virnucpro.attention import _packed_kernel_fails, alibi_by_hand, alibi_slopes
-from virnucpro.triton_attention import packed_attention
+from virnucpro.kernels.attention import _packed_kernel_fails, alibi_by_hand, alibi_slopes
+from virnucpro.kernels.triton_attention import packed_attention
 
 lengths, H, hd = [1, 2, 63, 64, 65, 130], 2, 16  # around the kernel's 64-token blocks
 g = torch.Generator().manual_seed(0)
@@ -388,10 +388,10 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from virnucpro.attention import Packing
+from virnucpro.kernels.attention import Packing
 from virnucpro.models.dnabert_s import load_dnabert_s
-from virnucpro.tokenization import DNABERTSTokenizer
-from virnucpro.triton_elementwise import add_layer_norm, gated_gelu
+from virnucpro.models.tokenizers import DNABERTSTokenizer
+from virnucpro.kernels.triton_elementwise import add_layer_norm, gated_gelu
 
 torch.set_grad_enabled(False)
 g = torch.Generator().manual_seed(0)
@@ -455,11 +455,11 @@ def test_compiled_layer_is_one_graph_through_the_packed_attention_op(dnabert_tin
 
     from torch._dynamo.utils import counters
 
-    from virnucpro.attention import Backend, alibi_by_hand
+    from virnucpro.kernels.attention import Backend, alibi_by_hand
 
-    fake = types.ModuleType("virnucpro.triton_attention")
+    fake = types.ModuleType("virnucpro.kernels.triton_attention")
     fake.packed_attention = lambda q, k, v, cu, m, scale, slopes: alibi_by_hand(q, k, v, cu, scale, slopes).to(q.dtype)
-    monkeypatch.setitem(sys.modules, "virnucpro.triton_attention", fake)
+    monkeypatch.setitem(sys.modules, "virnucpro.kernels.triton_attention", fake)
     model, tok = load_dnabert_s(dnabert_tiny), DNABERTSTokenizer(dnabert_tiny)
     seqs = random_dna(6, 3, 300, seed=4)
     expected = ours_pooled(model, tok, seqs)  # sdpa, eager
@@ -490,7 +490,7 @@ def test_compiled_layers_reduce_rows_up_to_2048_wide_persistently(esm_tiny):
     from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
 
-    from virnucpro.compiling import WideRowChoices
+    from virnucpro.kernels.compiling import WideRowChoices
 
     def features(width):
         return types.SimpleNamespace(get_reduction_hint=lambda: ReductionHint.INNER, reduction_numel=width)
@@ -522,7 +522,7 @@ def test_wide_row_kernels_have_a_cache_key_of_their_own(tmp_path, monkeypatch):
     compile (or ours to a plain one): the same graph misses once under each, then hits."""
     from torch._dynamo.utils import counters
 
-    from virnucpro.compiling import compiled
+    from virnucpro.kernels.compiling import compiled
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     block = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16))
@@ -543,7 +543,7 @@ def test_kernel_checks_run_in_a_thread_of_their_own():
     import threading
     import time
 
-    from virnucpro.attention import in_background
+    from virnucpro.kernels.attention import in_background
 
     cpu = torch.device("cpu")
     with in_background(cpu, lambda x: (threading.get_ident(), x), 3) as check:

@@ -79,7 +79,7 @@ def _keys(client, prefix: str) -> list[str]:
 
 
 def _assert_exactly_once(uri: str, ids: list[str]) -> None:
-    from virnucpro.output import read_embeddings
+    from virnucpro.io.output import read_embeddings
 
     table = read_embeddings(uri)
     counts = Counter(table.column("id").to_pylist())
@@ -136,7 +136,7 @@ def test_plain_dna_from_s3_is_read_by_byte_range(s3, s3_ray, dnabert_tiny, tmp_p
     import numpy as np
 
     from cluster.driver import embed
-    from virnucpro.output import read_embeddings
+    from virnucpro.io.output import read_embeddings
 
     client, _ = s3
     write_fasta(tmp_path / "in.fa", random_dna(120, 50, 900, seed=33))
@@ -155,8 +155,8 @@ def test_predict_reads_its_contigs_from_s3(s3, s3_ray, esm_tiny, dnabert_tiny, t
     gives the predictions of the same file read from disk; a --resume reuses its preprocessing."""
     import torch
 
-    from cluster.predict import predict
-    from virnucpro.classifier import MLPClassifier
+    from cluster.pipeline import predict
+    from virnucpro.pipeline.classifier import MLPClassifier
 
     client, _ = s3
     contigs = (ROOT / "examples" / "contigs.fasta").read_bytes()

@@ -10,13 +10,13 @@ import torch
 
 from tests.conftest import fair_esm_reference, random_dna, random_proteins, write_fasta
 from tests.reference_dnabert import load_reference_model, load_reference_tokenizer, reference_forward
-from virnucpro.attention import Packing
+from virnucpro.kernels.attention import Packing
 from virnucpro.models.columns import compute_columns, residue_counts
 from virnucpro.models.dnabert_s import DNABERTSTokenizer, load_dnabert_s
 from virnucpro.models.esm2 import ESM2Tokenizer, load_esm2
 from virnucpro.options import EmbedOptions, OptionError
-from virnucpro.output import plan_columns
-from virnucpro.tiny import write_dnabert_s_dir, write_esm2_checkpoint
+from virnucpro.io.output import plan_columns
+from virnucpro.models.tiny import write_dnabert_s_dir, write_esm2_checkpoint
 
 TOL = 1e-5
 
@@ -151,8 +151,8 @@ def test_embed_writes_the_columns_asked_for(tmp_path, esm_tiny, local_ray):
 def test_only_writes_cut_short_count_as_temporaries():
     """A run deletes what its own cut-short writes left (`.NAME.<12 hex>.tmp` of a part, the manifest
     or the write test) and nothing else a user may keep in the output directory."""
-    from virnucpro.output import LEGACY_MANIFEST, MANIFEST, WRITE_TEST, is_cut_short
-    from virnucpro.storage import _temporary_name
+    from virnucpro.io.output import LEGACY_MANIFEST, MANIFEST, WRITE_TEST, is_cut_short
+    from virnucpro.io.storage import _temporary_name
 
     for name in ("part-000042.parquet", "part-1234567.parquet", MANIFEST, LEGACY_MANIFEST, WRITE_TEST):
         assert is_cut_short(_temporary_name(name)), name

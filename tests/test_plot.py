@@ -1,4 +1,4 @@
-"""Figures of a predict run (virnucpro.plot, `virnucpro plot`): drawn from the files predict writes,
+"""Figures of a predict run (virnucpro.pipeline.plot, `virnucpro plot`): drawn from the files predict writes,
 without Ray or models: the output directory is made by the real preprocessing and the real writers
 of stages 3-4, fed random scores."""
 
@@ -19,11 +19,11 @@ pytest.importorskip("matplotlib")
 
 from cluster.cli import create_parser, main  # noqa: E402
 from virnucpro.options import PredictOptions, from_args  # noqa: E402
-from virnucpro.plot import (CONTIG_SCORES_PNG, PREDICTION_PNG, MatplotlibMissing, PlotError,  # noqa: E402
+from virnucpro.pipeline.plot import (CONTIG_SCORES_PNG, PREDICTION_PNG, MatplotlibMissing, PlotError,  # noqa: E402
                             contig_tracks, draw_figures, figures_after_predict, read_contig_table)
-from virnucpro.predict import (PREDICTIONS_PARQUET, PREPROCESS_MARKER, Classification,  # noqa: E402
+from virnucpro.pipeline.classify import (PREDICTIONS_PARQUET, PREPROCESS_MARKER, Classification,  # noqa: E402
                                preprocess_params, save_preprocess_marker)
-from virnucpro.preprocess import chunk_bounds, preprocess_fasta  # noqa: E402
+from virnucpro.pipeline.preprocess import chunk_bounds, preprocess_fasta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_FRAME = "AACT" * 200  # a stop in all six frames of every chunk: an unclassified contig
@@ -128,11 +128,11 @@ def test_without_matplotlib_predict_says_how_to_get_the_figures(out, tmp_path, m
         draw_figures(copy)
     with caplog.at_level(logging.INFO, logger="virnucpro"):
         assert figures_after_predict(copy, None, 0.5) is None
-    hints = [r.getMessage() for r in caplog.records if "virnucpro[plot]" in r.getMessage()]
+    hints = [r.getMessage() for r in caplog.records if "pip install matplotlib" in r.getMessage()]
     assert len(hints) == 1 and f"virnucpro plot {copy}" in hints[0]
     assert not list(copy.glob("*.png"))
     assert main(["plot", str(copy)]) == 1
-    assert "pip install 'virnucpro[plot]'" in capsys.readouterr().err
+    assert "pip install matplotlib" in capsys.readouterr().err
 
 
 def test_a_failing_figure_does_not_fail_predict(tmp_path, caplog):
@@ -157,9 +157,9 @@ def test_cli_plot_and_predict_options(out, capsys):
 
 
 def test_predict_draws_the_figures_at_its_end(out, tmp_path, monkeypatch, caplog):
-    """cluster.predict.predict: its run (stubbed here; test_predict runs it whole) is followed by the
+    """cluster.pipeline.predict: its run (stubbed here; test_predict runs it whole) is followed by the
     figures, of the contigs named; plots=False draws none."""
-    import cluster.predict as cp
+    import cluster.pipeline as cp
 
     copy = tmp_path / "out"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.png"))

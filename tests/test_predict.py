@@ -22,13 +22,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cluster.predict import PredictError, predict
+from cluster.pipeline import PredictError, predict
 from tests.conftest import UPSTREAM_CLASSIFIER_CLASS
-from virnucpro.classifier import ChunkMaxima, MLPClassifier
-from virnucpro.fasta import fasta_ids, iter_records
-from virnucpro.output import Manifest, read_embeddings
-from virnucpro.predict import CONTIG_COLUMNS, EMBED_DIRS, contig_rows
-from virnucpro.preprocess import chunk_bounds
+from virnucpro.pipeline.classifier import ChunkMaxima, MLPClassifier
+from virnucpro.io.fasta import fasta_ids, iter_records
+from virnucpro.io.output import Manifest, read_embeddings
+from virnucpro.pipeline.classify import CONTIG_COLUMNS, EMBED_DIRS, contig_rows
+from virnucpro.pipeline.preprocess import chunk_bounds
 
 pytestmark = pytest.mark.slow
 
@@ -265,7 +265,7 @@ def test_contig_rule_at_the_threshold():
 
 def _embedding_run(path: Path, ids: list[str], emb: np.ndarray, family: str, parts: list[list[int]]) -> None:
     """An embedding run as the driver writes it: parts holding the given frame indices, a manifest."""
-    from virnucpro.output import Manifest, write_part
+    from virnucpro.io.output import Manifest, write_part
 
     path.mkdir(parents=True)
     names = {}
@@ -283,8 +283,8 @@ def _embedding_run(path: Path, ids: list[str], emb: np.ndarray, family: str, par
 def test_classification_joins_by_index_without_ray(tmp_path):
     """Stages 3-4 on hand-made embedding runs: rows joined by index whatever the parts' order, scores
     as the MLP gives them, the marker, and an ESM-2 run of other frames refused."""
-    from virnucpro.classifier import predict_proba
-    from virnucpro.predict import Classification
+    from virnucpro.pipeline.classifier import predict_proba
+    from virnucpro.pipeline.classify import Classification
 
     out = tmp_path / "out"
     out.mkdir()
@@ -356,7 +356,7 @@ def test_no_frames_writes_empty_tables_without_ray(tmp_path, upstream_classifier
 
 GPU_LAYOUT_CHECK = textwrap.dedent("""
     import collections, json, ray
-    from cluster.predict import gpu_layout
+    from cluster.pipeline import gpu_layout
     ray.init(address="local", num_cpus=4, num_gpus=3, include_dashboard=False, logging_level="ERROR")  # fake GPUs
 
     @ray.remote

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from cluster.cli import create_parser, main
-from cluster.predict import PredictError, predict
-from virnucpro.classifier import MLPClassifier
-from virnucpro.fasta import fasta_ids, iter_records
+from cluster.pipeline import PredictError, predict
+from virnucpro.pipeline.classifier import MLPClassifier
+from virnucpro.io.fasta import fasta_ids, iter_records
 from virnucpro.options import OptionError, PredictOptions
-from virnucpro.predict import STAGE_TIMES
-from virnucpro.preprocess import chunk_bounds
+from virnucpro.pipeline.classify import STAGE_TIMES
+from virnucpro.pipeline.preprocess import chunk_bounds
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,12 @@ import ray
 import torch
 
 from cluster.cli import main
-from cluster.predict import PredictError, predict
+from cluster.pipeline import PredictError, predict
 from cluster.service import start_service, stop_service
-from virnucpro.classifier import MLPClassifier
+from virnucpro.pipeline.classifier import MLPClassifier
 from virnucpro.options import EmbedOptions
-from virnucpro.output import Manifest
-from virnucpro.predict import EMBED_DIRS
+from virnucpro.io.output import Manifest
+from virnucpro.pipeline.classify import EMBED_DIRS
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""virnucpro.preprocess against a slow, literal transcription of upstream VirNucPro's rules.
+"""virnucpro.pipeline.preprocess against a slow, literal transcription of upstream VirNucPro's rules.
 
 The reference below follows upstream's prediction path step by step (REFERENCE.md section 1):
 chunk records with Bio.SeqIO, write them, read them back, upper-case, translate one codon at a
@@ -21,9 +21,10 @@ from Bio.Data import CodonTable
 from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
 
-from virnucpro import fasta, ids
-from virnucpro import preprocess as pp
-from virnucpro.fasta import iter_records
+from virnucpro.io import fasta
+from virnucpro.pipeline import ids
+from virnucpro.pipeline import preprocess as pp
+from virnucpro.io.fasta import iter_records
 
 # -----------------------------------------------------------------------------
 # reference transcription (deliberately naive)
@@ -354,7 +355,7 @@ def test_iter_records_random_files_any_block_size(tmp_path):
 
 @pytest.mark.parametrize("text", FASTA_TEXTS)
 def test_scanner_events_and_id_listing_for_any_block_size(tmp_path, text):
-    """virnucpro.fasta.scan: one header event per line starting with '>', at that line's offset, and the
+    """virnucpro.io.fasta.scan: one header event per line starting with '>', at that line's offset, and the
     text between headers, however the blocks cut it; fasta_ids lists the same ids as iter_records."""
     path = tmp_path / "x.fasta.gz"
     with gzip.open(path, "wb") as f:
@@ -404,7 +405,7 @@ ODD = [("masked", "atgaaacccgggtttXXXXXXaaacccgggtttaaa"), ("gapped", "ATGAAA---
 
 
 def test_odd_letters_go_through_as_upstream_and_are_counted(tmp_path):
-    from virnucpro.sequences import DNA, normalise
+    from virnucpro.io.alphabet import DNA, normalise
 
     fasta = tmp_path / "odd.fasta"
     fasta.write_text("".join(f">{rid}\n{seq}\n" for rid, seq in ODD))

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import random_proteins, write_fasta
-from virnucpro.output import MANIFEST, Manifest, read_embeddings
+from virnucpro.io.output import MANIFEST, Manifest, read_embeddings
 
 pytestmark = pytest.mark.slow
 

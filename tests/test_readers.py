@@ -1,6 +1,6 @@
 """An embedding output directory is read by its path, as users read Parquet directories.
 
-pyarrow, pandas, polars and duckdb each read OUT_DIR (written here by `virnucpro.output` directly, as
+pyarrow, pandas, polars and duckdb each read OUT_DIR (written here by `virnucpro.io.output` directly, as
 the actors and the driver write it) and get every row once with its embedding; the idioms of
 docs/embedding.md ("Reading the output") run as written. Also: files follow the umask, a directory of
 the previous layout (`_manifest.json`) still reads, resumes or is refused, and the driver's completion
@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from virnucpro.output import (LEGACY_MANIFEST, MANIFEST, Manifest, OutputLocation, atomic_write, read_embeddings,
+from virnucpro.io.output import (LEGACY_MANIFEST, MANIFEST, Manifest, OutputLocation, atomic_write, read_embeddings,
                               write_part)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +231,8 @@ def _has(module: str) -> bool:
 
 
 def test_driver_refuses_resumes_or_replaces_a_previous_layout(out):
-    from cluster.driver import EmbedError, _prepare_out_dir
+    from cluster.driver import EmbedError
+    from cluster.outdir import prepare_out_dir as _prepare_out_dir
     from virnucpro.options import EmbedOptions
 
     _to_legacy(out)
@@ -248,7 +249,7 @@ def test_driver_refuses_resumes_or_replaces_a_previous_layout(out):
 # --- the driver's completion: the manifest carries the parts' schema, no temporaries stay ---------------
 
 def test_completion_leaves_only_parts_and_a_manifest_of_their_schema(tmp_path):
-    from cluster.driver import _complete
+    from cluster.outdir import complete as _complete
 
     out = tmp_path / "out"
     manifest = _write_run(out, complete=False)

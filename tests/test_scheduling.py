@@ -10,7 +10,7 @@ import pytest
 import cluster.scheduling as scheduling
 from virnucpro.batching import BatchError
 from cluster.scheduling import ACTOR_DIED, PERMANENT, RETRY, STORAGE, Scheduler, failure_kind
-from virnucpro.sequences import SequenceError
+from virnucpro.io.alphabet import SequenceError
 
 
 def test_docstring_example_runs():

@@ -259,7 +259,7 @@ def test_record_ids_cannot_escape_the_output_directory(tmp_path, esm_tiny):
     import ray
 
     from cluster.driver import embed
-    from virnucpro.output import MANIFEST, Manifest, read_embeddings
+    from virnucpro.io.output import MANIFEST, Manifest, read_embeddings
 
     fasta = tmp_path / "in.faa"
     fasta.write_bytes(b"".join(b">" + rid.encode() + b" description\nMKVL\n" for rid in HOSTILE_IDS))

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import random_dna, random_proteins, write_fasta
-from virnucpro.index import FastaIndex
-from virnucpro.sequences import DNA, PROTEIN, SequenceError, iter_fasta, normalise
+from virnucpro.io.index import FastaIndex
+from virnucpro.errors import SequenceError
+from virnucpro.io.alphabet import DNA, PROTEIN, normalise
+from virnucpro.io.fasta import iter_fasta
 
 
 def test_iter_fasta_plain_and_gzip(tmp_path):
@@ -131,7 +133,7 @@ def _messy_fasta(seed: int) -> bytes:
 
 @pytest.mark.parametrize("block", [1, 5, 64, 1 << 20])
 def test_scanner_matches_a_line_reader_for_any_block_size(tmp_path, monkeypatch, block):
-    import virnucpro.sequences as s
+    import virnucpro.io.fasta as s
 
     monkeypatch.setattr(s, "_BLOCK", block)
     text = _messy_fasta(block)
@@ -153,7 +155,7 @@ def test_scanner_matches_a_line_reader_for_any_block_size(tmp_path, monkeypatch,
 @pytest.mark.parametrize("seq,position", [(b"MKV*\nL", 4), (b"MK\n*\n\nL", 3), (b"MKV**", 4), (b"MK*V*", 3),
                                           (b"MKV\n*\n*", 4), (b"MK V\n-", 4), (b"AB\x00C", None)])
 def test_errors_at_block_boundaries_name_the_right_position(tmp_path, monkeypatch, block, seq, position):
-    import virnucpro.sequences as s
+    import virnucpro.io.fasta as s
 
     monkeypatch.setattr(s, "_BLOCK", block)
     (tmp_path / "e.faa").write_bytes(b">ok\nMKV*\n>bad x\n" + seq + b"\n>next\nM\n")
@@ -163,7 +165,7 @@ def test_errors_at_block_boundaries_name_the_right_position(tmp_path, monkeypatc
 
 
 def test_trailing_star_on_its_own_line_and_across_blocks(tmp_path, monkeypatch):
-    import virnucpro.sequences as s
+    import virnucpro.io.fasta as s
 
     monkeypatch.setattr(s, "_BLOCK", 3)
     (tmp_path / "t.faa").write_bytes(b">a\nMKV\n*\n\n>b\nMK*\n")
@@ -171,7 +173,7 @@ def test_trailing_star_on_its_own_line_and_across_blocks(tmp_path, monkeypatch):
 
 
 def test_header_too_long_and_headers_in_other_encodings(tmp_path, monkeypatch):
-    import virnucpro.sequences as s
+    import virnucpro.io.fasta as s
 
     monkeypatch.setattr(s, "MAX_HEADER", 100)
     (tmp_path / "h.fa").write_bytes(b">ok\nACGT\n>" + b"x" * 200 + b"\nACGT\n")
@@ -208,7 +210,7 @@ def test_a_long_line_is_scanned_in_bounded_memory(tmp_path):
 # contigs for preprocess / predict
 
 def test_contig_letters_upstream_reads_pass_and_become_dnabert_s_input():
-    from virnucpro.sequences import TO_DNA_INPUT, check_contig, plain_contigs
+    from virnucpro.io.alphabet import TO_DNA_INPUT, check_contig, plain_contigs
 
     odd = b"ACGTNRYKMSWBDHVUXEJ-.*" + b"ACGT" * 20 + bytes(b for b in range(65, 91) if chr(b) not in "EFIJLOPQZ")
     check_contig(odd, "in.fa", 0, "c")  # letters, gaps and stops: as upstream, they go through
@@ -225,14 +227,14 @@ def test_contig_letters_upstream_reads_pass_and_become_dnabert_s_input():
     (b"MKVLAAGIEFPQLLSTWR", r"^in\.fa: record 3 \('c'\): looks like a protein, not a nucleotide sequence \(8 of 18"),
 ])
 def test_contig_refusals_name_file_record_and_cause(seq, match):
-    from virnucpro.sequences import check_contig
+    from virnucpro.io.alphabet import check_contig
 
     with pytest.raises(SequenceError, match=match):
         check_contig(seq, "in.fa", 2, "c")
 
 
 def test_a_stray_protein_letter_or_x_masking_is_not_a_protein():
-    from virnucpro.sequences import check_contig
+    from virnucpro.io.alphabet import check_contig
 
     check_contig(b"ACGT" * 30 + b"EL", "in.fa", 0, "c")
     check_contig(b"X" * 1000 + b"ACGT", "in.fa", 0, "c")
@@ -241,11 +243,11 @@ def test_a_stray_protein_letter_or_x_masking_is_not_a_protein():
 def test_dnabert_s_tokenizer_reads_n_as_it_reads_the_letters_upstream_feeds_it():
     """Upstream feeds X, -, *, U ... to DNABERT-S's tokenizer (BPE over A/C/G/T, whitespace
     pre-tokenizer); we feed N. Same tokens: each is [UNK], and no merge crosses an [UNK] or a
-    pre-tokenizer split. Checked on a tokenizer of DNABERT-S's kind (virnucpro.tiny)."""
+    pre-tokenizer split. Checked on a tokenizer of DNABERT-S's kind (virnucpro.models.tiny)."""
     import random
 
-    from virnucpro.sequences import TO_DNA_INPUT
-    from virnucpro.tiny import build_dna_tokenizer
+    from virnucpro.io.alphabet import TO_DNA_INPUT
+    from virnucpro.models.tiny import build_dna_tokenizer
 
     tok = build_dna_tokenizer(vocab_size=200)
     rng = random.Random(0)

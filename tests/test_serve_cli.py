@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import random_proteins, write_fasta
-from virnucpro.output import read_embeddings
+from virnucpro.io.output import read_embeddings
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -43,7 +43,7 @@ from tests.conftest import random_dna, random_proteins, write_fasta
 from virnucpro import batching
 from virnucpro.batching import BatchError, interface_fingerprint
 from virnucpro.options import EmbedOptions
-from virnucpro.output import part_metadata, read_embeddings
+from virnucpro.io.output import part_metadata, read_embeddings
 
 pytestmark = pytest.mark.slow
 

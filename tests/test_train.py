@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from cluster.cli import main
-from cluster.predict import PredictError, predict
-from cluster.train import CLASSIFIER, METRICS_JSON, train, upstream_name
+from cluster.pipeline import PredictError, predict
+from cluster.training import CLASSIFIER, METRICS_JSON, train, upstream_name
 from tests.conftest import UPSTREAM_CLASSIFIER_CLASS
-from virnucpro.classifier import (ClassifierLoadError, MLPClassifier, classifier_chunk_size, classifier_metadata,
+from virnucpro.pipeline.classifier import (ClassifierLoadError, MLPClassifier, classifier_chunk_size, classifier_metadata,
                                   classifier_record, load_classifier, save_classifier, save_upstream_classifier)
 from virnucpro.options import OptionError, TrainOptions
-from virnucpro.train import EarlyStopping, binary_metrics, fit, new_classifier, roc_auc, split
+from virnucpro.pipeline.fit import EarlyStopping, binary_metrics, fit, new_classifier, roc_auc, split
 
 CHUNK = 120  # neither of upstream's sizes
 # stop-free codons of each family: one GC-rich, one AT-rich; any chunk of a contig made of them has an open frame
@@ -173,7 +173,7 @@ def test_models_skipping_init_in_two_threads_leave_nn_init_whole():
     outlive both (it did: a classifier trained afterwards started from uninitialised biases)."""
     import threading
 
-    from virnucpro.models.esm2 import on_meta_device
+    from virnucpro.models.loading import on_meta_device
 
     original = torch.nn.init.uniform_
     inside, release, second_in = threading.Event(), threading.Event(), threading.Event()

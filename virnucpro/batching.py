@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .models.registry import ModelSource
-from .index import FastaIndex, RecordReader
-from .options import EmbedOptions
-from .storage import Location
+from virnucpro.models.registry import ModelSource
+from virnucpro.io.index import FastaIndex, RecordReader
+from virnucpro.options import EmbedOptions
+from virnucpro.io.storage import Location
+from virnucpro.errors import BatchError  # noqa: F401 - also imported from here
 
 
 @dataclass
@@ -65,7 +66,7 @@ class BatchSpec:
     lengths: np.ndarray  # int64 [B], residues or bases
     ordinals: np.ndarray  # int64 [B], record numbers in the input
     tokens: int  # planned (for DNABERT-S an estimate: `DNABERTSTokenizer.num_tokens`)
-    extra: object = None  # a pyarrow Table [B] of columns kept from a table input (`virnucpro.tables`)
+    extra: object = None  # a pyarrow Table [B] of columns kept from a table input (`virnucpro.io.tables`)
 
     def describe(self, first_id: str | None = None) -> str:
         """One line naming the batch; `first_id`: its first record's id, if the caller read it."""
@@ -85,8 +86,6 @@ class BatchSpec:
             return None
 
 
-class BatchError(RuntimeError):
-    """A batch that cannot be computed: not worth retrying elsewhere (bad input, out of memory)."""
 
 
 @dataclass
@@ -261,7 +260,7 @@ def interface_fingerprint(classes: tuple[type, ...] | None = None) -> str:
     `EXCHANGED`). A service started by another VirNucPro gives another hash: the driver refuses it before
     a field that one side lacks breaks the job midway. Computed from the classes, so a field added or
     removed changes it without anyone remembering to."""
-    from . import __version__  # at each call, not once: the tests change it
+    from virnucpro import __version__  # at each call, not once: the tests change it
 
     shapes = [(c.__name__, [f.name for f in fields(c)]) for c in classes or EXCHANGED]
     return hashlib.sha256(repr((__version__, shapes)).encode()).hexdigest()[:12]

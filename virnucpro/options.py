@@ -15,12 +15,11 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from virnucpro.errors import OptionError  # noqa: F401 - also imported from here
 
-INCLUDE = ("mean", "bos", "cls", "per-token", "logits")  # --include (virnucpro.output.plan_columns)
+INCLUDE = ("mean", "bos", "cls", "per-token", "logits")  # --include (virnucpro.io.output.plan_columns)
 
 
-class OptionError(ValueError):
-    """An option value out of range: one line naming the option, the value and what is allowed."""
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -131,7 +130,7 @@ class EmbedOptions:
                      "exposes it to the network (token authentication stays on)")
     dashboard: bool | None = option(
         None, "start the Ray dashboard with a local Ray started by this command (default: for an input of 16 MiB "
-              "or more; a smaller run ends in seconds, less than the 1-2 s the dashboard adds to Ray's start)")
+              "or more; a smaller run ends in seconds, less than the time the dashboard adds to Ray's start)")
     toks_per_batch: int | None = option(
         None, "token budget of a packed batch (default: 4096 on CPU; on GPU 65536 for ESM-2, 262144 for "
               "DNABERT-S)", min=1)
@@ -184,7 +183,7 @@ class EmbedOptions:
     max_actor_restarts: int = option(3, "Ray's restarts of one dead actor (-1: no limit), then the pool "
                                         "starts a new one", min=-1)
     # Python API only: extra Ray actor options for actor i, merged over the defaults (e.g. a
-    # placement-group bundle, so that two embed jobs share GPUs as `cluster.predict` arranges)
+    # placement-group bundle, so that two embed jobs share GPUs as `cluster.pipeline` arranges)
     actor_options: Callable[[int], dict] | None = option(None, "extra Ray actor options for actor i", cli=False)
 
     def __post_init__(self) -> None:
@@ -248,7 +247,7 @@ class PredictOptions:
         None, "contigs drawn in OUT_DIR/prediction.png (default: the first 5 with a classified chunk)",
         metavar="ID")
     plots: bool = option(True, "draw prediction.png and contig_scores.png at the end (needs matplotlib: pip "
-                               "install 'virnucpro[plot]'; `virnucpro plot OUT_DIR` redraws them)")
+                               "install matplotlib; `virnucpro plot OUT_DIR` redraws them)")
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -3,7 +3,7 @@ through a service check and plan without torch), their tokenizers, and their cod
 DNABERT-S (`dnabert_s`), the output columns of a batch (`columns`). Importing this package imports no
 torch; `check_model` and `load_model` import a family's code where they are called."""
 
-from .registry import (CPU_TOKS_PER_BATCH, DNABERT_S_FAMILY, ESM2_FAMILY, FAMILIES, CheckpointError, ModelFamily,
+from virnucpro.models.registry import (CPU_TOKS_PER_BATCH, DNABERT_S_FAMILY, ESM2_FAMILY, FAMILIES, CheckpointError, ModelFamily,
                        ModelShape, ModelSource, check_model, default_toks_per_batch, describe_model, load_model,
                        load_tokenizer, resolve_model)
 

@@ -1,15 +1,15 @@
 """The output columns of a packed batch, from the model's hidden states: pooled means, the first token,
-per-token rows, logits (`--repr-layers` / `--include`; the columns themselves: `virnucpro.output.plan_columns`)."""
+per-token rows, logits (`--repr-layers` / `--include`; the columns themselves: `virnucpro.io.output.plan_columns`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..attention import Packing
-from ..output import Column
-from .dnabert_s import DNABERTS
-from .esm2 import ESM2
+from virnucpro.kernels.attention import Packing
+from virnucpro.io.output import Column
+from virnucpro.models.dnabert_s import DNABERTS
+from virnucpro.models.esm2 import ESM2
 
 
 def compute_columns(model: ESM2 | DNABERTS, tokens: torch.Tensor, packing: Packing, columns: list[Column],

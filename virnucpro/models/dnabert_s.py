@@ -6,9 +6,9 @@ runs on current Triton and whose PyTorch fallback fails in half precision.
 
 Architecture: word + token-type embeddings and LayerNorm (no position embeddings); post-LN layers of
 ALiBi self-attention (fused Wqkv) and a gated-GELU MLP. Module names follow the checkpoint's keys so
-the state dict loads as is. Sequences are packed; attention (`virnucpro.attention.select_backend`) on
+the state dict loads as is. Sequences are packed; attention (`virnucpro.kernels.attention.select_backend`) on
 a CUDA GPU is varlen FlashAttention-2 with its own ALiBi slopes where torch's build has them (none so
-far), else our packed kernel in Triton with the bias (`virnucpro.triton_attention`), each checked at load against
+far), else our packed kernel in Triton with the bias (`virnucpro.kernels.triton_attention`), each checked at load against
 the bias added by hand; else SDPA over a padded grid with the ALiBi bias added (CPU, float32, no
 Triton, `--attention sdpa`), or FlexAttention's packed ALiBi kernel when asked for (`--attention flex`).
 """
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, alibi_slopes, attention, in_background, select_backend
-from ..errors import CheckpointError
-from ..tokenization import DNABERTSTokenizer  # noqa: F401 - also imported from here
-from .esm2 import check_state_dict, load_error, load_weights_only, on_meta_device, to_device
+from virnucpro.kernels.attention import Backend, Packing, alibi_slopes, attention, in_background, select_backend
+from virnucpro.errors import CheckpointError
+from virnucpro.models.tokenizers import DNABERTSTokenizer  # noqa: F401 - also imported from here
+from virnucpro.models.loading import check_state_dict, load_error, load_weights_only, on_meta_device, to_device
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class BertAttention(nn.Module):
         q, k, v = s.Wqkv(x).view(T, 3, s.num_heads, s.head_dim).unbind(1)  # [T, H, hd] each
         y = self.output.dense(attention(q, k, v, packing, backend, scale=s.head_dim ** -0.5, alibi=slopes).reshape(T, C))
         if fused:
-            from ..triton_elementwise import add_layer_norm
+            from virnucpro.kernels.triton_elementwise import add_layer_norm
             return add_layer_norm(y, x, self.output.LayerNorm)
         return self.output.LayerNorm(x + y)  # post-LN
 
@@ -107,7 +107,7 @@ class BertGatedLinearUnitMLP(nn.Module):
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         h = self.gated_layers(x)  # [T, 2I]: the gate, then the linear half
         if fused:
-            from ..triton_elementwise import add_layer_norm, gated_gelu
+            from virnucpro.kernels.triton_elementwise import add_layer_norm, gated_gelu
             return add_layer_norm(self.wo(gated_gelu(h)), x, self.layernorm)
         gated, linear = h.split(self.intermediate_size, dim=-1)
         return self.layernorm(x + self.wo(F.gelu(gated) * linear))  # post-LN
@@ -121,7 +121,7 @@ class BertLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, packing: Packing, backend: Backend, slopes: torch.Tensor,
                 fused: bool = False) -> torch.Tensor:
-        """`fused`: the elementwise steps in our Triton kernels (`virnucpro.triton_elementwise`), for
+        """`fused`: the elementwise steps in our Triton kernels (`virnucpro.kernels.triton_elementwise`), for
         layers that run uncompiled; compiled layers leave them to Inductor, which fuses the same steps."""
         return self.mlp(self.attention(x, packing, backend, slopes, fused), fused)
 
@@ -179,22 +179,21 @@ class DNABERTS(nn.Module):
     @property
     def compile_pays(self) -> bool:
         """Whether compiling the layers pays on a GPU. Not with the fused elementwise kernels: the
-        uncompiled layers then ran at 99.4% of the compiled ones' rate (1.944 M against 1.956 M tokens/s
-        on an H200, bench/results/probe-fused-nvidia-h200.json), and an actor spares the compiler's
-        7-11 s import, which slows its first batches (bench/README.md, "End to end")."""
+        uncompiled layers then run about as fast as the compiled ones, and an actor spares the compiler's
+        import, which slows its first batches (bench/README.md, "End to end")."""
         return not self.fused
 
     def compiled_layers(self) -> list[nn.Module]:
         """Each layer under torch.compile for dynamic token counts, sharing its weights (fuses the post-LN,
         GELU gate, residuals); nothing compiles until they first run (see ESM2.compiled_layers)."""
-        from virnucpro.compiling import compiled
+        from virnucpro.kernels.compiling import compiled
 
         return compiled(list(self.encoder.layer))
 
     def compile_layers(self) -> None:
         """Compile the layers in place (scripts that compile before they run anything). The fused kernels
         are then off: Inductor fuses those steps itself."""
-        from virnucpro.compiling import compile_in_place
+        from virnucpro.kernels.compiling import compile_in_place
 
         compile_in_place(list(self.encoder.layer))
         self.fused = False
@@ -286,7 +285,7 @@ def load_dnabert_s(model_dir: str | Path, device: torch.device | str = "cpu",
 
 @lru_cache(maxsize=None)
 def fused_kernels_fail(device: torch.device, dtype: torch.dtype, width: int, intermediate: int) -> str | None:
-    """None where our fused elementwise kernels (`virnucpro.triton_elementwise`) run here and agree with
+    """None where our fused elementwise kernels (`virnucpro.kernels.triton_elementwise`) run here and agree with
     PyTorch's ops, computed in float32, on random rows of the model's widths; otherwise why not. Once per
     device, dtype and widths: milliseconds, plus Triton's compile of the two kernels on first use."""
     if device.type != "cuda":
@@ -294,7 +293,7 @@ def fused_kernels_fail(device: torch.device, dtype: torch.dtype, width: int, int
     if not dtype.is_floating_point:
         return f"dtype {str(dtype).removeprefix('torch.')} is not a float type"
     try:
-        from ..triton_elementwise import add_layer_norm, gated_gelu
+        from virnucpro.kernels.triton_elementwise import add_layer_norm, gated_gelu
     except ImportError as e:
         return f"no Triton ({e})"
     g = torch.Generator(device=device).manual_seed(0)

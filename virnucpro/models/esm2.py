@@ -3,7 +3,7 @@
 Differences from fair-esm, none of which change the result:
   * sequences are packed into one token stream (no padding), attention is FlashAttention over the
     packed stream on CUDA (our Triton kernel, or FlashAttention-2's varlen kernel) and padded SDPA
-    elsewhere (see `virnucpro.attention`);
+    elsewhere (see `virnucpro.kernels.attention`);
   * q, k and v are one fused projection (one GEMM instead of three);
   * rotary tables are computed once a batch in float32 from each token's position, whatever the model dtype (bf16
     cannot represent positions above 256 exactly);
@@ -17,22 +17,20 @@ whose names and config are translated to fair-esm's on reading, so that checking
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Backend, Packing, attention, in_background, select_backend
-from ..errors import CheckpointError
-from ..tokenization import ALPHABET, CLS, EOS, MASK, PAD, UNK, ESM2Tokenizer, check_esm_vocab  # noqa: F401 - also imported from here
+from virnucpro.kernels.attention import Backend, Packing, attention, in_background, select_backend
+from virnucpro.errors import CheckpointError
+from virnucpro.models.loading import check_state_dict, load_error, load_weights_only, on_meta_device, to_device
+from virnucpro.models.tokenizers import ALPHABET, CLS, EOS, MASK, PAD, UNK, ESM2Tokenizer, check_esm_vocab  # noqa: F401 - also imported from here
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +95,10 @@ class TransformerLayer(nn.Module):
         self.fc1 = nn.Linear(embed_dim, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, embed_dim)
 
-    # On CUDA in bf16/fp16, cuBLASLt adds fc1's bias and applies the GELU in the GEMM's epilogue,
-    # sparing a pass over the 4d-wide activations: ESM-2 650M +7%, 3B +4.5% tokens/s alone (one H200,
-    # bench/results/probe-inductor-*.json). Its GELU is the tanh form, within half-precision rounding
-    # of the exact one (pooled cosine to a float32 copy unchanged, 0.99999); float32 keeps the exact GELU.
+    # On CUDA in bf16/fp16, cuBLASLt adds fc1's bias and applies the GELU in the GEMM's epilogue, sparing
+    # a pass over the 4d-wide activations (bench/README.md, "Where the time goes"). Its GELU is the tanh
+    # form, within half-precision rounding of the exact one (tests/test_gpu.py holds the pooled cosine to
+    # float32); float32 keeps the exact GELU.
     gelu_epilogue = True
 
     def forward(self, x: torch.Tensor, packing: Packing, backend: Backend, rotary) -> torch.Tensor:
@@ -133,8 +131,7 @@ class ESM2(nn.Module):
     family = "esm2"
     bos_name = "bos"  # the <cls> token's output column: bos_<L>, as fair-esm's `--include bos`
     specials = (1, 1)  # tokens before and after the residues (<cls>, <eos>): not in means and per-token outputs
-    # on a GPU, compiled layers fuse the norms, rotary and residual adds: ESM-2 650M 345 K tokens/s
-    # against 253 K uncompiled on an H200 (bench/README.md, "Model throughput")
+    # on a GPU, compiled layers fuse the norms, rotary and residual adds (bench/README.md, "Model throughput")
     compile_pays = True
 
     def __init__(self, config: ESM2Config, num_layers_to_run: int | None = None, lm_head: bool = False):
@@ -198,16 +195,16 @@ class ESM2(nn.Module):
 
     def compiled_layers(self) -> list[nn.Module]:
         """Each layer under torch.compile for dynamic token counts, sharing its weights: fuses norms,
-        rotary, GELU and residual adds around the GEMMs and the flash kernel (+20-35% tokens/s on H200,
-        bench/results). Nothing compiles until they first run; `self.layers` stay as they were, so
+        rotary, GELU and residual adds around the GEMMs and the flash kernel (bench/README.md, "Model
+        throughput"). Nothing compiles until they first run; `self.layers` stay as they were, so
         batches can run eagerly while another thread compiles (actors.embedder)."""
-        from virnucpro.compiling import compiled
+        from virnucpro.kernels.compiling import compiled
 
         return compiled(list(self.layers))
 
     def compile_layers(self) -> None:
         """Compile the layers in place (scripts that compile before they run anything)."""
-        from virnucpro.compiling import compile_in_place
+        from virnucpro.kernels.compiling import compile_in_place
 
         compile_in_place(list(self.layers))
 
@@ -216,70 +213,10 @@ class ESM2(nn.Module):
         return packing.mean(self(tokens, packing, layers), skip_first=1, skip_last=1)
 
 
-# --- checkpoint loading ------------------------------------------------------------------------------
+# --- checkpoint loading (helpers shared with DNABERT-S: virnucpro.models.loading) ---------------------
 
 _PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 _IGNORED = re.compile(r"^(lm_head\.weight$|contact_head\.|.*rot_emb\.inv_freq$|.*self_attn\.bias_[kv]$)")
-
-
-def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], where: object,
-                     family: str) -> None:
-    """Every parameter the architecture has is in the file, none is left over, every shape matches."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: parameters do not match {family} (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-    for k, v in expected.items():
-        if given[k].shape != v.shape:
-            raise CheckpointError(f"{where}: {k} has shape {tuple(given[k].shape)}, expected {tuple(v.shape)}")
-
-
-def load_error(e: BaseException) -> str:
-    """torch.load's failure in one line: a weights-only refusal names the global it refused (its full
-    message is a page of advice to load the file unsafely, which is the one thing not to do)."""
-    text = str(e)
-    refused = re.search(r"(?:Unsupported (?:global|operand)|Trying to load unsupported)[^\n]*?(?=\.(?:\s|$)|\n|$)",
-                        text)
-    if refused:
-        return f"weights-only load refused it: {refused.group(0).strip()}"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
-
-
-@contextlib.contextmanager
-def on_meta_device():
-    """Modules built here get meta parameters (shapes, no memory) and skip their random initialisation:
-    their weights come from a checkpoint. Skipping it matters: nn.Embedding's normal_ on the meta device
-    runs through torch._refs, which imports torch._dynamo, 3 s of a driver that only checks names and
-    shapes. (transformers' `no_init_weights` does the same.)"""
-    skip = {name: (lambda tensor, *args, **kwargs: tensor) for name in ("normal_", "uniform_", "kaiming_uniform_")}
-    with _NN_INIT_PATCH, torch.device("meta"), mock.patch.multiple(nn.init, **skip):
-        yield
-
-
-# The device context is per thread, but the nn.init patch is process-wide: two threads inside at once
-# (predict checks both models from two threads) would restore each other's no-ops, leaving nn.init
-# patched for the process (a classifier trained afterwards then starts from uninitialised biases).
-_NN_INIT_PATCH = threading.RLock()
-
-
-def to_device(state: dict[str, torch.Tensor], device: torch.device | str,
-              dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Each tensor copied to `device` as stored, then converted there: a checkpoint read from the page
-    cache goes to the GPU in its own (often half) precision, and the GPU converts it, not the CPU."""
-    return {k: v.to(device).to(dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
-
-
-def load_weights_only(path: Path, mmap: bool) -> object:
-    """`torch.load` with weights_only, memory-mapped when asked (nothing is read until used), except
-    for legacy (pre-zip) files, which cannot be memory-mapped and are read whole."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except RuntimeError as e:
-        if not mmap or "mmap" not in str(e):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_checkpoint(path: str | Path, shapes_only: bool = False) -> tuple[ESM2Config, dict[str, torch.Tensor]]:

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import CheckpointError
-from ..sequences import DNA, PROTEIN
-from ..tokenization import DNABERTSTokenizer, ESM2Tokenizer, check_esm_vocab
+from virnucpro.errors import CheckpointError
+from virnucpro.io.alphabet import DNA, PROTEIN
+from virnucpro.models.tokenizers import DNABERTSTokenizer, ESM2Tokenizer, check_esm_vocab
 
 # a batch's token budget on CPU, for every family: CPU batches stay small for memory locality
 CPU_TOKS_PER_BATCH = 4096
@@ -39,7 +39,7 @@ class ModelFamily:
 
     name: str  # recorded in ModelSource.family, the manifest and the service's labels
     title: str  # for messages
-    sequence_kind: str  # virnucpro.sequences.PROTEIN or DNA: the alphabet its input is validated against
+    sequence_kind: str  # virnucpro.io.alphabet.PROTEIN or DNA: the alphabet its input is validated against
     # (model path, truncation_seq_length) -> tokenizer: cheap, picklable, no torch
     tokenizer: Callable[[Path, int | None], Any]
     # the token budget of a batch on a GPU when --toks-per-batch is not given (CPU: CPU_TOKS_PER_BATCH)

@@ -3,13 +3,13 @@
 Stages (OUT_DIR/virus/ and OUT_DIR/others/ are each laid out as a predict run's OUT_DIR):
 
 1. preprocess  each set as `predict` does: chunks of `chunk_size` bases, six-frame translation, every
-               stop-free frame kept (virnucpro.preprocess).
+               stop-free frame kept (virnucpro.pipeline.preprocess).
 2. embed       each set's frames with DNABERT-S and ESM-2, both jobs at once, by `predict`'s own code
-               (cluster.predict's run: the same models, placement, services and resume); one Ray
+               (cluster.pipeline's run: the same models, placement, services and resume); one Ray
                session serves both sets. The embeddings are kept: `resume=True` reuses each finished
                stage, so a second training run (other seed, other recipe) embeds nothing.
 3. train       [DNABERT-S | ESM-2] per frame (upstream's order), label 1 for virus and 0 for others;
-               upstream's recipe (virnucpro.train, virnucpro.options.TrainOptions); GPU when there is one.
+               upstream's recipe (virnucpro.pipeline.fit, virnucpro.options.TrainOptions); GPU when there is one.
 4. save        classifier.safetensors (+ classifier.json): weights, widths, chunk size, provenance;
                with `upstream_format`, also <chunk size>_model.pth as upstream's train.py writes it;
                metrics.json: the validation metrics, the epochs, the provenance.
@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 
 import virnucpro
-from virnucpro.classifier import classifier_record, save_classifier, save_upstream_classifier
+from virnucpro.pipeline.classifier import classifier_record, save_classifier, save_upstream_classifier
 from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY
-from virnucpro.storage import InputFile, is_uri, resolve
+from virnucpro.io.storage import InputFile, is_uri, resolve
 from virnucpro.options import PIPELINE_EMBED_OPTIONS, TrainOptions
-from virnucpro.predict import EMBED_DIRS, PredictError, prepare_out_dir
-from virnucpro.train import FEATURE_ORDER, FitResult, fit, format_metrics, labelled, set_features
+from virnucpro.pipeline.classify import EMBED_DIRS, PredictError, prepare_out_dir
+from virnucpro.pipeline.fit import FEATURE_ORDER, FitResult, fit, format_metrics, labelled, set_features
 
 from .driver import EmbedOptions
-from .predict import _Run, _services_cluster
+from .pipeline import _Run, _services_cluster
 from .session import RaySession, local_dashboard
 
 log = logging.getLogger("virnucpro")
@@ -96,7 +96,7 @@ def train(virus: str | Path, others: str | Path, out_dir: str | Path, esm_model:
     """Train a VirNucPro classifier for `chunk_size` on the contigs of `virus` and `others` (FASTA) into
     `out_dir` (the API of `virnucpro train`).
 
-    Models and services as `cluster.predict.predict`. Other options are `TrainOptions` fields (epochs,
+    Models and services as `cluster.pipeline.predict`. Other options are `TrainOptions` fields (epochs,
     patience, batch_size, lr, ..., seed, train_device, upstream_format) and `EmbedOptions` fields
     (device, dtype, num_actors, toks_per_batch, resume, overwrite, ...) for the embedding.
     """

@@ -2,7 +2,7 @@
 
 Stages, each resumable (`resume=True` skips what a previous run in OUT_DIR finished):
 
-1. preprocess  INPUT -> chunks.fasta, nucleotide.fasta, protein.faa (virnucpro.preprocess, upstream's
+1. preprocess  INPUT -> chunks.fasta, nucleotide.fasta, protein.faa (virnucpro.pipeline.preprocess, upstream's
                rules); `_preprocess.json` records the parameters and counts once the files are whole.
 2. embed       nucleotide.fasta with DNABERT-S -> embeddings/dnabert_s/, protein.faa with ESM-2 ->
                embeddings/esm2/ (cluster.driver.embed; its manifest makes each job resumable). Both
@@ -21,7 +21,7 @@ Stages, each resumable (`resume=True` skips what a previous run in OUT_DIR finis
 
 This module holds what needs Ray or the embedding driver: the checks that load the models, calling
 preprocessing, the two embedding jobs and their placement. Stages 3 and 4, the output directory's
-layout and the markers need neither and are virnucpro.predict's (which also says how the two
+layout and the markers need neither and are virnucpro.pipeline.classify's (which also says how the two
 embeddings are joined per frame in bounded memory).
 """
 
@@ -39,17 +39,18 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from virnucpro.classifier import classifier_chunk_size, load_classifier
+from virnucpro.pipeline.classifier import classifier_chunk_size, load_classifier
 from virnucpro.models import (DNABERT_S_FAMILY, ESM2_FAMILY, FAMILIES, CheckpointError, ModelSource, check_model,
                               resolve_model)
 from virnucpro.options import PIPELINE_EMBED_OPTIONS
-from virnucpro.output import Manifest
-from virnucpro.plot import figures_after_predict
-from virnucpro.predict import (EMBED_DIRS, LETTER_COUNTS, STAGE_TIMES, Classification, PredictError, forget_markers,
+from virnucpro.io.output import Manifest
+from virnucpro.pipeline.plot import figures_after_predict
+from virnucpro.pipeline.classify import (EMBED_DIRS, LETTER_COUNTS, STAGE_TIMES, Classification, PredictError, forget_markers,
                                prepare_out_dir, preprocess_params, remove_scratch, reusable_preprocessing,
                                save_preprocess_marker)
-from virnucpro.preprocess import NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds, default_workers, preprocess_fasta
-from virnucpro.sequences import SequenceError, check_fasta
+from virnucpro.pipeline.preprocess import NUCLEOTIDE_FASTA, PROTEIN_FASTA, chunk_bounds, default_workers, preprocess_fasta
+from virnucpro.errors import SequenceError
+from virnucpro.io.fasta import check_fasta
 
 from .driver import EmbedOptions, EmbedResult, run_embed
 from .session import Placement, RaySession, local_dashboard
@@ -76,7 +77,7 @@ class PredictResult:
     stages: dict[str, str]  # stage -> computed / resumed / reused / skipped
     embeddings: dict[str, EmbedResult] = field(default_factory=dict)  # the embed jobs this call ran
     seconds: float = 0.0
-    # wall seconds of the stages this call ran (virnucpro.predict.STAGE_TIMES); `embed` holds Ray's
+    # wall seconds of the stages this call ran (virnucpro.pipeline.classify.STAGE_TIMES); `embed` holds Ray's
     # start and the two embedding jobs (dnabert_s, esm2), which run at once
     stage_seconds: dict[str, float] = field(default_factory=dict)
     chunks_with_nonstandard_letters: int = 0  # letters outside A/C/G/T and the IUPAC codes, read as N
@@ -107,9 +108,9 @@ def predict(input: str | Path, out_dir: str | Path, classifier: str | Path,
     esm_model / dnabert_model: default esm2_t36_3B_UR50D / zhihan1996/DNABERT-S, or the service's.
     esm_service / dnabert_service: embed that model with a running service NAME (`virnucpro serve start`)
     instead of the run's own actors; its model is the service's (a contradicting model is refused).
-    keep_embeddings: keep OUT_DIR/embeddings/ (Parquet, readable with virnucpro.output.read_embeddings).
+    keep_embeddings: keep OUT_DIR/embeddings/ (Parquet, readable with virnucpro.io.output.read_embeddings).
     workers: preprocessing processes (default: by input size). plots: draw prediction.png (the contigs
-    `plot_contigs`, default the first five) and contig_scores.png (virnucpro.plot). Other options are `EmbedOptions`
+    `plot_contigs`, default the first five) and contig_scores.png (virnucpro.pipeline.plot). Other options are `EmbedOptions`
     fields (device, dtype, num_actors, toks_per_batch, resume, overwrite, ...), applied to both
     models; on GPUs `num_actors` is the number of GPUs used (one actor of each model per GPU).
     """

@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+from virnucpro.errors import OptionError
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -44,7 +45,7 @@ def resolve(where: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         try:
             ffs, path = fsspec.core.url_to_fs(text)
         except (ImportError, ValueError) as e:
-            raise ValueError(f"{text}: no filesystem for this URI ({e})") from None
+            raise OptionError(f"{text}: no filesystem for this URI ({e})") from None
         return pafs.PyFileSystem(pafs.FSSpecHandler(ffs)), path
 
 

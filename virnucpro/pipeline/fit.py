@@ -1,6 +1,6 @@
 """Training VirNucPro's classifier, without Ray: the labelled features, upstream's recipe, the metrics.
 
-`cluster.train` preprocesses and embeds the two labelled sets as `predict` does (OUT_DIR/virus/ and
+`cluster.training` preprocesses and embeds the two labelled sets as `predict` does (OUT_DIR/virus/ and
 OUT_DIR/others/, each laid out as a predict run's OUT_DIR) and then calls this module:
 
   * `set_features`: one set's frames as [DNABERT-S | ESM-2] rows (upstream's order, 768 + 2560 =
@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classifier import HIDDEN_DIM, NUM_CLASSES, MLPClassifier
-from .models import DNABERT_S_FAMILY, ESM2_FAMILY
-from .options import TrainOptions
-from .output import read_embeddings
+from virnucpro.pipeline.classifier import HIDDEN_DIM, NUM_CLASSES, MLPClassifier
+from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY
+from virnucpro.options import TrainOptions
+from virnucpro.io.output import read_embeddings
+from virnucpro.errors import OptionError, PredictError
 
 log = logging.getLogger("virnucpro")
 
@@ -64,7 +65,7 @@ def set_features(embed_dirs: dict[str, Path]) -> tuple[list[str], np.ndarray]:
     ids = dna.column("id").to_pylist()
     if dna.num_rows != esm.num_rows or ids != esm.column("id").to_pylist() or not np.array_equal(
             dna.column("index").to_numpy(), esm.column("index").to_numpy()):
-        raise ValueError(f"{embed_dirs[DNABERT_S_FAMILY]} and {embed_dirs[ESM2_FAMILY]}: the two embedding "
+        raise PredictError(f"{embed_dirs[DNABERT_S_FAMILY]} and {embed_dirs[ESM2_FAMILY]}: the two embedding "
                          f"runs hold different frames ({dna.num_rows} and {esm.num_rows} rows)")
     blocks = [np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32, copy=False)
               if t.num_rows else np.zeros((0, 0), np.float32) for t in (dna, esm)]
@@ -74,7 +75,7 @@ def set_features(embed_dirs: dict[str, Path]) -> tuple[list[str], np.ndarray]:
 def labelled(virus: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both sets' features stacked, virus first, and their labels (1 = virus, 0 = others)."""
     if virus.shape[1] != others.shape[1]:
-        raise ValueError(f"the sets' features differ in width: virus {virus.shape[1]}, others {others.shape[1]}")
+        raise PredictError(f"the sets' features differ in width: virus {virus.shape[1]}, others {others.shape[1]}")
     y = np.concatenate([np.ones(len(virus), np.int64), np.zeros(len(others), np.int64)])
     return np.concatenate([virus, others]), y
 
@@ -176,7 +177,7 @@ def new_classifier(input_dim: int, seed: int) -> MLPClassifier:
 def train_device(choice: str) -> torch.device:
     """`TrainOptions.train_device` as a torch device (auto: a GPU when there is one)."""
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--train-device cuda: no CUDA GPU is visible")
+        raise OptionError("--train-device cuda: no CUDA GPU is visible")
     return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
 
 
@@ -224,7 +225,7 @@ def fit(x: np.ndarray, y: np.ndarray, opts: TrainOptions,
         raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
     train_idx, val_idx = split(len(x), opts.val_fraction, opts.seed)
     if len(val_idx) == 0 or len(train_idx) < 2:
-        raise ValueError(f"{len(x)} frames are too few to hold out {opts.val_fraction:g} for validation "
+        raise PredictError(f"{len(x)} frames are too few to hold out {opts.val_fraction:g} for validation "
                          f"and train on the rest")
     device = train_device(opts.train_device)
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))

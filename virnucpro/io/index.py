@@ -30,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sequences as seqs
-from .fasta import header_id
-from .sequences import Record, RecordError, SequenceError, normalise, open_input, scan_records
-from .storage import InputFile, Location
+from virnucpro.io import alphabet, fasta
+from virnucpro.io.fasta import header_id
+from virnucpro.errors import SequenceError
+from virnucpro.io.alphabet import RecordError, normalise
+from virnucpro.io.fasta import Record, open_input, scan_records
+from virnucpro.io.storage import InputFile, Location
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +239,7 @@ class RecordReader:
     MAX_READ = 16 << 20  # one request at most (unless one record alone needs more)
 
     def __init__(self, source: InputFile | str, kind: str, threads: int = 8):
-        from .storage import is_object_store
+        from virnucpro.io.storage import is_object_store
 
         self.source = source if isinstance(source, InputFile) else open_input(source)
         self.kind = kind
@@ -280,10 +282,10 @@ class RecordReader:
         """A record from its first bytes `data` (at file offset `offset`), reading on when they fall short."""
         eol = data.find(b"\n")
         if eol < 0:  # a header longer than what was read
-            data = self.file.read_at(seqs.MAX_HEADER + 2 + len(data), offset)
+            data = self.file.read_at(fasta.MAX_HEADER + 2 + len(data), offset)
             eol = data.find(b"\n")
         rid = header_id(data[1:eol])
-        seq = data[eol + 1:].translate(None, seqs._WHITESPACE)
+        seq = data[eol + 1:].translate(None, alphabet._WHITESPACE)
         if len(seq) < need:
             seq += self._residues(offset + len(data), need - len(seq), rid)
         return rid, normalise(seq[:need], self.kind, rid, self.source.uri)
@@ -294,12 +296,12 @@ class RecordReader:
         pieces, got = [], 0
         while got < need:
             left = need - got
-            chunk = self.file.read_at(min(left + (left >> 5) + 2, seqs._BLOCK), at)  # room for the line ends
+            chunk = self.file.read_at(min(left + (left >> 5) + 2, fasta._BLOCK), at)  # room for the line ends
             if not chunk:
                 raise SequenceError(f"{self.source.uri}: record '{rid}' is shorter than when it was indexed (was "
                                     f"the file changed during the run?)")
             at += len(chunk)
-            clean = chunk.translate(None, seqs._WHITESPACE)[:left]
+            clean = chunk.translate(None, alphabet._WHITESPACE)[:left]
             pieces.append(clean)
             got += len(clean)
         return b"".join(pieces)

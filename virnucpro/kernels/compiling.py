@@ -3,10 +3,9 @@ opaque to it (`attention.keep_out_of_compile`), and Inductor told to reduce rows
 pass. Imported only by a process that compiles: torch._inductor takes seconds to import.
 
 Inductor keeps a row in registers (a "persistent" reduction: one read of the row) only up to 1024
-elements, so ESM-2 650M's LayerNorms, 1280 wide, ran as looped reductions that read each row twice, at
-about 40% of the memory bandwidth (bench_profile). Raised to 2048 (one H200, probe_inductor.py,
-bench/README.md "Where the time goes"): 650M +5%, and +13% with the GELU in fc1's GEMM epilogue
-(esm2.TransformerLayer); 3B's rows (2560) stay looped; DNABERT-S's (768) were persistent already.
+elements, so ESM-2 650M's LayerNorms, 1280 wide, ran as looped reductions that read each row twice.
+Raised to 2048, which bench/probe_inductor.py found faster (bench/README.md, "Where the time goes");
+3B's rows (2560) stay looped; DNABERT-S's (768) were persistent already.
 
 Inductor reads its heuristics from a per-thread handler. `compiled` sets ours in the calling thread,
 which is where the layers must first run (an actor's compile thread, a script's main thread); it stays
@@ -26,7 +25,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
 
-from virnucpro.attention import keep_out_of_compile
+from virnucpro.kernels.attention import keep_out_of_compile
 
 WIDE_ROWS = 2048
 

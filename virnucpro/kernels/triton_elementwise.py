@@ -4,7 +4,7 @@ Uncompiled, the gated-GELU MLP costs three passes over its [T, 2 x 3072] activat
 strided half, then the product) and each post-LN residual two (the add, then the LayerNorm). Each
 kernel here reads its inputs once and writes once, as Inductor's fused kernels do, so the eager layers
 come close to the compiled ones without importing the compiler (torch._dynamo and torch._inductor take
-7-11 s to import in a new actor, which then competes with the first batches for the GIL:
+seconds to import in a new actor, which then competes with the first batches for the GIL:
 bench/README.md, "Where the actor's compile goes").
 
 Both compute in float32 and round once, where eager PyTorch rounds the GELU and the residual sum to the
@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile shapes, the fastest of bench/probe_fused.py's sweep on an H200 at 262144 tokens (3.78 and 3.68 TB/s;
-# the others 2.8-3.7 and 3.3-3.66: bench/results/probe-fused-nvidia-h200.json).
+# Tile shapes: the fastest of bench/probe_fused.py's sweep at DNABERT-S's batch size (its figures:
+# bench/results/probe-fused-nvidia-h200.json).
 GATED_GELU_BLOCK = (2, 1024, 4)  # BLOCK_M rows, BLOCK_N columns a program, num_warps
 ADD_LAYER_NORM_BLOCK = (8, 8)  # rows a program, num_warps (a row is held whole: width rounded up to 2^k)
 

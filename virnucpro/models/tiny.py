@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .tokenization import ALPHABET
+from virnucpro.models.tokenizers import ALPHABET
 
 SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
 

@@ -5,10 +5,10 @@ tokens, with `cu_seqlens` = [0, L_0, L_0 + L_1, ..., T] marking where each seque
 layout of FlashAttention and BioNeMo). Linear layers, norms and MLPs then do no work on padding.
 Only attention needs to know the boundaries; this module gives it four ways to do that:
 
-  * `triton`: our packed FlashAttention-style kernel (`virnucpro.triton_attention`), with DNABERT-S's
+  * `triton`: our packed FlashAttention-style kernel (`virnucpro.kernels.triton_attention`), with DNABERT-S's
     ALiBi bias or without; both models' default on a CUDA GPU with Triton. For sequences of VirNucPro's
-    lengths it is 1.8x as fast as FA2's varlen kernel, whose 128-token blocks waste most of their work
-    on short sequences (bench/results/probe-packed-attention-*.json).
+    lengths it is faster than FA2's varlen kernel, whose 128-token blocks waste most of their work on
+    short sequences (bench/README.md, "Attention").
   * `flash`: FlashAttention-2 over the packed stream (`torch.ops.aten._flash_attention_forward`, what
     `torch.nn.attention.varlen.varlen_attn` wraps; CUDA, fp16/bf16): ESM-2's kernel without Triton or
     on request (`--attention flash`); DNABERT-S's first choice on a torch build whose FA2 takes ALiBi
@@ -122,7 +122,7 @@ class Backend:
 def _varlen_attn():
     """FlashAttention-2 over packed sequences: `f(q, k, v, cu_q, cu_k, max_q, max_k, scale=)` -> [T, H, Dh],
     or None where this torch has no such kernel. The aten op that `torch.nn.attention.varlen.varlen_attn`
-    wraps is called directly: importing that module imports torch._dynamo (4-5 s), which would hold up
+    wraps is called directly: importing that module imports torch._dynamo (seconds), which would hold up
     an actor's first batch while its layers compile beside it."""
     flash = getattr(torch.ops.aten, "_flash_attention_forward", None)
     if flash is None or "cum_seq_q" not in str(flash.default._schema):
@@ -157,12 +157,12 @@ def _flash_alibi_fails(device: torch.device, dtype: torch.dtype, head_dim: int =
 
 @lru_cache(maxsize=None)
 def _triton_fails(device: torch.device, dtype: torch.dtype, head_dim: int, alibi: bool) -> str | None:
-    """None where our Triton kernel (`virnucpro.triton_attention`) runs here and agrees with the formula
+    """None where our Triton kernel (`virnucpro.kernels.triton_attention`) runs here and agrees with the formula
     computed by hand; otherwise why not. Its first call compiles it (Triton caches the binary on disk)."""
     if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
         return f"head dim {head_dim} is not a power of two in 16..128"
     try:
-        from .triton_attention import packed_attention
+        from virnucpro.kernels.triton_attention import packed_attention
     except ImportError as e:
         return f"no Triton ({e})"
     return _packed_kernel_fails(packed_attention, device, dtype, head_dim, alibi)
@@ -213,8 +213,8 @@ def alibi_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 @contextlib.contextmanager
 def in_background(device: torch.device, check: Callable[..., T], *args, **kwargs) -> Iterator[Future[T]]:
     """`check(*args, **kwargs)` in a thread of its own, with `device` as its current CUDA device: the
-    kernel checks at load (Triton's import and first launches, about a second on an H200 with a warm
-    cache) overlap the copy of the weights to the GPU, which releases the GIL. If the block raises, the
+    kernel checks at load (Triton's import and first launches) overlap the copy of the weights to the
+    GPU, which releases the GIL (bench/README.md, "Start-up"). If the block raises, the
     check is waited for: none keeps launching kernels behind a failed load (a retry would compile beside it).
 
     >>> with in_background(device, select_backend, device, dtype, alibi=False, head_dim=64) as backend:
@@ -301,15 +301,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packin
 def keep_out_of_compile() -> None:
     """Make torch.compile treat the attention kernels as opaque. The models' `compile_layers` call this;
     it is not done at import because registering an op and `torch.compiler.disable` import
-    torch._dynamo (4 s on an H200 host), which a process that never compiles (the driver) should skip.
+    torch._dynamo (seconds), which a process that never compiles (the driver) should skip.
 
     flash and triton go through the custom op `virnucpro::packed_attention`: dynamo traces a layer
     through it as one node, so each layer is one graph, shared by all layers. With a graph break there
     instead, dynamo traced four graphs (the layer and its attention module, each split, with resume
-    functions; a CPU test counts them). On an H200 a warm-cache compile of DNABERT-S then takes 1.5 s
-    (bench/results/probe-compile-*.json), and the layers run as fast as before, within run-to-run
-    noise (ESM-2 650M 347.5 K and 336.6 K tokens/s, models-nvidia-h200-custom-op*.json, against
-    329.2 K and 344.7 K in earlier runs). sdpa and flex keep the graph break."""
+    functions; a CPU test counts them). One graph compiles in a fraction of the time, and the layers run
+    as fast as before (bench/README.md, "Where the actor's compile goes"). sdpa and flex keep the graph
+    break."""
     global _kernels
     with _register_lock:  # two layers' compiles may start at once; the op is registered once
         if _kernels is not _attention_kernels:
@@ -352,7 +351,7 @@ def _packed_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
                    scale: float, alibi: torch.Tensor | None, backend: str) -> torch.Tensor:
     """The kernels that need only the packing's boundaries: triton (ours) and flash (FA2 varlen)."""
     if backend == "triton":
-        from .triton_attention import packed_attention
+        from virnucpro.kernels.triton_attention import packed_attention
         return packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, alibi)
     if alibi is not None:
         out = _flash_alibi(q, k, v, cu_seqlens, max_seqlen, scale, alibi)
@@ -378,9 +377,9 @@ class PaddedLayout:
     """Where a packed batch's tokens sit in the padded [rows, length] grid the SDPA kernels take.
 
     On CUDA the grid is rounded up (`bucketed`) so that a run meets few distinct shapes: cuDNN's fused
-    attention, PyTorch's pick for a bias on Hopper, builds a plan for each new shape (~60 ms) and
-    compiles a kernel for each new length (~0.8 s), which per batch cost more than the attention
-    itself (bench/results/attention-*.json); an odd length also got a slower kernel than an even one.
+    attention, PyTorch's pick for a bias on Hopper, builds a plan for each new shape and compiles a
+    kernel for each new length, which per batch cost more than the attention itself (bench/README.md,
+    "Attention"); an odd length also got a slower kernel than an even one.
     """
 
     rows: int  # B' >= B: sequences, rounded up; the extra rows are discarded

@@ -1,6 +1,6 @@
 """VirNucPro prediction without Ray: the output directory, its markers, and the stages after embedding.
 
-`cluster.predict` runs the pipeline: preprocessing (virnucpro.preprocess), then both embedding jobs
+`cluster.pipeline` runs the pipeline: preprocessing (virnucpro.pipeline.preprocess), then both embedding jobs
 on Ray. What else a run needs, none of which needs Ray, is here:
 
   * OUT_DIR's layout (the file names below, EMBED_DIRS) and `prepare_out_dir`, which refuses,
@@ -42,18 +42,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch import nn
 
-from .classifier import (LABELS, PREDICTION_HEADER, ChunkMaxima, predict_proba, prediction_lines,
+from virnucpro.pipeline.classifier import (LABELS, PREDICTION_HEADER, ChunkMaxima, predict_proba, prediction_lines,
                          write_highest_score_rows)
-from .fasta import fasta_ids
-from .ids import chunk_of, contig_of
-from .models import DNABERT_S_FAMILY, ESM2_FAMILY
-from .output import Manifest, atomic_path, atomic_write
-from .preprocess import CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, PreprocessResult
-from .storage import InputFile
+from virnucpro.io.fasta import fasta_ids
+from virnucpro.pipeline.ids import chunk_of, contig_of
+from virnucpro.models import DNABERT_S_FAMILY, ESM2_FAMILY
+from virnucpro.io.output import Manifest, atomic_path, atomic_write
+from virnucpro.pipeline.preprocess import CHUNKS_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, PreprocessResult
+from virnucpro.io.storage import InputFile
+from virnucpro.errors import PredictError  # noqa: F401 - also imported from here
 
 log = logging.getLogger("virnucpro")
 
-# OUT_DIR's layout (preprocessing's three FASTA files are named in virnucpro.preprocess)
+# OUT_DIR's layout (preprocessing's three FASTA files are named in virnucpro.pipeline.preprocess)
 PREPROCESS_MARKER = "_preprocess.json"
 PREDICT_MARKER = "_predict.json"
 RESULTS_TXT = "prediction_results.txt"
@@ -81,10 +82,6 @@ PREDICTIONS_SCHEMA = pa.schema([
     pa.field("label", pa.string(), nullable=False),  # virus if score2 > score1 (upstream's Prediction)
 ])
 _ROWS_PER_WRITE = 65536  # frames per block of the output pass (one Parquet row group)
-
-
-class PredictError(RuntimeError):
-    """A predict run that cannot go on; the message says why and what to do."""
 
 
 # -----------------------------------------------------------------------------

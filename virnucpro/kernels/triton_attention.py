@@ -8,11 +8,9 @@ projection's output (strided views, no copy).
 
 Why our own kernel where PyTorch has FlashAttention-2: PyTorch's FA2 build takes no ALiBi slopes, and
 its varlen kernel works in 128-token blocks, so a 168-token protein (VirNucPro's 500 bp chunks) costs
-it a 256 x 256 tile grid against 192 x 192 here. On an H200, over ESM-2 650M's planned batches, this
-kernel took 2.54 ms where FA2 took 4.68 ms (1.8x), and 8.2 ms against 9.6 ms for proteome-length
-proteins up to 1024 (bench/results/probe-packed-attention-nvidia-h200.json). Imported only where
-Triton and a CUDA GPU are present (`attention.select_backend`, which checks it against the plain
-formula at model load).
+it a 256 x 256 tile grid against 192 x 192 here (the measured difference: bench/README.md, "Attention").
+Imported only where Triton and a CUDA GPU are present (`attention.select_backend`, which checks it
+against the plain formula at model load).
 """
 
 import torch
@@ -80,8 +78,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     q, k, v: [T, H, hd] (any strides with a contiguous last dimension; hd a power of two, 16-128),
     cu_seqlens: int32 [B + 1], max_seqlen: the longest sequence, slopes: float32 [H] or None. Returns a
-    new [T, H, hd] tensor. The defaults were the fastest of eight configurations for ESM-2's lengths and
-    within 3% of the fastest for DNABERT-S's (bench/probe_packed_attention.py)."""
+    new [T, H, hd] tensor. The defaults are bench/probe_packed_attention.py's sweep's choice for ESM-2's
+    and DNABERT-S's lengths (bench/README.md, "Attention")."""
     T, H, hd = q.shape
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((T, H, hd), device=q.device, dtype=q.dtype)

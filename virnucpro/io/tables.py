@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .sequences import SequenceError, open_input
-from .storage import InputFile, Location, is_uri
+from virnucpro.errors import SequenceError
+from virnucpro.io.fasta import open_input
+from virnucpro.io.storage import InputFile, Location, is_uri
 
 TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv", ".csv.gz": "csv",
                   ".tsv.gz": "tsv"}

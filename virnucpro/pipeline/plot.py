@@ -14,10 +14,10 @@
     `mean_score`, virus and others stacked, the threshold as a dashed line.
 
 Positions are exact when the input FASTA named in `_preprocess.json` is still there, unchanged: the
-contig's length gives its chunks' bounds (`virnucpro.preprocess.chunk_bounds`, same chunk size and
+contig's length gives its chunks' bounds (`virnucpro.pipeline.preprocess.chunk_bounds`, same chunk size and
 mode). Otherwise chunk k is drawn at (k-1) x chunk size, and the axis says so.
 
-matplotlib is optional (`pip install 'virnucpro[plot]'`). Nothing here imports it before a figure is
+matplotlib is optional (`pip install matplotlib`). Nothing here imports it before a figure is
 drawn, and figures are drawn on matplotlib's Agg canvas through `matplotlib.figure.Figure`, without
 pyplot: no display is needed and no global backend is switched in the caller's process.
 """
@@ -36,22 +36,19 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .fasta import iter_records
-from .predict import CONTIGS_TSV, PREDICTIONS_PARQUET, PREPROCESS_MARKER, UNCLASSIFIED
-from .preprocess import chunk_bounds
+from virnucpro.io.fasta import iter_records
+from virnucpro.pipeline.classify import CONTIGS_TSV, PREDICTIONS_PARQUET, PREPROCESS_MARKER, UNCLASSIFIED
+from virnucpro.pipeline.preprocess import chunk_bounds
+from virnucpro.errors import PlotError  # noqa: F401 - also imported from here
 
 log = logging.getLogger("virnucpro")
 
 PREDICTION_PNG = "prediction.png"
 CONTIG_SCORES_PNG = "contig_scores.png"
 MAX_CONTIGS = 5  # upstream draws the first five contigs
-INSTALL_HINT = "pip install 'virnucpro[plot]'"
+INSTALL_HINT = "pip install matplotlib"
 COLORS = {"virus": "red", "others": "darkblue", UNCLASSIFIED: "lightgray"}  # upstream's two colours
 _DPI = 120
-
-
-class PlotError(RuntimeError):
-    """Figures that cannot be drawn from OUT_DIR; the message says why."""
 
 
 class MatplotlibMissing(PlotError):
@@ -132,7 +129,7 @@ def chunk_maxima(out: Path, contigs: Sequence[str]) -> dict[str, dict[int, tuple
 
 
 def _chunk_number(contig: str, chunk: str) -> int:
-    """k of `{contig}_chunk_{k}` (virnucpro.ids)."""
+    """k of `{contig}_chunk_{k}` (virnucpro.pipeline.ids)."""
     return int(chunk[len(contig) + len("_chunk_"):])
 
 

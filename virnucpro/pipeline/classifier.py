@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ids import chunk_of
-from .storage import atomic_write
+from virnucpro.pipeline.ids import chunk_of
+from virnucpro.io.storage import atomic_write
+from virnucpro.errors import ClassifierError  # noqa: F401 - also imported from here
 
 INPUT_DIM = 3328  # 768 DNABERT-S + 2560 ESM-2 (esm2_t36_3B_UR50D)
 HIDDEN_DIM = 512
@@ -47,8 +48,7 @@ NUM_CLASSES = 2  # 0 = others, 1 = virus
 LABELS = ("others", "virus")
 
 
-class ClassifierLoadError(ValueError):
-    """A classifier file that cannot be loaded safely or does not hold a VirNucPro MLP."""
+ClassifierLoadError = ClassifierError  # (the name this module's callers know)
 
 
 class MLPClassifier(nn.Module):
@@ -157,7 +157,7 @@ def _restricted_load(file: Any, **kwargs: Any) -> Any:
 # (TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes torch refuse a custom pickle_module; that surfaces as a
 # ClassifierLoadError.)
 _RESTRICTED_PICKLE = types.SimpleNamespace(
-    __name__="virnucpro.classifier._restricted_pickle",
+    __name__="virnucpro.pipeline.classifier._restricted_pickle",
     Unpickler=_RestrictedUnpickler,
     load=_restricted_load,
 )
@@ -396,7 +396,7 @@ def write_prediction_results(path: str | os.PathLike, ids: Sequence[str],
 
 
 class ChunkMaxima:
-    """Per chunk (`virnucpro.ids.chunk_of` a frame id), the maxima of score1 and of score2.
+    """Per chunk (`virnucpro.pipeline.ids.chunk_of` a frame id), the maxima of score1 and of score2.
 
     Fed frame batches in any order (`update`); `rows()` gives upstream's `Is_Virus` per chunk:
     max score2 >= max score1. Memory: one entry per chunk that has frames.
@@ -436,7 +436,7 @@ class ChunkMaxima:
 
 
 def highest_scores(ids: Sequence[str], probs: np.ndarray | torch.Tensor) -> list[tuple[str, bool]]:
-    """Per chunk (`virnucpro.ids.chunk_of` a frame id): max score2 >= max score1, sorted by id."""
+    """Per chunk (`virnucpro.pipeline.ids.chunk_of` a frame id): max score2 >= max score1, sorted by id."""
     maxima = ChunkMaxima()
     maxima.update(ids, probs)
     return maxima.rows()
