@@ -120,8 +120,8 @@ def predict(input: str | Path, out_dir: str | Path, classifier: str | Path,
     opts = EmbedOptions(**options)
     models = {ESM2_FAMILY: esm_model, DNABERT_S_FAMILY: dnabert_model}
     services = {f: n for f, n in ((ESM2_FAMILY, esm_service), (DNABERT_S_FAMILY, dnabert_service)) if n}
-    with _services_cluster(opts.address) if services else nullcontext():
-        result = _Run(str(input), Path(out_dir), Path(classifier), models, services, chunk_size, chunking,
+    with services_cluster(opts.address) if services else nullcontext():
+        result = PipelineRun(str(input), Path(out_dir), Path(classifier), models, services, chunk_size, chunking,
                       threshold, keep_embeddings, workers, opts).run()
     if plots:
         figures_after_predict(result.out_dir, plot_contigs, threshold)
@@ -129,7 +129,7 @@ def predict(input: str | Path, out_dir: str | Path, classifier: str | Path,
 
 
 @contextmanager
-def _services_cluster(address: str | None) -> Iterator[None]:
+def services_cluster(address: str | None) -> Iterator[None]:
     """Connected to the cluster that runs the services (`address`, RAY_ADDRESS or this machine's Ray)
     for the whole run: their models are checked before preprocessing, the jobs use them after it."""
     from .service import connect
@@ -158,7 +158,10 @@ def _same_model(spec: str, source: ModelSource) -> bool:
         return False
 
 
-class _Run:
+class PipelineRun:
+    """One `predict` run over its stages (preprocess, embed both models, classify, contigs), each skipped when
+    a resumed run finished it; `cluster.training` runs each labelled set through the first two."""
+
     def __init__(self, input: str, out: Path, classifier: Path, models: dict[str, str | Path | None],
                  services: dict[str, str], chunk_size: int, chunking: str, threshold: float, keep_embeddings: bool,
                  workers: int | None, opts: EmbedOptions):

@@ -36,7 +36,7 @@ from virnucpro.pipeline.classify import EMBED_DIRS, PredictError, prepare_out_di
 from virnucpro.pipeline.fit import FEATURE_ORDER, FitResult, fit, format_metrics, labelled, set_features
 
 from .driver import EmbedOptions
-from .pipeline import _Run, _services_cluster
+from .pipeline import PipelineRun, services_cluster
 from .session import RaySession, local_dashboard
 
 log = logging.getLogger("virnucpro")
@@ -72,7 +72,7 @@ class TrainResult:
                 f"{self.seconds:.1f} s -> {self.classifier}")
 
 
-class _SetRun(_Run):
+class TrainingSetRun(PipelineRun):
     """predict's stages 1 and 2 for one labelled set: its checks, preprocessing and embedding; no classifier."""
 
     def _classification(self) -> None:
@@ -114,9 +114,9 @@ def train(virus: str | Path, others: str | Path, out_dir: str | Path, esm_model:
         raise PredictError(f"{virus}: given as both --virus and --others")
     models = {ESM2_FAMILY: esm_model, DNABERT_S_FAMILY: dnabert_model}
     services = {f: n for f, n in ((ESM2_FAMILY, esm_service), (DNABERT_S_FAMILY, dnabert_service)) if n}
-    with _services_cluster(eopts.address) if services else nullcontext():
+    with services_cluster(eopts.address) if services else nullcontext():
         # every check (inputs, chunk size, models, services) before anything is written
-        runs = {s: _SetRun(inputs[s], out / s, None, models, services, chunk_size, chunking, 0.5, True, workers,
+        runs = {s: TrainingSetRun(inputs[s], out / s, None, models, services, chunk_size, chunking, 0.5, True, workers,
                            eopts) for s in SETS}
         _prepare_top(out, eopts.resume, eopts.overwrite, chunk_size)
         session = RaySession(eopts.address, eopts.dashboard_host,  # one session for both sets
@@ -177,7 +177,7 @@ def _log_epoch(epochs: int):
     return log_row
 
 
-def _provenance(first: _SetRun, inputs: dict[str, str], frames: dict[str, int], topts: TrainOptions,
+def _provenance(first: TrainingSetRun, inputs: dict[str, str], frames: dict[str, int], topts: TrainOptions,
                 result: FitResult) -> dict:
     """Where the classifier came from: models, data, recipe, result (classifier.json and metrics.json)."""
     data = {}

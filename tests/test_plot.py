@@ -171,7 +171,7 @@ def test_predict_draws_the_figures_at_its_end(out, tmp_path, monkeypatch, caplog
         def run(self):
             return cp.PredictResult(copy, 0, 0, 0, 0, 0, {}, {})
 
-    monkeypatch.setattr(cp, "_Run", Run)
+    monkeypatch.setattr(cp, "PipelineRun", Run)
     cp.predict("in.fa", copy, "m.pth", plots=False)
     assert not list(copy.glob("*.png"))
     name = classified_contigs(out)[2]
