@@ -224,15 +224,18 @@ def test_previous_output_refused_before_ray_starts(tmp_path, models, monkeypatch
     """A command that would only be refused says so before Ray starts (seconds), not after."""
     import cluster.cli
 
+    class RayStarted(BaseException):  # not an Exception: the CLI's handler must not turn it into a message
+        pass
+
     def session(*args, **kwargs):
-        raise AssertionError("Ray started for a command that is refused")
+        raise RayStarted("Ray started for a command that is refused")
 
     monkeypatch.setattr(cluster.cli, "RaySession", session)
     _previous_run(tmp_path)
     assert main(_argv([_ok_protein(tmp_path)], tmp_path, models["esm"])) == 1
     assert "out: holds the output of a previous run; use --resume" in capsys.readouterr().err
     # --overwrite replaces it: the command gets as far as starting Ray
-    with pytest.raises(AssertionError, match="Ray started"):
+    with pytest.raises(RayStarted, match="Ray started"):
         main(_argv([_ok_protein(tmp_path), "--overwrite"], tmp_path, models["esm"]))
 
 

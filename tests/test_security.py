@@ -222,7 +222,7 @@ def test_torch_load_is_tensors_only_except_the_classifiers_restricted_unpickler(
             # the one other way: a restricted unpickler that resolves only an allow-list of globals
             pickle_module = _dotted(kw["pickle_module"]) if "pickle_module" in kw else None
             found.append((name, function, pickle_module))
-    assert found == [("virnucpro/classifier.py", "_load_object", "_RESTRICTED_PICKLE")], found
+    assert found == [("virnucpro/pipeline/classifier.py", "_load_object", "_RESTRICTED_PICKLE")], found
 
 
 def test_no_other_deserialisation_of_files():
@@ -238,13 +238,13 @@ def test_no_other_deserialisation_of_files():
                 assert not any(k.arg == "allow_pickle" for k in call.keywords), (name, function)
     assert unsafe == [], unsafe
     # pickle's Unpickler is only subclassed once, by the restricted one, which overrides find_class
-    tree = ast.parse((ROOT / "virnucpro" / "classifier.py").read_text())
+    tree = ast.parse((ROOT / "virnucpro" / "pipeline" / "classifier.py").read_text())
     restricted = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "_RestrictedUnpickler"]
     assert len(restricted) == 1 and [_dotted(b) for b in restricted[0].bases] == ["pickle.Unpickler"]
     assert "find_class" in {n.name for n in restricted[0].body if isinstance(n, ast.FunctionDef)}
     subclasses = [(name, n.name) for name, path in _sources() for n in ast.walk(ast.parse(path.read_text()))
                   if isinstance(n, ast.ClassDef) and any("Unpickler" in _dotted(b) for b in n.bases)]
-    assert subclasses == [("virnucpro/classifier.py", "_RestrictedUnpickler")]
+    assert subclasses == [("virnucpro/pipeline/classifier.py", "_RestrictedUnpickler")]
 
 
 # --- record ids never become paths -----------------------------------------------------------------------
