@@ -296,6 +296,28 @@ def test_no_actor_placed_fails_in_one_line_after_the_wait(tmp_path, esm_tiny, lo
               actor_wait_seconds=2, actor_options=lambda i: {"resources": {"no_such_resource": 1}})
 
 
+def standing_in_for_compiled_layers(made: list):
+    """A stand-in for `compiled_layers()` in the compile tests: each eager layer wrapped in a module that
+    counts its calls, each call's layers appended to `made`. The test then sees whether batches run
+    through the layers the compile thread produced; the model's own layers returned as they are would
+    give the same embeddings from eager layers, and a regression that kept batches eager would pass."""
+    import torch
+
+    class Counted(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer, self.calls = layer, 0
+
+        def forward(self, *args):
+            self.calls += 1
+            return self.layer(*args)
+
+    def compiled_layers(model):
+        made.append([Counted(layer) for layer in model.layers])
+        return made[-1]
+    return compiled_layers
+
+
 def test_actor_compiles_on_a_batch_sized_shape_before_a_single_sequence(tmp_path, esm_tiny, monkeypatch):
     """Inductor takes its size hints from a compiled layer's first call and tunes each kernel on its
     first launch, so an actor's background compile first runs a batch-sized shape (a quarter of its
@@ -321,7 +343,8 @@ def test_actor_compiles_on_a_batch_sized_shape_before_a_single_sequence(tmp_path
             first_calls.append(np.asarray(seq_tokens).copy())
         return run_random(self, seq_tokens, layers)
     monkeypatch.setattr(Embedder, "_run_random", recording)
-    monkeypatch.setattr(ESM2, "compiled_layers", lambda self: list(self.layers))
+    made = []
+    monkeypatch.setattr(ESM2, "compiled_layers", standing_in_for_compiled_layers(made))
     seqs = random_proteins(12, 30, 200, seed=8)
     write_fasta(tmp_path / "in.faa", seqs)
     index = FastaIndex.build(tmp_path / "in.faa", "protein", tmp_path)
@@ -338,21 +361,27 @@ def test_actor_compiles_on_a_batch_sized_shape_before_a_single_sequence(tmp_path
     assert len(first_calls) == 2
     assert len(first_calls[0]) >= 2 and 8192 // 4 - 128 < first_calls[0].sum() <= 8192 // 4
     assert len(first_calls[1]) == 1
+    (layers,) = made  # compiled once; its two shapes ran through each layer, the first batch through none
+    assert actor.layers == layers and [layer.calls for layer in layers] == [2] * len(layers)
     compiled = actor.compute(batch)
+    assert [layer.calls for layer in layers] == [3] * len(layers)  # this batch ran through them
     assert torch.allclose(torch.from_numpy(compiled), torch.from_numpy(eager), rtol=1e-5, atol=1e-6)
 
 
-def test_a_service_replica_compiles_while_idle(esm_tiny, monkeypatch):
+def test_a_service_replica_compiles_while_idle(tmp_path, esm_tiny, monkeypatch):
     """prepare() with no batch to warm up on (a service's replica) starts the compile at once: no batch
-    is on its way for it to slow down."""
+    is on its way for it to slow down. The batches that come later run through the compiled layers."""
     import time
 
     from actors.embedder import ActorConfig, Embedder
+    from virnucpro.batching import make_batch
+    from virnucpro.index import FastaIndex
     from virnucpro.models import resolve_model
-    from virnucpro.models.esm2 import ESM2
+    from virnucpro.models.esm2 import ESM2, ESM2Tokenizer
     from virnucpro.options import EmbedOptions
 
-    monkeypatch.setattr(ESM2, "compiled_layers", lambda self: list(self.layers))
+    made = []
+    monkeypatch.setattr(ESM2, "compiled_layers", standing_in_for_compiled_layers(made))
     actor = Embedder(ActorConfig(resolve_model(esm_tiny), None, "cpu", EmbedOptions(compile=True, toks_per_batch=4096)))
     assert not actor.compile_started
     actor.prepare()
@@ -361,6 +390,12 @@ def test_a_service_replica_compiles_while_idle(esm_tiny, monkeypatch):
     while actor.layers is None and actor.compiled and time.monotonic() < deadline:
         time.sleep(0.05)
     assert actor.layers is not None
+    (layers,) = made
+    before = [layer.calls for layer in layers]
+    write_fasta(tmp_path / "in.faa", random_proteins(5, 30, 90, seed=10))
+    index = FastaIndex.build(tmp_path / "in.faa", "protein", tmp_path)
+    actor.compute(make_batch(index, np.arange(len(index)), ESM2Tokenizer(), 0))  # a job's first batch
+    assert [layer.calls - n for layer, n in zip(layers, before)] == [1] * len(layers)
 
 
 def test_warm_up_only_for_a_batch_larger_than_any_warmed_up_on(esm_tiny, monkeypatch):

@@ -11,12 +11,10 @@ The module starts one real head (`ray start --head`, loopback dashboard, token a
 from __future__ import annotations
 
 import os
-import random
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ray_head import free_ports, ray_command, stop_head
 from tests.conftest import random_proteins, write_fasta
 from virnucpro.io.output import MANIFEST, Manifest, read_embeddings
 
@@ -55,24 +54,6 @@ class Head:
         return JobSubmissionClient(self.dashboard, headers=headers)
 
 
-def _free_ports(n: int) -> list[int]:
-    """n ports free now, below the kernel's ephemeral range (32768-60999 on Linux) and above Ray's worker
-    ports (10002-19999). A port the kernel hands out for port 0 can be handed out again at once: once the
-    head's dashboard bound its own gRPC server to the port picked for its HTTP server, whose start then
-    failed, and the job API client waited forever on a server that does not speak HTTP."""
-    rng, ports = random.Random(), []
-    while len(ports) < n:
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 def _answers_http(url: str) -> None:
     try:
         urllib.request.urlopen(f"{url}/api/version", timeout=5).close()
@@ -80,52 +61,18 @@ def _answers_http(url: str) -> None:
         pass  # an answer (401 without the token) is what is asked here
 
 
-def _our_processes(leader: int) -> list[int]:
-    """The head's processes: its process group (ray start ran in a new session) and their descendants."""
-    procs = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        procs[int(entry)] = (int(fields[1]), int(fields[2]))  # ppid, pgid
-    ours = {pid for pid, (_, pgid) in procs.items() if pgid == leader}
-    grew = True
-    while grew:
-        more = {pid for pid, (ppid, _) in procs.items() if ppid in ours} - ours
-        ours |= more
-        grew = bool(more)
-    return sorted(ours)
-
-
-def _stop(leader: int) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        pids = _our_processes(leader)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _our_processes(leader):
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def head():
     temp_dir = Path(tempfile.mkdtemp(prefix="vnp-ray-", dir="/tmp"))  # short: Ray's socket paths
     token = secrets.token_hex(32)
     (temp_dir / "token").write_text(token)
-    dashboard, metrics, client, agent = _free_ports(4)
+    dashboard, metrics, client, agent = free_ports(4)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(temp_dir / "token"),
                RAY_metrics_report_interval_ms="1000", PYTHONPATH=str(ROOT))
     log = open(temp_dir / "ray-start.log", "w")
     proc = subprocess.Popen(
-        [*_ray(), "start", "--head", "--port=0", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        [*ray_command(), "start", "--head", "--port=0", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}",
          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
          "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
@@ -147,14 +94,9 @@ def head():
                 time.sleep(1)
         yield h
     finally:
-        _stop(proc.pid)
+        stop_head(proc.pid)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _ray() -> list[str]:
-    exe = shutil.which("ray")
-    return [exe] if exe else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def _virnucpro() -> list[str]:
@@ -242,7 +184,7 @@ def test_ray_job_submit_cli_with_working_dir(head, tmp_path, esm_tiny):
     out = tmp_path / "out"
     env = {**head.env, "RAY_AUTH_TOKEN": head.token}
     proc = subprocess.run(
-        [*_ray(), "job", "submit", "--address", head.dashboard, "--working-dir", str(ROOT), "--",
+        [*ray_command(), "job", "submit", "--address", head.dashboard, "--working-dir", str(ROOT), "--",
          "python", "-m", "cluster.cli", "embed", str(tmp_path / "in.faa"), "-o", str(out),
          "--model", str(esm_tiny), "--device", "cpu", "--num-actors", "1"],
         env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)

@@ -4,11 +4,13 @@ pyarrow, pandas, polars and duckdb each read OUT_DIR (written here by `virnucpro
 the actors and the driver write it) and get every row once with its embedding; the idioms of
 docs/embedding.md ("Reading the output") run as written. Also: files follow the umask, a directory of
 the previous layout (`_manifest.json`) still reads, resumes or is refused, and the driver's completion
-leaves nothing in OUT_DIR that a reader would trip on. Readers that are not installed are skipped.
+leaves nothing in OUT_DIR that a reader would trip on. pandas, polars and duckdb are test extras: a
+reader that is not installed fails its tests (`pip install -e ".[test]"`), it does not pass them by skipping.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -87,27 +89,36 @@ def _pyarrow_dataset(path: Path):
     return t.column("id").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
 
 
+def _extra(module: str):
+    """A reader of the test extras, imported; its absence fails the test that needs it (a skip would let
+    a machine without it pass the very checks this file makes)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(f"{module} is a test extra and is not installed ({e}): pip install -e \".[test]\"")
+
+
 def _pandas(path: Path):
-    pd = pytest.importorskip("pandas")
+    pd = _extra("pandas")
     df = pd.read_parquet(path)
     return df["id"].tolist(), np.stack(df["embedding"].to_numpy())
 
 
 def _polars(path: Path):
-    pl = pytest.importorskip("polars")
+    pl = _extra("polars")
     df = pl.read_parquet(path)
     return df["id"].to_list(), df["embedding"].to_numpy()
 
 
 def _polars_lazy(path: Path):
-    pl = pytest.importorskip("polars")
+    pl = _extra("polars")
     df = pl.scan_parquet(path).collect()
     return df["id"].to_list(), df["embedding"].to_numpy()
 
 
 def _duckdb(glob: str):
     def read(path: Path):
-        duckdb = pytest.importorskip("duckdb")
+        duckdb = _extra("duckdb")
         rows = duckdb.connect().sql(f"SELECT id, embedding FROM read_parquet('{path}/{glob}')").fetchnumpy()
         return rows["id"].tolist(), np.stack(rows["embedding"])
     return read
@@ -155,7 +166,7 @@ def test_docs_show_each_reader():
 
 @pytest.mark.parametrize("reader", ["pyarrow", "pandas", "polars", "duckdb"])
 def test_docs_idiom_gives_the_embedding_matrix(out, reader, monkeypatch):
-    pytest.importorskip(reader)
+    _extra(reader)
     monkeypatch.chdir(out.parent)  # the docs read "out"
     scope: dict = {}
     exec(DOC_BLOCKS[reader], scope)
@@ -218,16 +229,7 @@ def test_previous_layout_still_reads_and_its_first_save_moves_the_manifest(out):
     manifest.save(out)  # what the driver does on --resume
     assert not (out / LEGACY_MANIFEST).exists() and Manifest.load(out).version == 3
     assert Manifest.load(out).rows_done == 9 and Manifest.load(out).part_names() == [f"part-{b:06d}.parquet" for b in range(3)]
-    if _has("polars"):  # which refused the directory with _manifest.json in it
-        _check(*_polars(out), by_index=False)
-
-
-def _has(module: str) -> bool:
-    try:
-        __import__(module)
-        return True
-    except ImportError:
-        return False
+    _check(*_polars(out), by_index=False)  # polars refused the directory with _manifest.json in it
 
 
 def test_driver_refuses_resumes_or_replaces_a_previous_layout(out):
@@ -261,5 +263,4 @@ def test_completion_leaves_only_parts_and_a_manifest_of_their_schema(tmp_path):
     assert Manifest.load(out).complete
     assert Manifest.load(out).schema == pq.read_schema(out / "part-000000.parquet").remove_metadata()
     for reader in ("polars.read_parquet", "duckdb *.parquet"):
-        if _has(reader.split(".")[0].split()[0]):
-            _check(*READERS[reader](out), by_index=False)
+        _check(*READERS[reader](out), by_index=False)

@@ -259,3 +259,40 @@ def test_dnabert_s_tokenizer_reads_n_as_it_reads_the_letters_upstream_feeds_it()
         ours = upstream.encode().translate(TO_DNA_INPUT).decode()
         assert tok.encode(ours).ids == tok.encode(upstream).ids, upstream
     assert tok.encode("ACGT-ACGT").tokens.count("[UNK]") == 1
+    # What the equality needs of the tokenizer, checked rather than assumed (this ACGT-only one meets it by
+    # construction; DNABERT-S's must too): neither N nor a letter N stands in for is in the vocabulary,
+    # alone or inside a learned token, so each reads as [UNK] and no merge holds one.
+    stood_in_for = {c for c in "XU-*.NRYEJ" if TO_DNA_INPUT[ord(c)] == ord("N")}
+    assert stood_in_for == set("XU-*.EJN")  # R and Y are IUPAC codes, which both feed as they are
+    assert not _tokens_holding(tok, stood_in_for)
+    # Negative control: a tokenizer of the same kind that knows N. The vocabulary check names its tokens
+    # with N, and the equality the loop above asserts breaks on it: the loop can fail.
+    knows_n = _dna_tokenizer_knowing_n()
+    assert "N" in _tokens_holding(knows_n, stood_in_for)
+    differ = 0
+    for _ in range(50):
+        seq = [rng.choice("ACGT") for _ in range(rng.randint(10, 120))]
+        seq[rng.randrange(len(seq))] = rng.choice("XU-*.EJ")
+        upstream = "".join(seq)
+        differ += knows_n.encode(upstream.encode().translate(TO_DNA_INPUT).decode()).ids != knows_n.encode(upstream).ids
+    assert differ == 50
+
+
+def _tokens_holding(tok, letters: set[str]) -> list[str]:
+    """The tokenizer's vocabulary entries that contain any of `letters` (specials such as [UNK] aside)."""
+    return sorted(t for t in tok.get_vocab() if not t.startswith("[") and letters & set(t))
+
+
+def _dna_tokenizer_knowing_n():
+    """A BPE tokenizer shaped like DNABERT-S's (whitespace pre-tokenizer, specials 0-4) whose alphabet and
+    merges include N: what the test above must tell apart from one that reads N as [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    rng = np.random.default_rng(0)
+    corpus = ["".join(rng.choice(list("ACGTN"), size=200, p=[0.24, 0.24, 0.24, 0.24, 0.04])) for _ in range(200)]
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"],
+        initial_alphabet=list("ACGTN"), show_progress=False))
+    return tok

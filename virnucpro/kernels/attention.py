@@ -14,8 +14,8 @@ Only attention needs to know the boundaries; this module gives it four ways to d
     on request (`--attention flash`); DNABERT-S's first choice on a torch build whose FA2 takes ALiBi
     slopes (none so far).
   * `flex`: `torch.nn.attention.flex_attention` with a document mask and an ALiBi score_mod, compiled
-    to a Triton kernel (CUDA); opt-in (`--attention flex`) for DNABERT-S. Slower than the others for
-    DNABERT-S's short sequences.
+    to a Triton kernel (CUDA); opt-in (`--attention flex`) for DNABERT-S. Its speed against the others
+    is not measured here (no committed run).
   * `sdpa`: gather the stream into a padded [B, H, L, hd] tensor (`PaddedLayout`), run
     `scaled_dot_product_attention` with a key-padding mask (plus the ALiBi bias when given), gather
     back. Exact, works everywhere; the CPU path and the reference for the others.
@@ -267,8 +267,8 @@ def select_backend(device: torch.device, dtype: torch.dtype, alibi: bool, reques
             return Backend("triton", f"packed sequences with the ALiBi bias, which FlashAttention-2 does not take "
                                      f"here ({why}), {where}{ignored}")
         # Elsewhere SDPA with an additive bias over a padded grid (cuDNN's fused attention on Hopper,
-        # else the memory-efficient kernel: PyTorch picks); for DNABERT-S's short sequences it measured 8x
-        # faster than FlexAttention's packed document mask (bench/results).
+        # else the memory-efficient kernel: PyTorch picks). FlexAttention stays opt-in: it compiles a
+        # kernel in each process, and no committed run shows it faster here (bench/README.md, "Attention").
         return Backend("sdpa", f"no packed ALiBi kernel (FlashAttention-2: {why}; Triton: {why_triton}); "
                                f"fused SDPA with the bias over a padded grid, {where}{ignored}")
     if requested == "flash" and _varlen_attn() is not None:
