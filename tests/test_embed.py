@@ -375,7 +375,7 @@ def test_a_service_replica_compiles_while_idle(tmp_path, esm_tiny, monkeypatch):
 
     from actors.embedder import ActorConfig, Embedder
     from virnucpro.batching import make_batch
-    from virnucpro.index import FastaIndex
+    from virnucpro.io.index import FastaIndex
     from virnucpro.models import resolve_model
     from virnucpro.models.esm2 import ESM2, ESM2Tokenizer
     from virnucpro.options import EmbedOptions
