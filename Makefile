@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # torch is not on a fresh machine; this pin is a CPU build available locally. Any torch>=2.4 works.
 TORCH_PIN ?= torch==2.13.0
 # A hung test fails the run at 45 minutes (pytest prints its summary on the interrupt) instead of holding
-# CI to its limit; the suite takes about 13 minutes on a 2-core VM. Where coreutils' timeout is missing
+# CI to its limit; the suite takes about 10 minutes on a 2-core VM. Where coreutils' timeout is missing
 # (macOS), the suite runs without it.
 TEST_TIMEOUT := $(shell command -v timeout >/dev/null 2>&1 && echo timeout --signal=INT --kill-after=60 2700)
 
